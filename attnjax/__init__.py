@@ -1,0 +1,22 @@
+"""attnjax: attention mechanisms from the literature as pure JAX operators, fast kernels and Flax layers.
+
+Table of contents (re-exports only). See DESIGN.md for the operator contract and `aj.list_mechanisms()`
+for what is registered.
+"""
+
+from attnjax.core import masks
+from attnjax.core.block_mask import BlockMask, create_block_mask
+from attnjax.core.flex import attention_weights, flex_attention
+from attnjax.core.merge import merge_attention_states
+from attnjax.core.normalizers import Normalizer, get_normalizer, register_normalizer
+from attnjax.ops.dot_product import dot_product_attention
+from attnjax.registry import Mechanism, attention, list_mechanisms
+from attnjax.registry import get as get_mechanism
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockMask", "Mechanism", "Normalizer", "attention", "attention_weights", "create_block_mask",
+    "dot_product_attention", "flex_attention", "get_mechanism", "get_normalizer", "list_mechanisms",
+    "masks", "merge_attention_states", "register_normalizer",
+]

@@ -1,0 +1,1 @@
+"""The primitives: masks, block masks, normalizers, flex attention, attention-state merge, KV cache."""

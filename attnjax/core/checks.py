@@ -1,0 +1,46 @@
+"""Input validation shared by the operators: clear errors at entry, naming the argument and the shape
+it should have (letters as in `attnjax.typing`)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def check_qkv(op: str, q, k, v) -> tuple[int, int, int, int, int, int, int]:
+  """Checks `q: [B,T,N,H]`, `k: [B,S,K,H]`, `v: [B,S,K,h]` with K dividing N; returns (B,T,S,N,K,H,h)."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if jnp.ndim(x) != 4:
+      letters = {"q": "[B, T, N, H]", "k": "[B, S, K, H]", "v": "[B, S, K, h]"}[name]
+      raise ValueError(f"{op}: `{name}` must have shape {letters}, got shape {jnp.shape(x)}")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      raise TypeError(f"{op}: `{name}` must be floating point, got {jnp.result_type(x)}")
+  B, T, N, H = q.shape
+  if k.shape[0] != B or k.shape[3] != H:
+    raise ValueError(f"{op}: `k` must have shape [B={B}, S, K, H={H}] to match q {q.shape}, "
+                     f"got {k.shape}")
+  if v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"{op}: `v` must have shape [B, S, K, h] = [{k.shape[0]}, {k.shape[1]}, "
+                     f"{k.shape[2]}, h] to match k {k.shape}, got {v.shape}")
+  S, K, h = k.shape[1], k.shape[2], v.shape[3]
+  if K == 0 or N % K:
+    raise ValueError(f"{op}: the {K} key/value heads of `k` must divide the {N} query heads of `q` "
+                     f"(GQA); got q {q.shape}, k {k.shape}")
+  if min(B, T, S, N, H, h) == 0:
+    raise ValueError(f"{op}: empty input: q {q.shape}, k {k.shape}, v {v.shape}")
+  return B, T, S, N, K, H, h
+
+
+def check_shape(op: str, name: str, x, expected: tuple, letters: str):
+  """Raises unless `x.shape == expected` (entries None are free)."""
+  shape = jnp.shape(x)
+  if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+    want = ", ".join("?" if e is None else str(e) for e in expected)
+    raise ValueError(f"{op}: `{name}` must have shape {letters} = [{want}], got {shape}")
+
+
+def check_broadcastable(op: str, name: str, x, target: tuple, letters: str):
+  """Raises unless `x` has `len(target)` dims, each equal to the target's or 1."""
+  shape = jnp.shape(x)
+  if len(shape) != len(target) or any(s not in (1, t) for s, t in zip(shape, target)):
+    raise ValueError(f"{op}: `{name}` must be broadcastable to {letters} = {list(target)} "
+                     f"(same rank, each dim equal or 1), got shape {shape}")

@@ -1,0 +1,112 @@
+"""Scaled dot-product attention, as a thin layer over flex attention.
+
+    o = softmax(scale · q kᵀ + bias, masked) v
+
+with the masks of the operator contract (causal, window, packed documents, padding lengths, a boolean
+array), an additive bias, tanh soft-capping and GQA. Fully masked query rows return zeros.
+
+Paper: Vaswani et al., "Attention Is All You Need", arXiv:1706.03762.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import jax.numpy as jnp
+
+from attnjax.core import checks
+from attnjax.core import flex
+from attnjax.core import masks
+from attnjax.registry import Mechanism, register
+
+
+def contract_mask(*, B: int, T: int, S: int, causal: bool = False, q_offset=0, segment_ids=None,
+                  kv_lengths=None, q_lengths=None, op: str = "attention"):
+  """The mask_mod of the common call contract (see `attnjax.registry`), or None when nothing is masked.
+
+  Validates shapes: `segment_ids` `[B,T]` (self, T == S) or a pair (`[B,T]`, `[B,S]`), lengths `[B]`,
+  `q_offset` an int or `[B]`.
+  """
+  mods = []
+  if jnp.ndim(q_offset) not in (0, 1) or (jnp.ndim(q_offset) == 1 and jnp.shape(q_offset) != (B,)):
+    raise ValueError(f"{op}: `q_offset` must be an int or have shape [B] = [{B}], "
+                     f"got shape {jnp.shape(q_offset)}")
+  if causal:
+    mods.append(masks.causal(q_offset))
+  if segment_ids is not None:
+    if isinstance(segment_ids, (tuple, list)):
+      q_seg, kv_seg = segment_ids
+    else:
+      if T != S:
+        raise ValueError(f"{op}: a single `segment_ids` array is for self-attention (T == S); "
+                         f"got T={T}, S={S}: pass (q_segment_ids [B,T], kv_segment_ids [B,S])")
+      q_seg = kv_seg = segment_ids
+    checks.check_shape(op, "segment_ids (query)", q_seg, (B, T), "[B, T]")
+    checks.check_shape(op, "segment_ids (key)", kv_seg, (B, S), "[B, S]")
+    mods.append(masks.document(q_seg, kv_seg))
+  for name, lengths in (("kv_lengths", kv_lengths), ("q_lengths", q_lengths)):
+    if lengths is not None:
+      checks.check_shape(op, name, lengths, (B,), "[B]")
+  if kv_lengths is not None or q_lengths is not None:
+    mods.append(masks.padding(kv_lengths=kv_lengths, q_lengths=q_lengths))
+  return masks.combine_masks(*mods)
+
+
+def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False,
+                          window: Optional[Union[int, tuple[Optional[int], Optional[int]]]] = None,
+                          segment_ids=None, softcap: Optional[float] = None, scale=None, q_offset=0,
+                          kv_lengths=None, q_lengths=None, implementation: Optional[str] = None):
+  """Softmax attention with bias, masks, windows, packed documents, soft-capping and GQA.
+
+  Args:
+    q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, h]`, K dividing N.
+    bias: additive logits broadcastable to `[B, N, T, S]` (4 dims); gradients flow to it.
+    mask: boolean, broadcastable to `[B, N, T, S]`; True keeps the pair.
+    causal: hide keys after the query position `q_offset + q_idx` (top-left aligned when q_offset=0,
+      like `jax.nn.dot_product_attention(is_causal=True)`).
+    window: `w` or `(left, right)`: the query at position p sees keys in `[p - left, p + right]`, as
+      `jax.nn.dot_product_attention(local_window_size=...)`; an int means `(w, w)`.
+    segment_ids: `[B, T]` for self-attention or (`[B, T]`, `[B, S]`): attend within equal ids.
+    softcap: if set, logits become `softcap * tanh(logits / softcap)` (after the bias).
+    scale: defaults to `H ** -0.5`.
+    q_offset: int or `[B]`: absolute position of the first query (decoding over a cache).
+    kv_lengths, q_lengths: `[B]` valid lengths; padded keys are hidden, padded queries return zeros.
+    implementation: a flex_attention implementation name, or None.
+
+  Returns:
+    `[B, T, N, h]` in q's dtype.
+  """
+  op = "dot_product_attention"
+  B, T, S, N, _, _, _ = checks.check_qkv(op, q, k, v)
+  mods = [contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset, segment_ids=segment_ids,
+                        kv_lengths=kv_lengths, q_lengths=q_lengths, op=op)]
+  if mask is not None:
+    checks.check_broadcastable(op, "mask", mask, (B, N, T, S), "[B, N, T, S]")
+    mods.append(masks.from_array(jnp.asarray(mask, bool)))
+  if window is not None:
+    left, right = (window, window) if isinstance(window, int) else tuple(window)
+    for side, value in (("left", left), ("right", right)):
+      if value is not None and value < 0:
+        raise ValueError(f"{op}: `window` {side} size must be >= 0, got {window}")
+    mods.append(masks.sliding_window(left, right, offset=q_offset))
+  score_mods = []
+  if bias is not None:
+    checks.check_broadcastable(op, "bias", bias, (B, N, T, S), "[B, N, T, S]")
+    score_mods.append(masks.additive_bias(bias))
+  if softcap is not None:
+    score_mods.append(masks.softcap(softcap))
+  return flex.flex_attention(q, k, v, score_mod=masks.compose_score_mods(*score_mods),
+                             mask_mod=masks.combine_masks(*mods), scale=scale,
+                             implementation=implementation)
+
+
+def softmax_attention(q, k, v, *, causal=False, segment_ids=None, q_offset=0, kv_lengths=None,
+                      scale=None, implementation=None):
+  """Multi-head scaled dot-product softmax attention, softmax(q kᵀ / √H) v."""
+  return dot_product_attention(q, k, v, causal=causal, segment_ids=segment_ids, q_offset=q_offset,
+                               kv_lengths=kv_lengths, scale=scale, implementation=implementation)
+
+
+register(Mechanism(
+    name="softmax", fn=softmax_attention, family="softmax-core", seeds=(147,),
+    paper="Attention Is All You Need", arxiv="1706.03762"))

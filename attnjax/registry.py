@@ -1,0 +1,140 @@
+"""The registry: the single list of attention mechanisms.
+
+Every mechanism is a function with the common call contract
+
+    fn(q, k, v, *, causal=False, segment_ids=None, q_offset=0, kv_lengths=None, scale=None,
+       implementation=None, **params) -> [B, T, N, h]
+
+  q `[B,T,N,H]`, k `[B,S,K,H]`, v `[B,S,K,h]`; `causal` masks keys after the query's absolute position
+  `q_offset + q_idx` (`q_offset`: int or `[B]`, the number of earlier tokens, e.g. in a KV cache);
+  `segment_ids` (`[B,T]`, or a pair `([B,T], [B,S])` for cross-attention) restrict attention to equal
+  ids (packed sequences); `kv_lengths` `[B]` hides keys at or past the length (padding, cache fill).
+
+and a `Mechanism` record saying what it is and what it supports. `attention(name, q, k, v, **kw)` calls
+a mechanism by name after checking that the pattern (causal or not, self or cross) is supported; the Flax
+layer `attnjax.nn.MultiHeadAttention` does the same, so a registered mechanism is usable in a model at
+once, and `tests/conformance` tests it the moment it is registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+PATTERNS = ("self", "causal_self", "cross", "causal_cross")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """An extra learned array a mechanism takes as a keyword argument; the Flax layer creates it.
+
+  `shape(num_heads, num_kv_heads, head_dim)` gives its shape; `init` is a `jax.nn.initializers`
+  initializer.
+  """
+  name: str
+  shape: Callable[[int, int, int], tuple[int, ...]]
+  init: Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mechanism:
+  """One attention mechanism from the literature.
+
+  Attributes:
+    name: snake_case registry name (the catalog's operator name unless a better one exists).
+    fn: the operator, with the common call contract of this module.
+    family: catalog family ("softmax-core", "local-window", "linear", ...).
+    seeds: catalog row numbers (`shared/seeds/catalog.tsv`, column n) this mechanism implements.
+    paper: title of the paper, and arxiv: its arXiv id.
+    patterns: supported subset of PATTERNS (CAB taxonomy: noncausal/causal × self/cross).
+    gqa: accepts fewer key/value heads than query heads.
+    decode: `q_offset` + `kv_lengths` over a KV cache give the same result as the full forward.
+    packed: honours `segment_ids`.
+    complexity: time complexity in T (queries) and S (keys).
+    implementations: the `implementation=` names it accepts, fastest first.
+    params: learned arrays the layer must create and pass (ParamSpec).
+    defaults: keyword arguments used when the caller gives none.
+    example: keyword arguments that exercise the mechanism at test sizes (T, S ~ 16-64), used by the
+      conformance suite (e.g. a window smaller than the sequence).
+  """
+  name: str
+  fn: Callable[..., Any]
+  family: str
+  seeds: tuple[int, ...]
+  paper: str
+  arxiv: str
+  patterns: frozenset[str] = frozenset(PATTERNS)
+  gqa: bool = True
+  decode: bool = True
+  packed: bool = True
+  complexity: str = "O(T·S)"
+  implementations: tuple[str, ...] = ("xla", "reference")
+  params: tuple[ParamSpec, ...] = ()
+  defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+  example: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def summary(self) -> str:
+    """First line of the operator's docstring."""
+    return (self.fn.__doc__ or "").strip().splitlines()[0] if self.fn.__doc__ else ""
+
+  def check_pattern(self, *, causal: bool, cross: bool):
+    """Raises a clear error when the mechanism does not support the requested pattern."""
+    pattern = ("causal_" if causal else "") + ("cross" if cross else "self")
+    if pattern not in self.patterns:
+      raise ValueError(f"mechanism {self.name!r} does not support {pattern.replace('_', ' ')} "
+                       f"attention; it supports {sorted(self.patterns)}")
+
+  def __call__(self, q, k, v, *, causal: bool = False, cross: Optional[bool] = None, **kwargs):
+    """Calls `fn` after the pattern check. `cross` defaults to `T != S` (a self-attention with a
+    cache is still self: pass cross=False)."""
+    if cross is None:
+      cross = q.shape[1] != k.shape[1]
+    self.check_pattern(causal=causal, cross=cross)
+    if any(p.name not in kwargs for p in self.params):
+      missing = [p.name for p in self.params if p.name not in kwargs]
+      raise ValueError(f"mechanism {self.name!r} needs the learned arrays {missing} as keywords "
+                       "(attnjax.nn.MultiHeadAttention creates them)")
+    kwargs = {**self.defaults, **kwargs}
+    return self.fn(q, k, v, causal=causal, **kwargs)
+
+
+_REGISTRY: dict[str, Mechanism] = {}
+
+
+def register(mechanism: Mechanism) -> Mechanism:
+  """Adds a mechanism; names are unique."""
+  if mechanism.name in _REGISTRY:
+    raise ValueError(f"mechanism {mechanism.name!r} is already registered")
+  bad = set(mechanism.patterns) - set(PATTERNS)
+  if bad:
+    raise ValueError(f"mechanism {mechanism.name!r}: unknown patterns {sorted(bad)}; use {PATTERNS}")
+  if not mechanism.seeds:
+    raise ValueError(f"mechanism {mechanism.name!r} must name the catalog rows it implements (seeds)")
+  _REGISTRY[mechanism.name] = mechanism
+  return mechanism
+
+
+def _load():
+  # Importing the ops package registers every mechanism (each module calls register at import).
+  import attnjax.ops  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+
+
+def get(name: str) -> Mechanism:
+  """The mechanism registered under `name`."""
+  _load()
+  try:
+    return _REGISTRY[name]
+  except KeyError:
+    raise ValueError(f"unknown attention mechanism {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def list_mechanisms(family: Optional[str] = None) -> list[Mechanism]:
+  """Every registered mechanism (optionally of one family), sorted by name."""
+  _load()
+  return [m for _, m in sorted(_REGISTRY.items()) if family is None or m.family == family]
+
+
+def attention(name: str, q, k, v, **kwargs):
+  """Calls the mechanism `name` on `q, k, v` with the common contract (see module docstring)."""
+  return get(name)(q, k, v, **kwargs)

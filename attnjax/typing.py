@@ -1,0 +1,32 @@
+"""Array type aliases and the dimension-letter legend shared by every operator.
+
+Letters follow `jax.nn.dot_product_attention`:
+
+  B  batch                       T  query length          S  key/value length
+  N  query heads                 K  key/value heads (GQA when K divides N; G = N // K)
+  H  query/key head dim          h  value head dim
+
+Operators take `q: [B, T, N, H]`, `k: [B, S, K, H]`, `v: [B, S, K, h]` and return `[B, T, N, h]`.
+Recurrent states are `[B, N, H, h]`. Annotations use jaxtyping so shapes read in the signature.
+"""
+
+from typing import Callable
+
+import jax
+from jaxtyping import Array, Bool, Float, Int
+
+Query = Float[Array, "B T N H"]
+Key = Float[Array, "B S K H"]
+Value = Float[Array, "B S K h"]
+Output = Float[Array, "B T N h"]
+LogSumExp = Float[Array, "B T N"]
+SegmentIds = Int[Array, "B L"]
+Lengths = Int[Array, "B"]
+
+# mask_mod(b, n, q_idx, kv_idx) -> bool, on broadcastable integer index arrays. True keeps the pair.
+MaskMod = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# score_mod(score, b, n, q_idx, kv_idx) -> score, elementwise on the scaled logits.
+ScoreMod = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+__all__ = ["Array", "Bool", "Float", "Int", "Query", "Key", "Value", "Output", "LogSumExp",
+           "SegmentIds", "Lengths", "MaskMod", "ScoreMod"]
