@@ -122,4 +122,5 @@ register(Mechanism(name="document_masked", fn=document_masked_attention, family=
                    seeds=(195,), **_FLEX_PAPER))
 register(Mechanism(name="prefix_lm", fn=prefix_lm_attention, family="softmax-core", seeds=(195,),
                    **_FLEX_PAPER, patterns=frozenset({"causal_self", "causal_cross"}),
-                   defaults=dict(), example=dict(prefix_length=5)))
+                   # The prefix is in absolute positions, not per packed document.
+                   packed=False, example=dict(prefix_length=5)))

@@ -1,0 +1,77 @@
+"""Generates `docs/MECHANISMS.md` and the README's mechanism table from the registry.
+
+    python -m attnjax.docs          # rewrite both
+    python -m attnjax.docs --check  # exit 1 if either is stale (the test suite checks this too)
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from attnjax import registry
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MECHANISMS_MD = ROOT / "docs" / "MECHANISMS.md"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- mechanisms:begin -->", "<!-- mechanisms:end -->"
+
+_PATTERN_MARKS = (("self", "S"), ("causal_self", "CS"), ("cross", "X"), ("causal_cross", "CX"))
+
+
+def _patterns(m: registry.Mechanism) -> str:
+  return " ".join(mark for pattern, mark in _PATTERN_MARKS if pattern in m.patterns)
+
+
+def mechanism_table() -> str:
+  """One markdown row per registered mechanism."""
+  rows = ["| name | family | catalog # | paper | patterns | GQA | decode | packed | complexity | "
+          "implementations |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+  yes = lambda flag: "yes" if flag else "no"
+  for m in registry.list_mechanisms():
+    seeds = " ".join(f"#{s}" for s in m.seeds)
+    rows.append(f"| `{m.name}` | {m.family} | {seeds} | {m.paper} (arXiv:{m.arxiv}) | {_patterns(m)} "
+                f"| {yes(m.gqa)} | {yes(m.decode)} | {yes(m.packed)} | {m.complexity} | "
+                f"{', '.join(m.implementations)} |")
+  return "\n".join(rows) + "\n"
+
+
+def mechanisms_md() -> str:
+  """The whole of docs/MECHANISMS.md."""
+  lines = ["# Registered mechanisms", "",
+           "Generated from the registry by `python -m attnjax.docs`; do not edit by hand.", "",
+           "Patterns (CAB taxonomy): S noncausal self, CS causal self, X noncausal cross, CX causal "
+           "cross. Catalog numbers refer to `shared/seeds/catalog.tsv`.", "",
+           mechanism_table(), "## Summaries", ""]
+  for m in registry.list_mechanisms():
+    lines.append(f"- `{m.name}`: {m.summary}")
+  return "\n".join(lines) + "\n"
+
+
+def readme_with_table(text: str) -> str:
+  """`text` with the part between the mechanism markers replaced by the current table."""
+  if BEGIN not in text or END not in text:
+    raise ValueError(f"README.md lacks the markers {BEGIN} ... {END}")
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  return f"{head}{BEGIN}\n{mechanism_table()}{END}{tail}"
+
+
+def main(argv: list[str]) -> int:
+  check = "--check" in argv
+  wanted = {MECHANISMS_MD: mechanisms_md(), README: readme_with_table(README.read_text())}
+  stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
+  if check:
+    for p in stale:
+      print(f"stale: {p.relative_to(ROOT)} (run `python -m attnjax.docs`)")
+    return 1 if stale else 0
+  for p in stale:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(wanted[p])
+    print(f"wrote {p.relative_to(ROOT)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

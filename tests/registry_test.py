@@ -1,0 +1,55 @@
+"""Registry records against the seed catalog, and the public entry points."""
+
+import csv
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import attnjax as aj
+from attnjax import registry
+
+CATALOG = pathlib.Path(__file__).resolve().parents[2] / "shared" / "seeds" / "catalog.tsv"
+
+
+def test_public_names_exist():
+  for name in ("flex_attention", "dot_product_attention", "create_block_mask",
+               "merge_attention_states", "masks", "attention", "get_mechanism", "list_mechanisms"):
+    assert hasattr(aj, name), name
+
+
+@pytest.mark.skipif(not CATALOG.exists(), reason="seed catalog not beside the checkout")
+def test_seeds_are_catalog_rows_that_propose_mechanisms():
+  rows = {int(r["n"]): r for r in csv.DictReader(CATALOG.open(), delimiter="\t")}
+  for m in aj.list_mechanisms():
+    for seed in m.seeds:
+      assert seed in rows, f"{m.name}: seed #{seed} is not a catalog row"
+      assert rows[seed]["kind"] != "application", f"{m.name}: #{seed} is an application paper"
+
+
+def test_register_rejects_duplicates_missing_seeds_and_bad_patterns():
+  m = aj.get_mechanism("softmax")
+  with pytest.raises(ValueError, match="already registered"):
+    registry.register(m)
+  import dataclasses
+  with pytest.raises(ValueError, match="seeds"):
+    registry.register(dataclasses.replace(m, name="tmp_no_seeds", seeds=()))
+  with pytest.raises(ValueError, match="unknown patterns"):
+    registry.register(dataclasses.replace(m, name="tmp_bad", patterns=frozenset({"diagonal"})))
+
+
+def test_attention_by_name_equals_the_function():
+  q = jax.random.normal(jax.random.PRNGKey(0), (1, 9, 2, 4))
+  out = aj.attention("softmax", q, q, q, causal=True)
+  ref = aj.dot_product_attention(q, q, q, causal=True)
+  assert jnp.allclose(out, ref)
+
+
+def test_missing_learned_params_is_a_clear_error():
+  import dataclasses
+  m = dataclasses.replace(aj.get_mechanism("softmax"), params=(
+      registry.ParamSpec("gate", lambda n, k, h: (n,), jax.nn.initializers.zeros),))
+  q = jnp.ones((1, 4, 2, 4))
+  with pytest.raises(ValueError, match="gate"):
+    m(q, q, q)
