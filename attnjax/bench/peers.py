@@ -1,0 +1,241 @@
+"""The attention implementations a benchmark case compares, each built for one shape and mask.
+
+Peers:
+  xla, reference  attnjax `flex_attention` with that implementation.
+  jax_nn          `jax.nn.dot_product_attention(implementation="xla")` (is_causal, local_window_size,
+                  or a dense boolean mask for documents).
+  torch_sdpa      `torch.nn.functional.scaled_dot_product_attention` (is_causal or a dense mask).
+  torch_flex      `torch.nn.attention.flex_attention.flex_attention` under `torch.compile`, with a
+                  `create_block_mask` built outside the timed step (the FlexAttention usage).
+
+Masks (names as in configs): `none`, `causal`, `window<W>` (causal, each query sees its last W keys,
+itself included: attnjax `sliding_window(W - 1, 0)`, jax.nn `local_window_size=(W - 1, 0)`) and
+`documents<L>` (packed documents of about L tokens, causal within each document, from segment ids).
+
+Every builder returns the same thing for a mode: `fwd` computes the output; `fwd+bwd` computes the
+output and the gradients of `<out, dout>` with respect to q, k and v.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.core import flex
+from attnjax.core import masks
+
+JAX_PEERS = ("xla", "reference", "jax_nn")
+TORCH_PEERS = ("torch_sdpa", "torch_flex")
+PEERS = JAX_PEERS + TORCH_PEERS
+MODES = ("fwd", "fwd+bwd")
+PEER_LABELS = {"xla": "attnjax xla", "reference": "attnjax reference", "jax_nn": "jax.nn",
+               "torch_sdpa": "torch sdpa", "torch_flex": "torch flex"}
+
+
+class CaseSkipped(Exception):
+  """A peer cannot run a case (unsupported mode, missing package); the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One measurement: a peer on a mask, sequence length and mode."""
+  peer: str
+  mask: str
+  T: int
+  mode: str = "fwd+bwd"
+  B: int = 1
+  N: int = 8
+  H: int = 64
+  dtype: str = "float32"
+  warmup: int = 1
+  repeats: int = 5
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.peer not in PEERS:
+      raise ValueError(f"Case: unknown peer {self.peer!r}; expected one of {PEERS}")
+    if self.mode not in MODES:
+      raise ValueError(f"Case: unknown mode {self.mode!r}; expected one of {MODES}")
+    parse_mask(self.mask)
+
+
+def parse_mask(name: str) -> tuple[str, Optional[int]]:
+  """`"window256"` → `("window", 256)`; `"none"`, `"causal"` → `(name, None)`."""
+  if name in ("none", "causal"):
+    return name, None
+  match = re.fullmatch(r"(window|documents)(\d+)", name)
+  if match is None or int(match.group(2)) <= 0:
+    raise ValueError(f"unknown mask {name!r}: expected none, causal, window<W> or documents<L>")
+  return match.group(1), int(match.group(2))
+
+
+def document_segment_ids(B: int, T: int, doc_len: int, seed: int = 0) -> np.ndarray:
+  """`[B, T]` int32 segment ids of packed documents whose lengths are uniform in
+  `[doc_len / 2, 3 doc_len / 2]` (mean `doc_len`); the last document of a row is cut at T."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(B):
+    lengths = []
+    while sum(lengths) < T:
+      lengths.append(int(rng.integers(max(1, doc_len // 2), doc_len + doc_len // 2 + 1)))
+    rows.append(np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)[:T])
+  return np.stack(rows)
+
+
+def _inputs(case: Case):
+  """q, k, v, dout `[B, T, N, H]` (numpy, the case's dtype) and segment ids (or None)."""
+  rng = np.random.default_rng(case.seed)
+  shape = (case.B, case.T, case.N, case.H)
+  q, k, v, do = (rng.standard_normal(shape, dtype=np.float32).astype(case.dtype) for _ in range(4))
+  kind, param = parse_mask(case.mask)
+  seg = document_segment_ids(case.B, case.T, param, case.seed) if kind == "documents" else None
+  return q, k, v, do, seg
+
+
+# ----------------------------------------------------------------------------------------------------
+# JAX peers
+
+
+def _attnjax_mask_mod(kind: str, param: Optional[int], seg):
+  if kind == "none":
+    return None
+  if kind == "causal":
+    return masks.causal()
+  if kind == "window":
+    return masks.sliding_window(param - 1, 0)
+  return masks.and_masks(masks.causal(), masks.document(seg))
+
+
+def _jax_attention(peer: str, kind: str, param: Optional[int]) -> Callable:
+  """`attend(q, k, v, seg) -> out` for a JAX peer (seg is None unless the mask is documents)."""
+  if peer in ("xla", "reference"):
+    def attend(q, k, v, seg):
+      return flex.flex_attention(q, k, v, mask_mod=_attnjax_mask_mod(kind, param, seg),
+                                 implementation=peer)
+    return attend
+
+  def attend(q, k, v, seg):
+    kwargs = {}
+    if kind == "causal":
+      kwargs["is_causal"] = True
+    elif kind == "window":
+      kwargs["local_window_size"] = (param - 1, 0)
+    elif kind == "documents":
+      kwargs["is_causal"] = True
+      kwargs["mask"] = seg[:, None, :, None] == seg[:, None, None, :]   # [B, 1, T, S]
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+  return attend
+
+
+def build_jax(case: Case) -> tuple[Callable, tuple]:
+  """(fn, args) for a JAX peer: `jax.jit(fn).lower(*args)` compiles the case.
+
+  Segment ids are an argument (traced), as in training on packed data: attnjax then builds its block
+  mask inside the compiled function and jax.nn its dense mask, both from the same ids.
+  """
+  kind, param = parse_mask(case.mask)
+  attend = _jax_attention(case.peer, kind, param)
+  q, k, v, do, seg = _inputs(case)
+  qkv = tuple(jnp.asarray(x) for x in (q, k, v))
+  extra = () if seg is None else (jnp.asarray(seg),)
+
+  if case.mode == "fwd":
+    def fn(q, k, v, *rest):
+      return attend(q, k, v, rest[0] if rest else None)
+    return fn, qkv + extra
+
+  def fn_bwd(q, k, v, do, *rest):
+    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, rest[0] if rest else None), q, k, v)
+    return (out,) + vjp(do)
+  return fn_bwd, qkv + (jnp.asarray(do),) + extra
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch peers
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+@dataclasses.dataclass
+class TorchCase:
+  """A built PyTorch case: `step()` runs it once (synchronously, on CPU)."""
+  step: Callable[[], None]
+  argument_bytes: int
+  output_bytes: int
+
+
+def build_torch(case: Case) -> TorchCase:
+  """The PyTorch step for a case; raises `CaseSkipped` when torch cannot run it."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise CaseSkipped(f"torch not importable: {e}") from e
+  kind, param = parse_mask(case.mask)
+  backward = case.mode == "fwd+bwd"
+  if case.peer == "torch_flex" and backward:
+    raise CaseSkipped(f"torch {torch.__version__} flex_attention has no CPU backward")
+  q, k, v, do, seg = _inputs(case)
+  # torch's layout is [B, N, T, H].
+  to_torch = lambda x: torch.from_numpy(np.ascontiguousarray(np.swapaxes(x, 1, 2)))
+  q, k, v, do = (to_torch(x) for x in (q, k, v, do))
+  for x in (q, k, v):
+    x.requires_grad_(backward)
+  argument_bytes = sum(x.numel() * x.element_size() for x in ((q, k, v, do) if backward else
+                                                               (q, k, v)))
+  output_bytes = argument_bytes if backward else q.numel() * q.element_size()
+  seg_t = None if seg is None else torch.from_numpy(seg)
+
+  if case.peer == "torch_sdpa":
+    kwargs = {}
+    if kind == "causal":
+      kwargs["is_causal"] = True
+    elif kind != "none":
+      qi = torch.arange(case.T)[:, None]
+      ki = torch.arange(case.T)[None, :]
+      dense = (qi >= ki) & ((qi - ki < param) if kind == "window" else True)
+      if kind == "documents":
+        dense = dense & (seg_t[:, None, :, None] == seg_t[:, None, None, :])
+      kwargs["attn_mask"] = dense
+      argument_bytes += dense.numel()
+    attend = lambda: F.scaled_dot_product_attention(q, k, v, **kwargs)
+  else:
+    from torch.nn.attention import flex_attention as tflex  # pylint: disable=g-import-not-at-top
+    if kind == "none":
+      mod = None
+    elif kind == "causal":
+      mod = lambda b, h, qi, ki: qi >= ki
+    elif kind == "window":
+      mod = lambda b, h, qi, ki: (qi >= ki) & (qi - ki < param)
+    else:
+      mod = lambda b, h, qi, ki: (qi >= ki) & (seg_t[b, qi] == seg_t[b, ki])
+    block_mask = None
+    if mod is not None:
+      block_mask = tflex.create_block_mask(mod, case.B if kind == "documents" else None, None,
+                                           case.T, case.T, device="cpu")
+    # A fresh compile per case: dynamo's recompile limit would otherwise fall back to eager.
+    torch._dynamo.reset()  # pylint: disable=protected-access
+    compiled = torch.compile(tflex.flex_attention, dynamic=False)
+    attend = lambda: compiled(q, k, v, block_mask=block_mask)
+
+  def step():
+    if backward:
+      for x in (q, k, v):
+        x.grad = None
+      attend().backward(do)
+    else:
+      with torch.no_grad():
+        attend()
+
+  return TorchCase(step, argument_bytes, output_bytes)
