@@ -265,16 +265,22 @@ def _forward_kernel(cfg: _Config, q, k, v, b_ids, lists, score_consts, mask_cons
   return out, lse
 
 
-def _backward_kernel(cfg: _Config, q, k, v, b_ids, lists, score_consts, mask_consts, out, lse, dout):
+def _backward_kernel(cfg: _Config, q, k, v, b_ids, lists, score_consts, mask_consts, out, lse, dout,
+                     dlse):
   """Gradients of `_forward_kernel` by tile recomputation (FlashAttention-2): one pass over query
-  blocks that accumulates dq per block and scatters dk, dv, and the score_mod constants' gradients."""
+  blocks that accumulates dq per block and scatters dk, dv, and the score_mod constants' gradients.
+
+  With P = f̃(s, lse) and P' = h̃'(s, lse):  ds = f̃'(s, lse)·(dO·v) - P'·(dO·o - dlse), since
+  ∂o/∂s_j = (f'(s_j) v_j - h'(s_j) o)/D and ∂lse/∂s_j = h'(s_j)/D (the lse cotangent matters when
+  partial states are merged, e.g. split-K).
+  """
   Bk, K, G, Tp, H = q.shape
   hv = v.shape[-1]
   bq, bk = cfg.block_q, cfg.block_kv
   nq = Tp // bq
   norm = cfg.normalizer
   b = b_ids[:, None, None, None, None]
-  delta = jnp.sum(dout * out, axis=-1)                               # [Bk,K,G,Tp]
+  delta = jnp.sum(dout * out, axis=-1) - dlse                        # [Bk,K,G,Tp]
   lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
 
   def blocks(x):
@@ -292,7 +298,11 @@ def _backward_kernel(cfg: _Config, q, k, v, b_ids, lists, score_consts, mask_con
         s0 = jnp.einsum("bkgqh,bkch->bkgqc", q_i, k_j) * cfg.scale
         n, qi, ki = _tile_indices(cfg, K, G, i, j)
         if cfg.score_fn is not None:
-          s, mod_vjp = jax.vjp(lambda s_, *c: cfg.score_fn(s_, b, n, qi, ki, *c), s0, *score_consts)
+          def score(s_, *float_consts):
+            it = iter(float_consts)
+            consts = [next(it) if _is_float(c) else c for c in score_consts]
+            return cfg.score_fn(s_, b, n, qi, ki, *consts)
+          s, mod_vjp = jax.vjp(score, s0, *(c for c in score_consts if _is_float(c)))
         else:
           s = s0
         w, dw, dh = norm.weight_grads(s, lse_i[..., None])
@@ -322,7 +332,8 @@ def _backward_kernel(cfg: _Config, q, k, v, b_ids, lists, score_consts, mask_con
     return (dk, dv, dconsts), dq_i
 
   pnum, pidx, fnum, fidx = lists
-  init = (jnp.zeros_like(k), jnp.zeros_like(v), tuple(jnp.zeros_like(c) for c in score_consts))
+  init = (jnp.zeros_like(k), jnp.zeros_like(v),
+          tuple(jnp.zeros(jnp.shape(c), jnp.result_type(c)) for c in score_consts if _is_float(c)))
   (dk, dv, dconsts), dq = jax.lax.scan(
       row, init, (blocks(q), blocks(dout), blocks(lse), blocks(delta), jnp.arange(nq),
                   pnum, pidx, fnum, fidx))
@@ -341,10 +352,12 @@ def _chunked_fwd(cfg, q, k, v, b_ids, lists, score_consts, mask_consts):
 
 def _chunked_bwd(cfg, residuals, cotangents):
   q, k, v, b_ids, lists, score_consts, mask_consts, out, lse = residuals
-  dout, _ = cotangents  # lse is a residual for merging, not differentiated through
+  dout, dlse = cotangents
   dq, dk, dv, dconsts = _backward_kernel(cfg, q, k, v, b_ids, lists, score_consts, mask_consts,
-                                         out, lse, dout)
-  return dq, dk, dv, None, None, dconsts, tuple(None for _ in mask_consts)
+                                         out, lse, dout, dlse)
+  it = iter(dconsts)
+  dscore = tuple(next(it) if _is_float(c) else None for c in score_consts)
+  return dq, dk, dv, None, None, dscore, tuple(None for _ in mask_consts)
 
 
 _chunked = jax.custom_vjp(_chunked_impl, nondiff_argnums=(0,))
@@ -407,10 +420,24 @@ def _xla(q, k, v, *, score_mod, mask_mod, block_mask, normalizer, scale):
 
 
 def _closure_convert(fn, *example_args):
-  """`jax.closure_convert` on abstract example arguments: returns (fn(*args, *consts), consts)."""
-  examples = tuple(jnp.zeros(a.shape, a.dtype) for a in example_args)
-  converted, consts = jax.closure_convert(fn, *examples)
-  return converted, tuple(consts)
+  """Hoists every array `fn` closes over into explicit trailing arguments: returns
+  `(converted(*args, *consts), consts)`.
+
+  Unlike `jax.closure_convert`, which hoists only values that may carry a tangent, this hoists all of
+  them (integer segment ids, tracers of an enclosing `vmap`): the custom VJP's backward pass is traced
+  after the enclosing transformation has returned, so nothing traced may stay in a closure.
+  """
+  closed = jax.make_jaxpr(fn)(*example_args)
+  num_args = len(example_args)
+
+  def converted(*args):
+    return jax.core.eval_jaxpr(closed.jaxpr, args[num_args:], *args[:num_args])[0]
+
+  return converted, tuple(closed.consts)
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 _IMPLEMENTATIONS = (

@@ -1,5 +1,6 @@
 """The papers' mechanisms, one module per family; importing a module registers its mechanisms."""
 
+from attnjax.ops import decode  # noqa: F401
 from attnjax.ops import dot_product  # noqa: F401
 from attnjax.ops import flex_variants  # noqa: F401
 from attnjax.ops.dot_product import dot_product_attention  # noqa: F401

@@ -1,0 +1,130 @@
+"""Contiguous KV cache and split-K decode attention.
+
+The cache holds `k: [B, Smax, K, H]`, `v: [B, Smax, K, h]` and `lengths: [B]` (tokens filled per row;
+rows may differ). `append` writes new tokens at each row's own length. `decode_attention` attends the
+T newest queries (positions `lengths - T .. lengths - 1`) to the filled part of the cache.
+
+Split-K (Lean Attention, flash-decoding): during decoding T is tiny, so parallelism comes from the key
+axis. The cache is cut into chunks; each chunk gives a partial state (o_c, lse_c) and the chunks are
+combined exactly by `merge_attention_states`:  lse = log Σ_c e^{lse_c},  o = Σ_c e^{lse_c - lse} o_c.
+
+Paper: Sanovar et al., "Lean Attention: Hardware-Aware Scalable Attention Mechanism for the
+Decode-Phase of Transformers", arXiv:2405.10480.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.core import checks
+from attnjax.core import flex
+from attnjax.core import masks
+from attnjax.core.merge import merge_attention_states
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys `[B, Smax, K, H]`, values `[B, Smax, K, h]`, filled lengths `[B]` (int32)."""
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+
+  @classmethod
+  def create(cls, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
+             value_head_dim: Optional[int] = None, dtype=jnp.float32) -> "KVCache":
+    hv = head_dim if value_head_dim is None else value_head_dim
+    return cls(jnp.zeros((batch, max_length, num_kv_heads, head_dim), dtype),
+               jnp.zeros((batch, max_length, num_kv_heads, hv), dtype),
+               jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def max_length(self) -> int:
+    return self.k.shape[1]
+
+  def append(self, k_new, v_new) -> "KVCache":
+    """Writes `k_new: [B, T, K, H]`, `v_new: [B, T, K, h]` at each row's length; lengths grow by T.
+
+    Lengths are traced, so overflow cannot be checked: a row whose length would pass `Smax` has its
+    write clamped to the last T slots (`lax.dynamic_update_slice` semantics), overwriting them.
+    """
+    B, _, K, H = self.k.shape
+    checks.check_shape("KVCache.append", "k_new", k_new, (B, None, K, H), "[B, T, K, H]")
+    T = k_new.shape[1]
+    checks.check_shape("KVCache.append", "v_new", v_new, (B, T, K, self.v.shape[3]), "[B, T, K, h]")
+    if T > self.max_length:
+      raise ValueError(f"KVCache.append: {T} new tokens exceed the cache length {self.max_length}")
+    write = jax.vmap(lambda buf, new, at: jax.lax.dynamic_update_slice_in_dim(buf, new, at, axis=0))
+    return KVCache(write(self.k, k_new.astype(self.k.dtype), self.lengths),
+                   write(self.v, v_new.astype(self.v.dtype), self.lengths),
+                   self.lengths + T)
+
+
+def decode_attention(q, cache: KVCache, *, num_splits: Optional[int] = None,
+                     split_size: Optional[int] = None, scale=None, causal: bool = True,
+                     implementation: Optional[str] = None):
+  """Attention of the T newest tokens' queries over the cache, by split-K with an exact merge.
+
+  Args:
+    q: `[B, T, N, H]`, the queries of the last T appended tokens (already in the cache).
+    cache: the `KVCache`, with `lengths` counting those T tokens.
+    num_splits / split_size: how to cut the cache's key axis (give at most one; default one split per
+      512 keys). The last chunk may be shorter.
+    scale: defaults to `H ** -0.5`.
+    causal: mask keys after each query's position (False: every filled key is visible).
+    implementation: flex_attention implementation for the chunks.
+
+  Returns:
+    `[B, T, N, h]`, equal to full attention over the filled prefix.
+  """
+  Smax = cache.max_length
+  B, T, _, _ = q.shape
+  checks.check_qkv("decode_attention", q, cache.k, cache.v)
+  if num_splits is not None and split_size is not None:
+    raise ValueError("decode_attention: give `num_splits` or `split_size`, not both")
+  if num_splits is not None:
+    if num_splits < 1:
+      raise ValueError(f"decode_attention: `num_splits` must be >= 1, got {num_splits}")
+    split_size = -(-Smax // num_splits)
+  split_size = min(split_size or 512, Smax)
+  return split_k_attention(q, cache.k, cache.v, split_size=split_size, scale=scale,
+                           q_offset=cache.lengths - T, kv_lengths=cache.lengths, causal=causal,
+                           implementation=implementation)
+
+
+def split_k_attention(q, k, v, *, split_size: int, q_offset=0, kv_lengths=None, causal=False,
+                      extra_mask=None, scale=None, implementation=None):
+  """Softmax attention computed over key chunks of `split_size` and merged by log-sum-exp.
+
+  The chunks are a batched axis (not a Python loop): keys are padded to a whole number of chunks and
+  reshaped to `[num_splits, ...]`; padded keys are hidden. `extra_mask` is a mask_mod in the global
+  key positions, and-ed with the causal / length masks.
+  """
+  B, T, S, _, K, H, hv = checks.check_qkv("split_k_attention", q, k, v)
+  if split_size < 1:
+    raise ValueError(f"split_k_attention: `split_size` must be >= 1, got {split_size}")
+  splits = -(-S // split_size)
+  pad = splits * split_size - S
+  chunked = lambda x: jnp.moveaxis(
+      jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, splits, split_size, K, -1), 1, 0)
+  kv_lengths = jnp.full((B,), S, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths)
+  base = [masks.padding(kv_lengths=jnp.minimum(kv_lengths, S))]
+  if causal:
+    base.append(masks.causal(q_offset))
+  if extra_mask is not None:
+    base.append(extra_mask)
+  global_mask = masks.and_masks(*base)
+
+  def one_chunk(start, k_c, v_c):
+    # Mask mods see chunk-local key indices; shift them back to global positions.
+    mask_mod = lambda b, n, qi, ki: global_mask(b, n, qi, ki + start)
+    return flex.flex_attention(q, k_c, v_c, mask_mod=mask_mod, scale=scale, return_residuals=True,
+                               implementation=implementation)
+
+  starts = jnp.arange(splits, dtype=jnp.int32) * split_size
+  outs, lses = jax.vmap(one_chunk)(starts, chunked(k), chunked(v))
+  return merge_attention_states(outs, lses)[0]

@@ -1,0 +1,36 @@
+"""Decode-phase mechanisms: split-K attention over the key axis with an exact log-sum-exp merge.
+
+Paper: Sanovar et al., "Lean Attention: Hardware-Aware Scalable Attention Mechanism for the
+Decode-Phase of Transformers", arXiv:2405.10480.
+"""
+
+from __future__ import annotations
+
+from attnjax.core import checks
+from attnjax.core.kvcache import split_k_attention
+from attnjax.ops.dot_product import contract_mask
+from attnjax.registry import Mechanism, register
+
+
+def split_k_decode(q, k, v, *, causal=False, segment_ids=None, q_offset=0, kv_lengths=None,
+                   scale=None, implementation=None, num_splits: int = 4):
+  """Lean-Attention split-K softmax attention: key chunks give partial (o, lse) states, merged exactly.
+
+  Equal to softmax attention for any number of splits; the chunks are independent work items, which is
+  what lets decoding (T = 1) use every compute unit.
+  """
+  B, T, S, _, _, _, _ = checks.check_qkv("split_k_decode", q, k, v)
+  if num_splits < 1:
+    raise ValueError(f"split_k_decode: `num_splits` must be >= 1, got {num_splits}")
+  extra = contract_mask(B=B, T=T, S=S, segment_ids=segment_ids, op="split_k_decode")
+  return split_k_attention(q, k, v, split_size=-(-S // num_splits), q_offset=q_offset,
+                           kv_lengths=kv_lengths, causal=causal, extra_mask=extra, scale=scale,
+                           implementation=implementation)
+
+
+register(Mechanism(
+    name="split_k_decode", fn=split_k_decode, family="decode-kvcache", seeds=(5,),
+    paper="Lean Attention: Hardware-Aware Scalable Attention Mechanism for the Decode-Phase of "
+          "Transformers", arxiv="2405.10480", example=dict(num_splits=3)))
+
+
