@@ -4,6 +4,7 @@ Table of contents (re-exports only). See DESIGN.md for the operator contract and
 for what is registered.
 """
 
+from attnjax import nn
 from attnjax.core import masks
 from attnjax.core.block_mask import BlockMask, create_block_mask
 from attnjax.core.flex import attention_weights, flex_attention
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockMask", "Mechanism", "Normalizer", "attention", "attention_weights", "create_block_mask",
     "dot_product_attention", "flex_attention", "get_mechanism", "get_normalizer", "list_mechanisms",
-    "masks", "merge_attention_states", "register_normalizer",
+    "masks", "merge_attention_states", "nn", "register_normalizer",
 ]

@@ -36,7 +36,9 @@ class ParamSpec:
   init: Callable[..., Any]
 
 
-@dataclasses.dataclass(frozen=True)
+# eq=False: records compare and hash by identity (their dict fields are unhashable), so a record can
+# be a static argument under jit.
+@dataclasses.dataclass(frozen=True, eq=False)
 class Mechanism:
   """One attention mechanism from the literature.
 

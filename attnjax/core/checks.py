@@ -33,7 +33,7 @@ def check_qkv(op: str, q, k, v) -> tuple[int, int, int, int, int, int, int]:
 def check_shape(op: str, name: str, x, expected: tuple, letters: str):
   """Raises unless `x.shape == expected` (entries None are free)."""
   shape = jnp.shape(x)
-  if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+  if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape, strict=True)):
     want = ", ".join("?" if e is None else str(e) for e in expected)
     raise ValueError(f"{op}: `{name}` must have shape {letters} = [{want}], got {shape}")
 
@@ -41,6 +41,6 @@ def check_shape(op: str, name: str, x, expected: tuple, letters: str):
 def check_broadcastable(op: str, name: str, x, target: tuple, letters: str):
   """Raises unless `x` has `len(target)` dims, each equal to the target's or 1."""
   shape = jnp.shape(x)
-  if len(shape) != len(target) or any(s not in (1, t) for s, t in zip(shape, target)):
+  if len(shape) != len(target) or any(s not in (1, t) for s, t in zip(shape, target, strict=True)):
     raise ValueError(f"{op}: `{name}` must be broadcastable to {letters} = {list(target)} "
                      f"(same rank, each dim equal or 1), got shape {shape}")

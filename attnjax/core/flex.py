@@ -29,7 +29,6 @@ import numpy as np
 from attnjax.core import block_mask as bm
 from attnjax.core import checks
 from attnjax.core import implementations
-from attnjax.core.masks import index_grid
 from attnjax.core.normalizers import Normalizer, get_normalizer
 from attnjax.typing import MaskMod, ScoreMod
 
@@ -275,7 +274,6 @@ def _backward_kernel(cfg: _Config, q, k, v, b_ids, lists, score_consts, mask_con
   partial states are merged, e.g. split-K).
   """
   Bk, K, G, Tp, H = q.shape
-  hv = v.shape[-1]
   bq, bk = cfg.block_q, cfg.block_kv
   nq = Tp // bq
   norm = cfg.normalizer
@@ -313,7 +311,7 @@ def _backward_kernel(cfg: _Config, q, k, v, b_ids, lists, score_consts, mask_con
         ds = dw * dp - dh * delta_i[..., None] if norm.normalized else dw * dp
         if cfg.score_fn is not None:
           ds, *dc = mod_vjp(ds)
-          dconsts = tuple(a + g for a, g in zip(dconsts, dc))
+          dconsts = tuple(a + g for a, g in zip(dconsts, dc, strict=True))
         ds = ds * cfg.scale
         dq_i = dq_i + jnp.einsum("bkgqc,bkch->bkgqh", ds, k_j)
         dk_j = jnp.einsum("bkgqc,bkgqh->bkch", ds, q_i)

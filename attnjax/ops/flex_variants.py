@@ -8,7 +8,6 @@ masking and soft-capping are its worked examples).
 
 from __future__ import annotations
 
-from typing import Optional
 
 from attnjax.core import checks
 from attnjax.core import flex
@@ -101,6 +100,8 @@ def prefix_lm_attention(q, k, v, *, prefix_length, causal=True, segment_ids=None
   """Prefix-LM attention: bidirectional over the first `prefix_length` positions, causal after.
 
   `prefix_length`: int or `[B]`. Raffel et al. (T5), arXiv:1910.10683, section 3.2.1.
+  Decoding over a cache equals the full forward once the prefill covers the prefix: prefix tokens see
+  later prefix tokens, so they cannot be produced one at a time.
   """
   if not causal:
     raise ValueError("prefix_lm: the prefix-LM mask is causal after the prefix; call with causal=True")

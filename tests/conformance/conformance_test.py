@@ -84,7 +84,7 @@ def test_dtype_preserved_and_gradients_finite(mech, dtype):
   grads = jax.grad(lambda *a: jnp.sum(_call(mech, *a, causal=causal, cross=cross).astype(
       jnp.float32) ** 2), argnums=(0, 1, 2))(q, k, v)
   chex.assert_tree_all_finite(grads)
-  for g, x in zip(grads, (q, k, v)):
+  for g, x in zip(grads, (q, k, v), strict=True):
     chex.assert_equal_shape([g, x])
 
 

@@ -1,0 +1,267 @@
+"""Multi-head attention layer that runs any registered mechanism (Flax Linen).
+
+    q = x W_q,  k = m W_k,  v = m W_v       (then optionally RoPE on q, k; m = x for self-attention)
+    o = mechanism(q, k, v, causal, segment_ids, kv_lengths, ...)           [B, T, N, H]
+    y = o W_o                                                              [B, T, features]
+
+`W_q: [D, N, H]`, `W_k, W_v: [D, K, H]` (K key/value heads, GQA when K < N), `W_o: [N, H, F]`. The
+parameters are named and shaped as in `flax.linen.MultiHeadDotProductAttention` ('query', 'key',
+'value', 'out', each a `DenseGeneral` with 'kernel' and 'bias'), so its parameters load directly;
+with `mechanism="softmax"` the two layers compute the same function.
+
+The layer only projects, applies positions and calls the operator: the mechanism is looked up in the
+registry (`attnjax.list_mechanisms()`), its pattern (causal or not, self or cross) is checked, its
+learned arrays (`Mechanism.params`) are created here and passed as keywords. A mechanism registered
+later works in this layer without any change to it.
+
+Autoregressive decoding keeps a KV cache in the 'cache' collection (same variables as Flax's
+`decode=True`: `cached_key [B, S_max, K, H]`, `cached_value`, `cache_index`): `init` with a
+full-length input sizes the cache; each `apply(..., decode=True, mutable=['cache'])` with `T` new
+tokens writes their keys and values at `cache_index` and attends over the whole cache with
+`q_offset = cache_index`, `kv_lengths = cache_index + T` (causal masking by absolute position).
+
+Papers: Vaswani et al., "Attention Is All You Need", arXiv:1706.03762 (multi-head attention);
+Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head
+Checkpoints", arXiv:2305.13245; Su et al., "RoFormer: Enhanced Transformer with Rotary Position
+Embedding", arXiv:2104.09864.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attnjax import registry
+from attnjax.ops import rope
+
+Initializer = Callable[..., Any]
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention over any registered mechanism, with GQA, RoPE and a decode cache.
+
+  Attributes:
+    num_heads: N, the number of query heads.
+    mechanism: a registry name ("softmax", "alibi", ...) or a `Mechanism` record.
+    mechanism_kwargs: keyword arguments for the mechanism (e.g. `{"window": 128}`), over its
+      defaults.
+    num_kv_heads: K, key/value heads; must divide N (None: K = N). Mechanisms without GQA support
+      get the K/V heads repeated to N.
+    qkv_features: N · H, the total query width (None: the input's features). Ignored when `head_dim`
+      is set.
+    head_dim: H, per-head width of q, k and v (None: `qkv_features // num_heads`).
+    out_features: F, output width (None: the query input's features).
+    causal: mask keys after each query's (absolute) position.
+    use_bias: biases on the four projections.
+    dtype: computation dtype of the projections (None: inferred from inputs and params).
+    param_dtype: dtype of the parameters.
+    precision: `jax.lax.Precision` of the projections.
+    kernel_init, bias_init: initializers of the q/k/v projections; `out_kernel_init` and
+      `out_bias_init` those of the output projection (None: the same as q/k/v).
+    normalize_qk: LayerNorm (no bias) on q and k per head before attention, as Flax's layer
+      (Dehghani et al., "Scaling Vision Transformers to 22 Billion Parameters", arXiv:2302.05442).
+    rope_base: if set, apply rotary position embedding to q and k with this base (10000 is usual).
+    rope_fraction: share of each head's dims that rotates (partial rotary).
+    scale: logit scale passed to the mechanism (None: its default, `H ** -0.5`).
+    implementation: the mechanism's `implementation=` (None: the best available).
+  """
+  num_heads: int
+  mechanism: Union[str, registry.Mechanism] = "softmax"
+  mechanism_kwargs: Optional[Mapping[str, Any]] = None
+  num_kv_heads: Optional[int] = None
+  qkv_features: Optional[int] = None
+  head_dim: Optional[int] = None
+  out_features: Optional[int] = None
+  causal: bool = False
+  use_bias: bool = True
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = nn.linear.default_kernel_init
+  bias_init: Initializer = nn.initializers.zeros_init()
+  out_kernel_init: Optional[Initializer] = None
+  out_bias_init: Optional[Initializer] = None
+  normalize_qk: bool = False
+  rope_base: Optional[float] = None
+  rope_fraction: float = 1.0
+  scale: Optional[float] = None
+  implementation: Optional[str] = None
+
+  def _mechanism(self) -> registry.Mechanism:
+    if isinstance(self.mechanism, registry.Mechanism):
+      return self.mechanism
+    return registry.get(self.mechanism)
+
+  def _dims(self, features: int) -> tuple[int, int, int]:
+    """(N, K, H) after validation."""
+    N = self.num_heads
+    K = N if self.num_kv_heads is None else self.num_kv_heads
+    if N <= 0 or K <= 0 or N % K:
+      raise ValueError(f"MultiHeadAttention: `num_kv_heads` ({K}) must divide `num_heads` ({N}) "
+                       "and both must be > 0")
+    if self.head_dim is not None:
+      H = self.head_dim
+    else:
+      qkv = self.qkv_features or features
+      if qkv % N:
+        raise ValueError(f"MultiHeadAttention: `qkv_features` ({qkv}) must be divisible by "
+                         f"`num_heads` ({N}); or set `head_dim`")
+      H = qkv // N
+    if H <= 0:
+      raise ValueError(f"MultiHeadAttention: head dim must be > 0, got {H}")
+    return N, K, H
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array] = None, *,
+               segment_ids=None, kv_lengths=None, positions=None, kv_positions=None,
+               decode: bool = False, **mechanism_args) -> jax.Array:
+    """Projects, applies RoPE, runs the mechanism and projects back.
+
+    Args:
+      inputs_q: `[B, T, D]` queries (and keys/values for self-attention).
+      inputs_kv: `[B, S, D_kv]` keys/values for cross-attention; None for self-attention.
+      segment_ids: packed sequences: `[B, T]` (self) or a pair (`[B, T]`, `[B, S]`) (cross); tokens
+        attend within equal ids, and RoPE positions restart at each segment.
+      kv_lengths: `[B]` valid key lengths (padding); keys at or past the length are hidden.
+      positions: `[B, T]` or `[T]` RoPE positions of the queries (and keys, for self-attention);
+        default: segment-local positions with `segment_ids`, else `0 … T-1`.
+      kv_positions: RoPE positions of the keys in cross-attention, `[B, S]` or `[S]` (same default).
+      decode: autoregressive decoding with the 'cache' collection (self-attention only). The first
+        call (at `init`, no cache yet) creates a cache as long as the input and returns the full
+        forward; later calls append `T` tokens and attend over everything cached so far. Positions
+        come from the cache index. Apply with `mutable=['cache']`.
+      **mechanism_args: per-call keyword arguments for the mechanism, over `mechanism_kwargs`.
+
+    Returns:
+      `[B, T, F]`.
+    """
+    mech = self._mechanism()
+    if jnp.ndim(inputs_q) != 3:
+      raise ValueError(f"MultiHeadAttention: `inputs_q` must have shape [B, T, D], "
+                       f"got shape {jnp.shape(inputs_q)}")
+    cross = inputs_kv is not None
+    if cross:
+      if jnp.ndim(inputs_kv) != 3 or inputs_kv.shape[0] != inputs_q.shape[0]:
+        raise ValueError(f"MultiHeadAttention: `inputs_kv` must have shape [B={inputs_q.shape[0]}, "
+                         f"S, D_kv], got shape {jnp.shape(inputs_kv)}")
+      if decode:
+        raise ValueError("MultiHeadAttention: `decode=True` is for self-attention (a KV cache of "
+                         "the layer's own tokens); got `inputs_kv` (cross-attention)")
+    elif kv_positions is not None:
+      raise ValueError("MultiHeadAttention: `kv_positions` is for cross-attention; in "
+                       "self-attention the keys take `positions`")
+    if decode and not mech.decode:
+      raise ValueError(f"MultiHeadAttention: mechanism {mech.name!r} does not support decoding "
+                       "over a KV cache (its `decode` flag is False)")
+    mech.check_pattern(causal=self.causal, cross=cross)
+
+    features = inputs_q.shape[-1]
+    out_features = self.out_features or features
+    N, K, H = self._dims(features)
+    B, T = inputs_q.shape[:2]
+
+    dense = functools.partial(nn.DenseGeneral, axis=-1, dtype=self.dtype,
+                              param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                              bias_init=self.bias_init, use_bias=self.use_bias,
+                              precision=self.precision)
+    kv_in = inputs_kv if cross else inputs_q
+    query = dense(features=(N, H), name="query")(inputs_q)
+    key = dense(features=(K, H), name="key")(kv_in)
+    value = dense(features=(K, H), name="value")(kv_in)
+    if self.normalize_qk:
+      ln = functools.partial(nn.LayerNorm, use_bias=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+      query = ln(name="query_ln")(query)
+      key = ln(name="key_ln")(key)
+
+    # The mechanism's learned arrays (e.g. gates, temperatures), passed to it as keywords.
+    extra = {spec.name: self.param(spec.name, spec.init, tuple(spec.shape(N, K, H)),
+                                   self.param_dtype) for spec in mech.params}
+    kwargs = {**dict(self.mechanism_kwargs or {}), **mechanism_args, **extra,
+              "scale": self.scale, "implementation": self.implementation}
+
+    initialized = self.has_variable("cache", "cached_key")
+    if decode and initialized:
+      if segment_ids is not None or kv_lengths is not None or positions is not None:
+        raise ValueError("MultiHeadAttention: with decode=True over a cache, `segment_ids`, "
+                         "`kv_lengths` and `positions` are not supported: the cache index gives "
+                         "the positions and the visible length")
+      out = self._decode_step(mech, query, key, value, kwargs)
+    else:
+      if decode:
+        # First call (init): size the cache on this full-length input, then run the full forward.
+        self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if self.rope_base is not None:
+        if isinstance(segment_ids, (tuple, list)):
+          q_seg, kv_seg = segment_ids
+        else:
+          q_seg = kv_seg = segment_ids
+        q_pos = self._default_positions(positions, q_seg, T)
+        kv_pos = q_pos if not cross else self._default_positions(kv_positions, kv_seg,
+                                                                 key.shape[1])
+        query = self._rope(query, q_pos)
+        key = self._rope(key, kv_pos)
+      out = self._attend(mech, query, key, value, causal=self.causal, cross=cross,
+                         segment_ids=segment_ids, kv_lengths=kv_lengths, kwargs=kwargs)
+
+    return nn.DenseGeneral(features=out_features, axis=(-2, -1),
+                           kernel_init=self.out_kernel_init or self.kernel_init,
+                           bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
+                           dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                           name="out")(out)
+
+  def _decode_step(self, mech, query, key, value, kwargs):
+    """Writes the new keys/values at `cache_index` and attends over the whole cache."""
+    cached_key = self.variable("cache", "cached_key")
+    cached_value = self.variable("cache", "cached_value")
+    cache_index = self.variable("cache", "cache_index")
+    B, T = query.shape[:2]
+    s_max = cached_key.value.shape[1]
+    if cached_key.value.shape[0] != B or cached_key.value.shape[2:] != key.shape[2:]:
+      raise ValueError(f"MultiHeadAttention: decode input gives keys {key.shape}, incompatible "
+                       f"with the cache {cached_key.value.shape} [B, S_max, K, H]")
+    if T > s_max:
+      raise ValueError(f"MultiHeadAttention: {T} new tokens do not fit in a cache of length "
+                       f"{s_max}")
+    index = cache_index.value
+    if self.rope_base is not None:
+      pos = index + jnp.arange(T, dtype=jnp.int32)
+      query = self._rope(query, pos)
+      key = self._rope(key, pos)
+    # Writes past S_max would be clamped by dynamic_update_slice: callers keep index + T <= S_max.
+    zero = jnp.zeros((), index.dtype)
+    cached_key.value = jax.lax.dynamic_update_slice(
+        cached_key.value, key.astype(cached_key.value.dtype), (zero, index, zero, zero))
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, value.astype(cached_value.value.dtype), (zero, index, zero, zero))
+    cache_index.value = index + T
+    return self._attend(mech, query, cached_key.value, cached_value.value, causal=self.causal,
+                        cross=False, segment_ids=None, kv_lengths=jnp.full((B,), index + T),
+                        kwargs={**kwargs, "q_offset": index})
+
+  def _attend(self, mech, query, key, value, *, causal, cross, segment_ids, kv_lengths, kwargs):
+    if not mech.gqa and key.shape[2] != query.shape[2]:
+      # The mechanism wants one K/V head per query head: repeat (query head n reads n // G).
+      groups = query.shape[2] // key.shape[2]
+      key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)
+    if segment_ids is not None:
+      kwargs = {**kwargs, "segment_ids": segment_ids}
+    if kv_lengths is not None:
+      kwargs = {**kwargs, "kv_lengths": kv_lengths}
+    return mech(query, key, value, causal=causal, cross=cross, **kwargs)
+
+  def _default_positions(self, positions, segment_ids, length):
+    if positions is not None:
+      return positions
+    if segment_ids is not None:
+      return rope.segment_positions(segment_ids)
+    return jnp.arange(length, dtype=jnp.int32)
+
+  def _rope(self, x, positions):
+    return rope.apply_rope(x, positions, base=self.rope_base, fraction=self.rope_fraction)
