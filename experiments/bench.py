@@ -1,6 +1,8 @@
-"""Benchmark entry point: parses flags and runs `attnjax.bench.harness`.
+"""Attention benchmark: times and memory of attention implementations, side by side.
 
-    python -m experiments.bench --config=configs/bench/flex.py[:demo] --workdir=DIR [--config.x=y]
+  python -m experiments.bench --config=configs/bench/flex.py[:demo] --workdir=DIR
+
+Writes results.csv, results.md, time.png and memory.png under DIR and prints the markdown table.
 """
 
 from absl import app
@@ -8,19 +10,19 @@ from absl import flags
 from ml_collections import config_flags
 
 from attnjax.bench import harness
+from attnjax.bench import report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where results.{csv,md,png} are written.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the CSV, markdown and plots.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  del argv
-  rows = harness.run(_CONFIG.value, _WORKDIR.value)
-  print()
-  print(harness.markdown(rows))
-  print(f"Results written to {_WORKDIR.value}/results.{{csv,md,png}}")
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  results = harness.run_benchmark(_CONFIG.value, _WORKDIR.value)
+  print(report.markdown(results))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Timing and memory harness: one case at a time, side by side in one run.
 
-For a JAX peer a case is jitted, lowered and compiled; its memory comes from the compiled executable's
-`memory_analysis()` (arguments + outputs + temporaries − aliased; "temporary memory" is the temp
-figure). A case whose total would not fit in the memory budget (a fraction of this machine's RAM, see
-`memory_budget_bytes`) is not executed and is reported as skipped with the memory it would need.
-Otherwise it runs `warmup` times, then `repeats` timed runs with `block_until_ready`; the median is
-reported. Expensive cases are capped: when one run takes longer than `max_case_seconds / repeats`,
-fewer runs are made (never fewer than `min_repeats`), and the CSV records how many.
+For a JAX peer a case is jitted, lowered and compiled; its memory comes from the compiled
+executable's `memory_analysis()` (arguments + outputs + temporaries − aliased; "temporary memory" is
+the temp figure). A case whose total would not fit in the memory budget (a fraction of this
+machine's RAM, see `memory_budget_bytes`) is not executed and is reported as skipped with the
+memory it would need. Otherwise it runs `warmup` times, then `repeats` timed runs with
+`block_until_ready`; the median is reported. Expensive cases are capped: when `repeats` runs would
+take longer than `max_case_seconds`, fewer are made (never fewer than `min_repeats`), and the CSV
+records how many. A peer can also be limited to `T <= max_T` (compiled and analysed, not run).
 
 PyTorch peers run on CPU in the same process; their memory is not analysed (a compiled-executable
 analysis does not exist there), only estimated from their arguments to decide whether to run.
@@ -56,7 +57,7 @@ class Result:
     return sum(parts) - (self.alias_bytes or 0)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Memory
 
 
@@ -90,7 +91,7 @@ def _skip_reason(need_bytes: int, budget_bytes: int) -> str:
   return f"would need {need_bytes / GB:.1f} GB (budget {budget_bytes / GB:.1f} GB)"
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Timing
 
 
@@ -117,7 +118,7 @@ def time_runs(step: Callable[[], object], *, warmup: int, repeats: int, min_repe
 
 def measure(case: Case, *, budget_bytes: int, min_repeats: int = 3,
             max_case_seconds: Optional[float] = None) -> Result:
-  """Compiles (JAX) or builds (PyTorch) `case`, checks its memory against the budget and times it."""
+  """Compiles (JAX) or builds (PyTorch) `case`, checks its memory against the budget, times it."""
   try:
     if case.peer in peers_lib.JAX_PEERS:
       return _measure_jax(case, budget_bytes, min_repeats, max_case_seconds)
@@ -145,6 +146,9 @@ def _measure_jax(case, budget_bytes, min_repeats, max_case_seconds) -> Result:
   if not fits(result.total_bytes, budget_bytes):
     result.status, result.reason = "skipped", _skip_reason(result.total_bytes, budget_bytes)
     return result
+  if case.max_T is not None and case.T > case.max_T:
+    result.status, result.reason = "skipped", f"not run: {case.peer} limited to T <= {case.max_T}"
+    return result
   step = lambda: jax.block_until_ready(compiled(*args))
   result.times_ms = tuple(time_runs(step, warmup=case.warmup, repeats=case.repeats,
                                     min_repeats=min_repeats, max_case_seconds=max_case_seconds))
@@ -152,6 +156,8 @@ def _measure_jax(case, budget_bytes, min_repeats, max_case_seconds) -> Result:
 
 
 def _measure_torch(case, budget_bytes, min_repeats, max_case_seconds) -> Result:
+  if case.max_T is not None and case.T > case.max_T:
+    raise CaseSkipped(f"not run: {case.peer} limited to T <= {case.max_T}")
   built = peers_lib.build_torch(case)
   result = Result(case, "ok", argument_bytes=built.argument_bytes, output_bytes=built.output_bytes)
   need = built.argument_bytes + built.output_bytes
@@ -168,7 +174,7 @@ def _measure_torch(case, budget_bytes, min_repeats, max_case_seconds) -> Result:
   return result
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A whole benchmark
 
 
@@ -177,16 +183,18 @@ def cases_from_config(config) -> list[Case]:
   out when torch is not importable."""
   have_torch = peers_lib.torch_available()
   keep = lambda peer: peer not in peers_lib.TORCH_PEERS or have_torch
+  max_t = dict(config.get("peer_max_T") or {})
   common = dict(B=config.B, N=config.N, H=config.H, dtype=config.dtype, seed=config.seed)
   cases = []
   for mode in config.modes:
     for mask in config.masks:
       for T in config.seq_lens:
-        cases += [Case(peer, mask, T, mode, warmup=config.warmup, repeats=config.repeats, **common)
+        cases += [Case(peer, mask, T, mode, warmup=config.warmup, repeats=config.repeats,
+                       max_T=max_t.get(peer), **common)
                   for peer in config.peers if keep(peer)]
   for extra in config.get("extra_cases", ()):
     cases += [Case(peer, extra.mask, extra.T, extra.mode, warmup=extra.get("warmup", config.warmup),
-                   repeats=extra.get("repeats", config.repeats), **common)
+                   repeats=extra.get("repeats", config.repeats), max_T=max_t.get(peer), **common)
               for peer in extra.peers if keep(peer)]
   return cases
 
@@ -213,7 +221,8 @@ def run_benchmark(config, workdir: str, *, log: Callable[[str], None] = print) -
   `memory.png` under `workdir` (the CSV and markdown after every case, so a partial run is kept).
 
   Config fields: B, N, H, dtype, seed, modes, masks, seq_lens, peers, warmup, repeats, min_repeats,
-  max_case_seconds (None: no cap), memory_fraction, memory_budget_gb (None: from RAM), block_size
+  max_case_seconds (None: no cap), peer_max_T ({peer: T}: larger T is compiled and its memory
+  analysed but not run), memory_fraction, memory_budget_gb (None: from RAM), block_size
   (None: attnjax's default tiles on this platform, else `(block_q, block_kv)` for the xla path),
   extra_cases (list of {peer list `peers`, mask, T, mode, optional warmup/repeats}).
   """

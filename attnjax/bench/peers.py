@@ -2,8 +2,8 @@
 
 Peers:
   xla, reference  attnjax `flex_attention` with that implementation.
-  jax_nn          `jax.nn.dot_product_attention(implementation="xla")` (is_causal, local_window_size,
-                  or a dense boolean mask for documents).
+  jax_nn          `jax.nn.dot_product_attention(implementation="xla")` (is_causal,
+                  local_window_size, or a dense boolean mask for documents).
   torch_sdpa      `torch.nn.functional.scaled_dot_product_attention` (is_causal or a dense mask).
   torch_flex      `torch.nn.attention.flex_attention.flex_attention` under `torch.compile`, with a
                   `create_block_mask` built outside the timed step (the FlexAttention usage).
@@ -55,6 +55,7 @@ class Case:
   warmup: int = 1
   repeats: int = 5
   seed: int = 0
+  max_T: Optional[int] = None      # compile and analyse, but do not run, when T exceeds this
 
   def __post_init__(self):
     if self.peer not in PEERS:
@@ -97,7 +98,7 @@ def _inputs(case: Case):
   return q, k, v, do, seg
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # JAX peers
 
 
@@ -155,7 +156,7 @@ def build_jax(case: Case) -> tuple[Callable, tuple]:
   return fn_bwd, qkv + (jnp.asarray(do),) + extra
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # PyTorch peers
 
 

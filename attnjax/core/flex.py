@@ -134,7 +134,9 @@ def _dense(q, k, v, *, score_mod, mask_mod, normalizer: Normalizer, scale):
   w = jnp.where(visible, w, 0.0)
   if normalizer.normalized:
     den = normalizer.denominator(jnp.sum(jnp.where(visible, mass, 0.0), -1, keepdims=True), m)
-    empty = den == 0
+    # A row with no visible key is empty even when ε makes its denominator positive (softpick):
+    # the contract gives it lse = -inf.
+    empty = (den == 0) | jnp.logical_not(jnp.any(visible, axis=-1, keepdims=True))
     w = w / jnp.where(empty, 1.0, den)
     lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, den)))[..., 0]
   else:
@@ -231,7 +233,9 @@ def _forward_kernel(cfg: _Config, q, k, v, b_ids, lists, score_consts, mask_cons
           row_max = jnp.max(jnp.where(keep, s, -jnp.inf), axis=-1)
         else:
           row_max = jnp.max(s, axis=-1)
-        m_new = jnp.maximum(m_old, norm.shift(row_max))
+        # A row with no visible key in this tile keeps its shift: a floored shift (softpick's 0) would
+        # make an empty row look non-empty, and the contract gives empty rows lse = -inf.
+        m_new = jnp.maximum(m_old, jnp.where(row_max == -jnp.inf, -jnp.inf, norm.shift(row_max)))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         alpha = jnp.exp(m_old - m_safe)
         w, mass = norm.weight_and_mass(s, m_safe[..., None])
@@ -250,7 +254,7 @@ def _forward_kernel(cfg: _Config, q, k, v, b_ids, lists, score_consts, mask_cons
     if norm.normalized:
       m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
       den = norm.denominator(l, m_safe)
-      empty = den == 0
+      empty = (den == 0) | jnp.logical_not(jnp.isfinite(m))   # m = -inf: no visible key
       out = acc / jnp.where(empty, 1.0, den)[..., None]
       lse = jnp.where(empty, -jnp.inf, m_safe + jnp.log(jnp.where(empty, 1.0, den)))
     else:

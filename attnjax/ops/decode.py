@@ -16,13 +16,31 @@ def split_k_decode(q, k, v, *, causal=False, segment_ids=None, q_offset=0, kv_le
                    scale=None, implementation=None, num_splits: int = 4):
   """Lean-Attention split-K softmax attention: key chunks give partial (o, lse) states, merged exactly.
 
-  Equal to softmax attention for any number of splits; the chunks are independent work items, which is
-  what lets decoding (T = 1) use every compute unit.
+  The S keys are cut into chunks c of ceil(S / num_splits) keys (at most `num_splits` chunks; the
+  last may be shorter); each gives `(o_c, lse_c)` from `flex_attention(return_residuals=True)`, and
+
+      lse = log Σ_c exp(lse_c),      o = Σ_c exp(lse_c - lse) · o_c
+
+  equals softmax(scale · q kᵀ) v over the visible keys for any number of splits. The chunks are
+  independent work items, which is what lets decoding (T = 1) use every compute unit.
+
+  Args:
+    q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, h]`, K dividing N.
+    causal, segment_ids, q_offset, kv_lengths, scale, implementation: the common contract
+      (`attnjax.registry`).
+    num_splits: number of key chunks (>= 1); more splits than keys gives one key per chunk.
+
+  Returns:
+    `[B, T, N, h]` in q's dtype.
   """
   B, T, S, _, _, _, _ = checks.check_qkv("split_k_decode", q, k, v)
   if num_splits < 1:
     raise ValueError(f"split_k_decode: `num_splits` must be >= 1, got {num_splits}")
-  extra = contract_mask(B=B, T=T, S=S, segment_ids=segment_ids, op="split_k_decode")
+  if kv_lengths is not None:
+    checks.check_shape("split_k_decode", "kv_lengths", kv_lengths, (B,), "[B]")
+  # Causal and lengths go to split_k_attention; here: the document mask and the q_offset check.
+  extra = contract_mask(B=B, T=T, S=S, q_offset=q_offset, segment_ids=segment_ids,
+                        op="split_k_decode")
   return split_k_attention(q, k, v, split_size=-(-S // num_splits), q_offset=q_offset,
                            kv_lengths=kv_lengths, causal=causal, extra_mask=extra, scale=scale,
                            implementation=implementation)

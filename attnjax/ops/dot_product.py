@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax.core import checks
 from attnjax.core import flex
@@ -84,10 +85,7 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
     checks.check_broadcastable(op, "mask", mask, (B, N, T, S), "[B, N, T, S]")
     mods.append(masks.from_array(jnp.asarray(mask, bool)))
   if window is not None:
-    left, right = (window, window) if isinstance(window, int) else tuple(window)
-    for side, value in (("left", left), ("right", right)):
-      if value is not None and value < 0:
-        raise ValueError(f"{op}: `window` {side} size must be >= 0, got {window}")
+    left, right = _window_sides(op, window)
     mods.append(masks.sliding_window(left, right, offset=q_offset))
   score_mods = []
   if bias is not None:
@@ -98,6 +96,21 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
   return flex.flex_attention(q, k, v, score_mod=masks.compose_score_mods(*score_mods),
                              mask_mod=masks.combine_masks(*mods), scale=scale,
                              implementation=implementation)
+
+
+def _window_sides(op: str, window) -> tuple[Optional[int], Optional[int]]:
+  """`w` (any integer, numpy included) or `(left, right)` with ints or None, each >= 0."""
+  # Accepts numpy integers and reports a malformed window by name (previously a numpy int or a
+  # 3-tuple failed with an unrelated TypeError / unpacking error).
+  sides = (window, window) if isinstance(window, (int, np.integer)) else window
+  if (not isinstance(sides, (tuple, list)) or len(sides) != 2
+      or not all(x is None or isinstance(x, (int, np.integer)) for x in sides)):
+    raise ValueError(f"{op}: `window` must be an int or a pair (left, right) of ints or None, "
+                     f"got {window!r}")
+  for side, value in zip(("left", "right"), sides):
+    if value is not None and value < 0:
+      raise ValueError(f"{op}: `window` {side} size must be >= 0, got {window}")
+  return tuple(None if x is None else int(x) for x in sides)
 
 
 def softmax_attention(q, k, v, *, causal=False, segment_ids=None, q_offset=0, kv_lengths=None,

@@ -1,0 +1,1 @@
+"""Benchmark configs: `python -m experiments.bench --config=configs/bench/<name>.py[:arg]`."""
