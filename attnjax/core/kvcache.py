@@ -143,7 +143,7 @@ def split_k_attention(q, k, v, *, split_size: int, q_offset=0, kv_lengths=None, 
   Returns:
     `[B, T, N, h]` in q's dtype.
   """
-  B, T, S, _, K, H, hv = checks.check_qkv("split_k_attention", q, k, v)
+  B, _, S, _, K, _, _ = checks.check_qkv("split_k_attention", q, k, v)
   if split_size < 1:
     raise ValueError(f"split_k_attention: `split_size` must be >= 1, got {split_size}")
   splits = -(-S // split_size)

@@ -50,5 +50,3 @@ register(Mechanism(
     name="split_k_decode", fn=split_k_decode, family="decode-kvcache", seeds=(5,),
     paper="Lean Attention: Hardware-Aware Scalable Attention Mechanism for the Decode-Phase of "
           "Transformers", arxiv="2405.10480", example=dict(num_splits=3)))
-
-
