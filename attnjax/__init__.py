@@ -9,6 +9,7 @@ from attnjax.core import masks
 from attnjax.core.block_mask import BlockMask, create_block_mask
 from attnjax.core.flex import attention_weights, flex_attention
 from attnjax.core.merge import merge_attention_states
+from attnjax.core.linear import gated_linear_attention, gated_linear_attention_step
 from attnjax.core.normalizers import Normalizer, get_normalizer, register_normalizer
 from attnjax.ops.dot_product import dot_product_attention
 from attnjax.registry import Mechanism, attention, list_mechanisms
