@@ -135,7 +135,8 @@ def _decay_weights(L_q, L_k, visible):
 def _masked_scores(q, k, L_q, L_k, visible):
   """Σ_f q_tf k_sf exp(L_q[t,f] - L_k[s,f]) over visible (t, s) pairs: [.., T, S]."""
   if L_q.shape[-1] == 1:   # one gate per head: the decay factors out of the dot product
-    return jnp.einsum("...tf,...sf->...ts", q, k) * _decay_weights(L_q, L_k, visible)[..., 0]
+    scores = jnp.einsum("...tf,...sf->...ts", q, k)
+    return jnp.where(visible, scores, 0.0) * _decay_weights(L_q, L_k, visible)[..., 0]
   return jnp.einsum("...tf,...sf,...tsf->...ts", q, k, _decay_weights(L_q, L_k, visible))
 
 
@@ -205,7 +206,8 @@ def _causal_chunked(q, k, v, g, run, state0, *, chunk_size):
     visible = visible & (runc[..., :, None] == runc[..., None, :])   # [B, nc, C, C]
     visible = visible[:, None]
   if g is None:
-    scores = jnp.einsum("bnctf,bncsf->bncts", qc, kc) * visible
+    # where, not multiply: a hidden (future) key may hold inf, and inf * 0 is NaN.
+    scores = jnp.where(visible, jnp.einsum("bnctf,bncsf->bncts", qc, kc), 0.0)
   else:
     scores = _masked_scores(qc, kc, L, L, visible)
   o = jnp.einsum("bncts,bncsh->bncth", scores, vc)
@@ -368,6 +370,57 @@ def gated_linear_attention_step(q, k, v, state, *, log_decay=None, normalize: bo
   if normalize:
     o = normalize_output(o)
   return o.astype(q.dtype), S
+
+
+def gated_linear_attention_cached(q, k, v, *, q_offset, kv_lengths=None, log_decay=None,
+                                  normalize: bool = False, scale: Optional[float] = None,
+                                  segment_ids=None):
+  """Causal gated linear attention for queries at absolute positions `q_offset + [0, T)` over a KV
+  cache `k, v [B,S,K,*]` (decoding without a recurrent state).
+
+  Equals rows `q_offset .. q_offset + T - 1` of the full causal forward over the cache. Slots at or
+  past `kv_lengths` may hold garbage: they are replaced before use. Quadratic in (T, S), meant for
+  small T; a model that decodes token by token should carry the state with
+  `gated_linear_attention_step` instead.
+
+  Args:
+    q: `[B,T,N,F]`; k: `[B,S,K,F]`; v: `[B,S,K,h]` (feature-mapped, as in gated_linear_attention).
+    q_offset: int or `[B]`. kv_lengths: `[B]` or None (the whole cache is valid).
+    log_decay: None, `[B,S,N]` or `[B,S,N,F]`, the gates of the cached steps.
+    segment_ids: None or a pair (`[B,T]`, `[B,S]`) of document ids of queries and cache slots.
+  """
+  B, T, N, F = q.shape
+  S, K, h = v.shape[1], v.shape[2], v.shape[3]
+  if k.shape != (B, S, K, F):
+    raise ValueError(f"gated_linear_attention_cached: k must have shape {(B, S, K, F)}, "
+                     f"got {k.shape}")
+  scale = F ** -0.5 if scale is None else scale
+  qh = _to_heads(q, N) * scale
+  kh, vh = _to_heads(k, N), _to_heads(v, N)
+  if normalize:
+    vh = jnp.concatenate([vh, jnp.ones(vh.shape[:-1] + (1,), _F32)], axis=-1)
+  q_pos = jnp.broadcast_to(jnp.asarray(q_offset), (B,))[:, None] + jnp.arange(T)[None, :]
+  s_idx = jnp.arange(S)
+  real = jnp.ones((B, S), bool) if kv_lengths is None else s_idx[None] < kv_lengths[:, None]
+  kh = jnp.where(real[:, None, :, None], kh, 0.0)
+  vh = jnp.where(real[:, None, :, None], vh, 0.0)
+  visible = (s_idx[None, None, :] <= q_pos[:, :, None]) & real[:, None, :]
+  if segment_ids is not None:
+    q_seg, kv_seg = segment_ids
+    visible = visible & (q_seg[:, :, None] == kv_seg[:, None, :])
+  if log_decay is None:
+    L = jnp.zeros((B, N, S, 1), _F32)
+  else:
+    g = jnp.swapaxes(log_decay.astype(_F32), 1, 2)
+    g = g[..., None] if g.ndim == 3 else g
+    L = jnp.cumsum(jnp.where(real[:, None, :, None], g, 0.0), axis=2)
+  idx = jnp.clip(q_pos, 0, S - 1)[:, None, :, None]
+  L_q = jnp.take_along_axis(L, jnp.broadcast_to(idx, (B, N, T, L.shape[-1])), axis=2)
+  scores = _masked_scores(qh, kh, L_q, L, visible[:, None])
+  o = jnp.einsum("bnts,bnsh->bnth", scores, vh)
+  if normalize:
+    o = normalize_output(o)
+  return jnp.swapaxes(o, 1, 2).astype(q.dtype)
 
 
 def zero_state(B: int, N: int, F: int, h: int, *, normalize: bool = False):

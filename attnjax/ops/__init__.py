@@ -3,4 +3,5 @@
 from attnjax.ops import decode  # noqa: F401
 from attnjax.ops import dot_product  # noqa: F401
 from attnjax.ops import flex_variants  # noqa: F401
+from attnjax.ops import linear_attention  # noqa: F401
 from attnjax.ops.dot_product import dot_product_attention  # noqa: F401
