@@ -7,6 +7,11 @@ Peers:
   torch_sdpa      `torch.nn.functional.scaled_dot_product_attention` (is_causal or a dense mask).
   torch_flex      `torch.nn.attention.flex_attention.flex_attention` under `torch.compile`, with a
                   `create_block_mask` built outside the timed step (the FlexAttention usage).
+  linear_xla, linear_parallel, linear_reference
+                  attnjax `gated_linear_attention` with that implementation (chunked / quadratic /
+                  `lax.scan`), q and k through elu+1, a per-head scalar decay per step (the
+                  Lightning-2 rates, as a traced `[B, T, N]` argument, i.e. data-dependent gates);
+                  masks `causal` or `none` (non-causal `φ(Q)(φ(K)ᵀV)`).
 
 Masks (names as in configs): `none`, `causal`, `window<W>` (causal, each query sees its last W keys,
 itself included: attnjax `sliding_window(W - 1, 0)`, jax.nn `local_window_size=(W - 1, 0)`) and
@@ -26,15 +31,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core import feature_maps
 from attnjax.core import flex
 from attnjax.core import masks
+from attnjax.core.linear import gated_linear_attention
 
-JAX_PEERS = ("xla", "reference", "jax_nn")
+LINEAR_PEERS = ("linear_xla", "linear_parallel", "linear_reference")
+JAX_PEERS = ("xla", "reference", "jax_nn") + LINEAR_PEERS
 TORCH_PEERS = ("torch_sdpa", "torch_flex")
 PEERS = JAX_PEERS + TORCH_PEERS
 MODES = ("fwd", "fwd+bwd")
 PEER_LABELS = {"xla": "attnjax xla", "reference": "attnjax reference", "jax_nn": "jax.nn",
-               "torch_sdpa": "torch sdpa", "torch_flex": "torch flex"}
+               "torch_sdpa": "torch sdpa", "torch_flex": "torch flex",
+               "linear_xla": "linear xla (chunked)", "linear_parallel": "linear parallel",
+               "linear_reference": "linear reference (scan)"}
 
 
 class CaseSkipped(Exception):
@@ -112,8 +122,24 @@ def _attnjax_mask_mod(kind: str, param: Optional[int], seg):
   return masks.and_masks(masks.causal(), masks.document(seg))
 
 
+def _linear_attention(peer: str, kind: str) -> Callable:
+  """`attend(q, k, v, log_decay) -> out`: the gated linear recurrence with implementation `peer`."""
+  if kind not in ("causal", "none"):
+    raise CaseSkipped(f"{peer} runs the causal and none masks only, not {kind!r}")
+  implementation = peer[len("linear_"):]
+
+  def attend(q, k, v, log_decay):
+    causal = kind == "causal"
+    return gated_linear_attention(
+        feature_maps.elu_plus_one(q), feature_maps.elu_plus_one(k), v,
+        log_decay=log_decay if causal else None, causal=causal, implementation=implementation)
+  return attend
+
+
 def _jax_attention(peer: str, kind: str, param: Optional[int]) -> Callable:
   """`attend(q, k, v, seg) -> out` for a JAX peer (seg is None unless the mask is documents)."""
+  if peer in LINEAR_PEERS:
+    return _linear_attention(peer, kind)
   if peer in ("xla", "reference"):
     def attend(q, k, v, seg):
       return flex.flex_attention(q, k, v, mask_mod=_attnjax_mask_mod(kind, param, seg),
@@ -144,6 +170,9 @@ def build_jax(case: Case) -> tuple[Callable, tuple]:
   q, k, v, do, seg = _inputs(case)
   qkv = tuple(jnp.asarray(x) for x in (q, k, v))
   extra = () if seg is None else (jnp.asarray(seg),)
+  if case.peer in LINEAR_PEERS:   # the gates, in place of segment ids
+    rates = -masks.alibi_slopes(case.N)
+    extra = (jnp.broadcast_to(rates, (case.B, case.T, case.N)).astype(jnp.float32),)
 
   if case.mode == "fwd":
     def fn(q, k, v, *rest):

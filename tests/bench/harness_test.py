@@ -10,6 +10,7 @@ import pytest
 
 from attnjax.bench import harness
 from attnjax.bench import peers
+from tests import tolerances
 
 
 def _tiny_config():
@@ -90,3 +91,21 @@ def test_document_segment_ids_and_masks():
     peers.parse_mask("window")
   with pytest.raises(ValueError, match="unknown peer"):
     peers.Case("flash", "causal", 64)
+
+
+@pytest.mark.parametrize("mask", ["causal", "none"])
+def test_linear_peers_compute_the_same_attention(mask):
+  """The three linear peers time the same computation (outputs and gradients agree)."""
+  outs = {}
+  for peer in peers.LINEAR_PEERS:
+    fn, args = peers.build_jax(peers.Case(peer=peer, mask=mask, T=40, N=2, H=8))
+    outs[peer] = fn(*args)
+  for peer in ("linear_xla", "linear_parallel"):
+    for a, b in zip(outs[peer], outs["linear_reference"]):
+      assert tolerances.rel_rms(a, b) < tolerances.GRAD_REL_RMS[np.float32]
+
+
+def test_linear_peers_skip_other_masks():
+  result = harness.measure(peers.Case(peer="linear_xla", mask="window16", T=32, N=2, H=8),
+                           budget_bytes=10**9)
+  assert result.status == "skipped" and "causal and none" in result.reason
