@@ -23,17 +23,28 @@ def _patterns(m: registry.Mechanism) -> str:
   return " ".join(mark for pattern, mark in _PATTERN_MARKS if pattern in m.patterns)
 
 
+# The size at which the table states each mechanism's decoding state.
+STATE_AT = dict(T=4096, N=8, K=8, H=64, h=64)
+
+
+def _state(m: registry.Mechanism) -> str:
+  """Numbers kept per sequence at STATE_AT, and whether they grow with T."""
+  size = m.decode_state_floats(**STATE_AT)
+  grows = m.decode_state_floats(**{**STATE_AT, "T": 2 * STATE_AT["T"]}) > size
+  return f"{size / 1e6:.3g}M{' (grows with T)' if grows else ''}"
+
+
 def mechanism_table() -> str:
   """One markdown row per registered mechanism."""
   rows = ["| name | family | catalog # | paper | patterns | GQA | decode | packed | complexity | "
-          "implementations |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "decode state | implementations |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
   yes = lambda flag: "yes" if flag else "no"
   for m in registry.list_mechanisms():
     seeds = " ".join(f"#{s}" for s in m.seeds)
     rows.append(f"| `{m.name}` | {m.family} | {seeds} | {m.paper} (arXiv:{m.arxiv}) | {_patterns(m)} "
                 f"| {yes(m.gqa)} | {yes(m.decode)} | {yes(m.packed)} | {m.complexity} | "
-                f"{', '.join(m.implementations)} |")
+                f"{_state(m)} | {', '.join(m.implementations)} |")
   return "\n".join(rows) + "\n"
 
 
@@ -42,7 +53,9 @@ def mechanisms_md() -> str:
   lines = ["# Registered mechanisms", "",
            "Generated from the registry by `python -m attnjax.docs`; do not edit by hand.", "",
            "Patterns (CAB taxonomy): S noncausal self, CS causal self, X noncausal cross, CX causal "
-           "cross. Catalog numbers refer to `shared/seeds/catalog.tsv`.", "",
+           "cross. Catalog numbers refer to `shared/seeds/catalog.tsv`. Decode state: numbers kept "
+           "per sequence to produce the next token after T=4096 tokens with N=K=8 heads, H=h=64 "
+           "(the whole KV cache unless the mechanism needs less).", "",
            mechanism_table(), "## Summaries", ""]
   for m in registry.list_mechanisms():
     lines.append(f"- `{m.name}`: {m.summary}")

@@ -58,6 +58,9 @@ class Mechanism:
     defaults: keyword arguments used when the caller gives none.
     example: keyword arguments that exercise the mechanism at test sizes (T, S ~ 16-64), used by the
       conformance suite (e.g. a window smaller than the sequence).
+    state_size: `(T, N, K, H, h) -> int`, the numbers per sequence the mechanism must keep to
+      produce the next token after T tokens (its recurrent state, or the part of the cache it
+      reads); None means the whole KV cache, `T·K·(H+h)`. Leaderboards plot accuracy against it.
   """
   name: str
   fn: Callable[..., Any]
@@ -74,6 +77,13 @@ class Mechanism:
   params: tuple[ParamSpec, ...] = ()
   defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
   example: dict[str, Any] = dataclasses.field(default_factory=dict)
+  state_size: Optional[Callable[[int, int, int, int, int], int]] = None
+
+  def decode_state_floats(self, T: int, N: int, K: int, H: int, h: int) -> int:
+    """Numbers kept per sequence to decode after T tokens (see `state_size`)."""
+    if self.state_size is None:
+      return T * K * (H + h)
+    return int(self.state_size(T, N, K, H, h))
 
   @property
   def summary(self) -> str:

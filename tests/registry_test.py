@@ -53,3 +53,12 @@ def test_missing_learned_params_is_a_clear_error():
   q = jnp.ones((1, 4, 2, 4))
   with pytest.raises(ValueError, match="gate"):
     m(q, q, q)
+
+
+def test_decode_state_sizes():
+  """Softmax keeps the whole KV cache; a recurrence keeps a state independent of T."""
+  softmax = aj.get_mechanism("softmax")
+  assert softmax.decode_state_floats(100, 8, 2, 64, 32) == 100 * 2 * (64 + 32)
+  lightning = aj.get_mechanism("lightning_attention_2")
+  sizes = {lightning.decode_state_floats(T, 8, 2, 64, 32) for T in (1, 1000, 10**6)}
+  assert sizes == {8 * 64 * 32}

@@ -495,14 +495,23 @@ def _normal(stddev):
   return jax.nn.initializers.normal(stddev)
 
 
-_LINEAR = ("gated linear recurrence", "linear")
+def _state_floats(features=lambda H: H, extra=1):
+  """`state_size` of a recurrence with `features(H)` features per head and `h + extra` value
+  columns (extra = 1 for a normalizer row)."""
+  return lambda T, N, K, H, h: N * features(H) * (h + extra)
+
+
+_UNNORMALIZED = _state_floats(extra=0)
+_NORMALIZED = _state_floats()
+_TAYLOR = _state_floats(lambda H: 1 + H + H * H)
 
 register(Mechanism(
     name="cosine_linear_attention", fn=cosine_linear_attention, family="linear", seeds=(33,),
     paper="Cottention: Linear Transformers With Cosine Attention", arxiv="2409.18747",
     complexity="O(T·H·h)", implementations=_IMPLS,
     params=(ParamSpec("length_exponent", lambda N, K, H: (N,), jax.nn.initializers.zeros),),
-    example=dict(length_exponent=jnp.linspace(-1.0, 1.0, 4))))
+    example=dict(length_exponent=jnp.linspace(-1.0, 1.0, 4)),
+    state_size=_UNNORMALIZED))
 register(Mechanism(
     name="efficient_attention", fn=efficient_attention, family="linear", seeds=(70,),
     paper="Efficient Attention: Attention with Linear Complexities", arxiv="1812.01243",
@@ -512,13 +521,15 @@ register(Mechanism(
     name="lightning_attention_2", fn=lightning_attention_2, family="linear", seeds=(79,),
     paper="Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large "
           "Language Models", arxiv="2401.04658",
-    complexity="O(T·C·H + T·H·h)", implementations=_IMPLS, example=dict(chunk_size=8)))
+    complexity="O(T·C·H + T·H·h)", implementations=_IMPLS, example=dict(chunk_size=8),
+    state_size=_UNNORMALIZED))
 register(Mechanism(
     name="favor_plus_attention", fn=favor_plus_attention, family="linear", seeds=(152,),
     paper="Rethinking Attention with Performers", arxiv="2009.14794", complexity="O(T·m·h)",
     implementations=_IMPLS,
     params=(ParamSpec("projection", _favor_projection_shape, _favor_init),),
-    example=dict(projection=fm.orthogonal_random_features(jax.random.PRNGKey(7), 32, 8))))
+    example=dict(projection=fm.orthogonal_random_features(jax.random.PRNGKey(7), 32, 8)),
+    state_size=_state_floats(lambda H: 4 * H)))
 register(Mechanism(
     name="linear_lognormal_attention", fn=linear_lognormal_attention, family="linear", seeds=(98,),
     paper="Linear Log-Normal Attention with Unbiased Concentration", arxiv="2311.13541",
@@ -530,11 +541,11 @@ register(Mechanism(
     name="taylor_shift_attention", fn=taylor_shift_attention, family="linear", seeds=(177,),
     paper="TaylorShift: Shifting the Complexity of Self-Attention from Squared to Linear (and "
           "Back) using Taylor-Softmax", arxiv="2403.02920", complexity="O(T·H²·h)",
-    implementations=_IMPLS, example=dict(form="linear")))
+    implementations=_IMPLS, example=dict(form="linear"), state_size=_TAYLOR))
 register(Mechanism(
     name="fastmax_attention", fn=fastmax_attention, family="linear", seeds=(87,),
     paper="FAST: Factorizable Attention for Speeding up Transformers", arxiv="2402.07901",
-    complexity="O(T·H²·h)", implementations=_IMPLS))
+    complexity="O(T·H²·h)", implementations=_IMPLS, state_size=_TAYLOR))
 register(Mechanism(
     name="refined_gated_linear_attention", fn=refined_gated_linear_attention, family="linear",
     seeds=(234,), paper="ReGLA: Refining Gated Linear Attention", arxiv="2502.01578",
@@ -546,7 +557,8 @@ register(Mechanism(
     example=dict(gate_kernel=jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8)) * 0.3,
                  gate_bias=jnp.full((4, 8), 1.0),
                  refine_kernel=jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8)) * 0.3,
-                 refine_bias=jnp.zeros((4, 8)))))
+                 refine_bias=jnp.zeros((4, 8))),
+    state_size=_UNNORMALIZED))
 register(Mechanism(
     name="rank_augmented_linear_attention", fn=rank_augmented_linear_attention, family="linear",
     seeds=(93,), paper="Breaking the Low-Rank Dilemma of Linear Attention", arxiv="2411.07635",
@@ -559,4 +571,5 @@ register(Mechanism(
     params=(ParamSpec("query_latents", lambda N, K, H: (N, H, LATTE_LATENTS), _normal(0.02)),
             ParamSpec("key_latents", lambda N, K, H: (K, H, LATTE_LATENTS), _normal(0.02))),
     example=dict(query_latents=jax.random.normal(jax.random.PRNGKey(3), (4, 8, 5)) * 0.5,
-                 key_latents=jax.random.normal(jax.random.PRNGKey(4), (2, 8, 5)) * 0.5)))
+                 key_latents=jax.random.normal(jax.random.PRNGKey(4), (2, 8, 5)) * 0.5),
+    state_size=lambda T, N, K, H, h: N * LATTE_LATENTS * (h + 1)))
