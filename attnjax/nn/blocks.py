@@ -1,0 +1,216 @@
+"""Pre-norm transformer blocks whose attention mechanism is chosen by name, layer by layer.
+
+    h = x + Dropout(Attention_l(Norm(x)))          Attention_l: `MultiHeadAttention` running the
+    y = h + Dropout(MLP(Norm(h)))                   registry mechanism named for layer l
+
+    MLP "gelu":   W_o · gelu(W_i x)                                       (Vaswani et al.; GPT-2)
+    MLP "swiglu": W_o · (silu(W_g x) ⊙ W_i x)                             (Shazeer, arXiv:2002.05202)
+    Norm "rmsnorm": x / sqrt(mean(x²) + ε) · g   (Zhang & Sennrich, arXiv:1910.07467); "layernorm".
+
+Shapes: `x [B, T, D]` (D = width) → `[B, T, D]`. Every parameter carries logical axis names
+(`flax.linen.with_logical_partitioning`): "embed" (D), "mlp" (the MLP hidden width), "heads" (N or K),
+"kv" (the head dim H), "norm" (norm scales); activations are constrained to ("batch", "length",
+"embed") / ("batch", "length", "mlp"). Outside a mesh both are no-ops, so the same module runs on one
+CPU and on a sharded mesh; the mesh mapping is `attnjax.models.DEFAULT_LOGICAL_AXIS_RULES`.
+
+Mixed precision: `dtype` is the compute dtype (activations, matmuls); parameters stay in
+`param_dtype`; norms reduce in float32 (flax's `force_float32_reductions`).
+
+Papers: Vaswani et al., "Attention Is All You Need", arXiv:1706.03762; Xiong et al., "On Layer
+Normalization in the Transformer Architecture", arXiv:2002.04745 (pre-norm); Shazeer, "GLU Variants
+Improve Transformer", arXiv:2002.05202; Zhang & Sennrich, "Root Mean Square Layer Normalization",
+arXiv:1910.07467.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attnjax.nn.attention import MultiHeadAttention
+
+MLP_KINDS = ("gelu", "swiglu")
+NORM_KINDS = ("rmsnorm", "layernorm")
+
+_kernel_init = nn.initializers.lecun_normal()
+_zeros = nn.initializers.zeros_init()
+_ones = nn.initializers.ones_init()
+
+
+def logical(init, *names):
+  """`init` whose parameter carries the logical axis `names` (metadata only; no-op off a mesh)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of a stack of `TransformerBlock`s (hashable, so modules can hold it).
+
+  Attributes:
+    width: D, the residual width.
+    num_heads: N query heads (must divide D).
+    mechanisms: one registry name (or `registry.Mechanism` record) per layer; the depth is its
+      length.
+    mechanism_kwargs: per layer, the mechanism's keyword arguments (a mapping), same length.
+    num_kv_heads: K key/value heads (None: N); GQA when K < N.
+    mlp_dim: the MLP hidden width.
+    mlp: "gelu" or "swiglu".
+    norm: "rmsnorm" or "layernorm".
+    causal: causal self-attention (decoders) or bidirectional (encoders).
+    rope_base: rotary position embedding base for q and k (None: no RoPE).
+    use_bias: biases on the attention and MLP projections (norms keep theirs).
+    dropout: residual dropout rate (active only with `train=True`).
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+  width: int
+  num_heads: int
+  mechanisms: tuple[Any, ...]
+  mechanism_kwargs: tuple[Mapping[str, Any], ...]
+  num_kv_heads: Optional[int] = None
+  mlp_dim: int = 0
+  mlp: str = "gelu"
+  norm: str = "rmsnorm"
+  causal: bool = True
+  rope_base: Optional[float] = None
+  use_bias: bool = True
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if len(self.mechanisms) != len(self.mechanism_kwargs):
+      raise ValueError(f"TransformerConfig: {len(self.mechanisms)} mechanisms but "
+                       f"{len(self.mechanism_kwargs)} mechanism_kwargs (one per layer)")
+    if self.mlp not in MLP_KINDS:
+      raise ValueError(f"TransformerConfig: `mlp` must be one of {MLP_KINDS}, got {self.mlp!r}")
+    if self.norm not in NORM_KINDS:
+      raise ValueError(f"TransformerConfig: `norm` must be one of {NORM_KINDS}, got {self.norm!r}")
+
+  @property
+  def depth(self) -> int:
+    return len(self.mechanisms)
+
+  def __hash__(self):
+    # Mappings are unhashable; the per-layer kwargs hash by their sorted items.
+    kwargs = tuple(tuple(sorted((k, _hashable(v)) for k, v in m.items()))
+                   for m in self.mechanism_kwargs)
+    fields = [getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name != "mechanism_kwargs"]
+    return hash((tuple(fields), kwargs))
+
+
+def _hashable(value):
+  if isinstance(value, Mapping):
+    return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+  if isinstance(value, (list, tuple)):
+    return tuple(_hashable(v) for v in value)
+  try:
+    hash(value)
+  except TypeError:
+    return id(value)
+  return value
+
+
+def make_norm(kind: str, *, dtype, param_dtype, name: Optional[str] = None) -> nn.Module:
+  """RMSNorm or LayerNorm over the last axis, scale (and LayerNorm bias) named ("norm",)."""
+  if kind == "rmsnorm":
+    return nn.RMSNorm(dtype=dtype, param_dtype=param_dtype, scale_init=logical(_ones, "norm"),
+                      name=name)
+  if kind == "layernorm":
+    return nn.LayerNorm(dtype=dtype, param_dtype=param_dtype, scale_init=logical(_ones, "norm"),
+                        bias_init=logical(_zeros, "norm"), name=name)
+  raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")
+
+
+class MLP(nn.Module):
+  """Position-wise feed-forward: gelu `W_o gelu(W_i x)` or SwiGLU `W_o (silu(W_g x) ⊙ W_i x)`.
+
+  `x [B, T, D] → [B, T, D]`; kernels `[D, M]` named ("embed", "mlp") and `[M, D]` named
+  ("mlp", "embed").
+  """
+  mlp_dim: int
+  kind: str = "gelu"
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.kind not in MLP_KINDS:
+      raise ValueError(f"MLP: `kind` must be one of {MLP_KINDS}, got {self.kind!r}")
+    width = x.shape[-1]
+
+    def dense(features, names, name):
+      return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype,
+                      param_dtype=self.param_dtype, kernel_init=logical(_kernel_init, *names),
+                      bias_init=logical(_zeros, names[-1]), name=name)
+
+    hidden = dense(self.mlp_dim, ("embed", "mlp"), "wi")(x)
+    if self.kind == "swiglu":
+      gate = dense(self.mlp_dim, ("embed", "mlp"), "wg")(x)
+      hidden = nn.silu(gate) * hidden
+    else:
+      hidden = nn.gelu(hidden)
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    return dense(width, ("mlp", "embed"), "wo")(hidden)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm block: `h = x + Attn(Norm(x))`, `y = h + MLP(Norm(h))`, attention by registry name.
+
+  Attributes:
+    config: the stack's `TransformerConfig`.
+    layer: this block's index in the stack (selects `config.mechanisms[layer]` and its kwargs).
+  """
+  config: TransformerConfig
+  layer: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False, decode: bool = False,
+               segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """`x [B, T, D] → [B, T, D]`; `segment_ids [B, T]` keeps tokens to their own segment."""
+    cfg = self.config
+    attention = MultiHeadAttention(
+        num_heads=cfg.num_heads, mechanism=cfg.mechanisms[self.layer],
+        mechanism_kwargs=dict(cfg.mechanism_kwargs[self.layer]), num_kv_heads=cfg.num_kv_heads,
+        causal=cfg.causal, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        rope_base=cfg.rope_base,
+        kernel_init=logical(_kernel_init, "embed", "heads", "kv"),
+        bias_init=logical(_zeros, "heads", "kv"),
+        out_kernel_init=logical(_kernel_init, "heads", "kv", "embed"),
+        out_bias_init=logical(_zeros, "embed"), name="attention")
+
+    def norm(name):
+      return make_norm(cfg.norm, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+
+    def drop(y):
+      return nn.Dropout(cfg.dropout)(y, deterministic=not train) if cfg.dropout else y
+
+    h = x + drop(attention(norm("attention_norm")(x), decode=decode, segment_ids=segment_ids))
+    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+    mlp = MLP(cfg.mlp_dim, kind=cfg.mlp, use_bias=cfg.use_bias, dtype=cfg.dtype,
+              param_dtype=cfg.param_dtype, name="mlp")
+    y = h + drop(mlp(norm("mlp_norm")(h)))
+    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+
+class Transformer(nn.Module):
+  """`config.depth` `TransformerBlock`s ("layer_0", ...) followed by a final norm: `[B,T,D] → [B,T,D]`.
+
+  Layers are a Python loop rather than `nn.scan` because hybrid schedules give layers different
+  mechanisms (and so different parameters).
+  """
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False, decode: bool = False,
+               segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    for i in range(self.config.depth):
+      x = TransformerBlock(self.config, i, name=f"layer_{i}")(x, train=train, decode=decode,
+                                                              segment_ids=segment_ids)
+    return make_norm(self.config.norm, dtype=self.config.dtype,
+                     param_dtype=self.config.param_dtype, name="final_norm")(x)
