@@ -13,6 +13,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax.core import checks
 from attnjax.core import feature_maps as fm
@@ -491,6 +492,11 @@ def latte_attention(q, k, v, *, query_latents, key_latents, causal=True, segment
   return o.astype(q.dtype)
 
 
+def _example_array(seed, shape, stddev=1.0):
+  """Gaussian numpy array for a registry example (numpy: no JAX computation at import time)."""
+  return (stddev * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
 def _normal(stddev):
   return jax.nn.initializers.normal(stddev)
 
@@ -510,7 +516,7 @@ register(Mechanism(
     paper="Cottention: Linear Transformers With Cosine Attention", arxiv="2409.18747",
     complexity="O(T·H·h)", implementations=_IMPLS,
     params=(ParamSpec("length_exponent", lambda N, K, H: (N,), jax.nn.initializers.zeros),),
-    example=dict(length_exponent=jnp.linspace(-1.0, 1.0, 4)),
+    example=dict(length_exponent=np.linspace(-1.0, 1.0, 4, dtype=np.float32)),
     state_size=_UNNORMALIZED))
 register(Mechanism(
     name="efficient_attention", fn=efficient_attention, family="linear", seeds=(70,),
@@ -528,7 +534,7 @@ register(Mechanism(
     paper="Rethinking Attention with Performers", arxiv="2009.14794", complexity="O(T·m·h)",
     implementations=_IMPLS,
     params=(ParamSpec("projection", _favor_projection_shape, _favor_init),),
-    example=dict(projection=fm.orthogonal_random_features(jax.random.PRNGKey(7), 32, 8)),
+    example=dict(projection=_example_array(7, (32, 8))),
     state_size=_state_floats(lambda H: 4 * H)))
 register(Mechanism(
     name="linear_lognormal_attention", fn=linear_lognormal_attention, family="linear", seeds=(98,),
@@ -536,7 +542,7 @@ register(Mechanism(
     patterns=frozenset({"self", "cross"}), decode=False, complexity="O(T·H·h)",
     implementations=_IMPLS,
     # A fixed α, as at evaluation time: the estimated one is a batch statistic (see the docstring).
-    example=dict(alpha=jnp.asarray([0.4, 0.6, 0.8, 1.0]))))
+    example=dict(alpha=np.asarray([0.4, 0.6, 0.8, 1.0], np.float32))))
 register(Mechanism(
     name="taylor_shift_attention", fn=taylor_shift_attention, family="linear", seeds=(177,),
     paper="TaylorShift: Shifting the Complexity of Self-Attention from Squared to Linear (and "
@@ -554,10 +560,10 @@ register(Mechanism(
             ParamSpec("gate_bias", lambda N, K, H: (N, H), jax.nn.initializers.constant(3.0)),
             ParamSpec("refine_kernel", lambda N, K, H: (N, H, H), _normal(0.02)),
             ParamSpec("refine_bias", lambda N, K, H: (N, H), jax.nn.initializers.zeros)),
-    example=dict(gate_kernel=jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8)) * 0.3,
-                 gate_bias=jnp.full((4, 8), 1.0),
-                 refine_kernel=jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8)) * 0.3,
-                 refine_bias=jnp.zeros((4, 8))),
+    example=dict(gate_kernel=_example_array(1, (4, 8, 8), 0.3),
+                 gate_bias=np.ones((4, 8), np.float32),
+                 refine_kernel=_example_array(2, (4, 8, 8), 0.3),
+                 refine_bias=np.zeros((4, 8), np.float32)),
     state_size=_UNNORMALIZED))
 register(Mechanism(
     name="rank_augmented_linear_attention", fn=rank_augmented_linear_attention, family="linear",
@@ -570,6 +576,6 @@ register(Mechanism(
     complexity="O(T·L·h)", implementations=_IMPLS,
     params=(ParamSpec("query_latents", lambda N, K, H: (N, H, LATTE_LATENTS), _normal(0.02)),
             ParamSpec("key_latents", lambda N, K, H: (K, H, LATTE_LATENTS), _normal(0.02))),
-    example=dict(query_latents=jax.random.normal(jax.random.PRNGKey(3), (4, 8, 5)) * 0.5,
-                 key_latents=jax.random.normal(jax.random.PRNGKey(4), (2, 8, 5)) * 0.5),
+    example=dict(query_latents=_example_array(3, (4, 8, 5), 0.5),
+                 key_latents=_example_array(4, (2, 8, 5), 0.5)),
     state_size=lambda T, N, K, H, h: N * LATTE_LATENTS * (h + 1)))
