@@ -57,10 +57,13 @@ class Mechanism:
     params: learned arrays the layer must create and pass (ParamSpec).
     defaults: keyword arguments used when the caller gives none.
     example: keyword arguments that exercise the mechanism at test sizes (T, S ~ 16-64), used by the
-      conformance suite (e.g. a window smaller than the sequence).
-    state_size: `(T, N, K, H, h) -> int`, the numbers per sequence the mechanism must keep to
-      produce the next token after T tokens (its recurrent state, or the part of the cache it
-      reads); None means the whole KV cache, `T·K·(H+h)`. Leaderboards plot accuracy against it.
+      conformance suite (e.g. a window smaller than the sequence): a dict of Python / numpy values,
+      or a function returning one when the values need JAX to build (importing attnjax must not run
+      JAX computations). Read it through `example_kwargs`.
+    state_size: `(T, N, K, H, h, kwargs) -> int`, the numbers per sequence the mechanism must keep
+      to produce the next token after T tokens (its recurrent state, or the part of the cache it
+      reads), given its keyword arguments (defaults applied); None means the whole KV cache,
+      `T·K·(H+h)`. Leaderboards plot accuracy against it.
   """
   name: str
   fn: Callable[..., Any]
@@ -76,14 +79,21 @@ class Mechanism:
   implementations: tuple[str, ...] = ("xla", "reference")
   params: tuple[ParamSpec, ...] = ()
   defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
-  example: dict[str, Any] = dataclasses.field(default_factory=dict)
-  state_size: Optional[Callable[[int, int, int, int, int], int]] = None
+  example: Any = dataclasses.field(default_factory=dict)
+  state_size: Optional[Callable[..., int]] = None
 
-  def decode_state_floats(self, T: int, N: int, K: int, H: int, h: int) -> int:
-    """Numbers kept per sequence to decode after T tokens (see `state_size`)."""
+  def decode_state_floats(self, T: int, N: int, K: int, H: int, h: int,
+                          kwargs: Optional[dict[str, Any]] = None) -> int:
+    """Numbers kept per sequence to decode after T tokens (see `state_size`), for the keyword
+    arguments `kwargs` (the mechanism's defaults fill the rest)."""
     if self.state_size is None:
       return T * K * (H + h)
-    return int(self.state_size(T, N, K, H, h))
+    return int(self.state_size(T, N, K, H, h, {**self.defaults, **(kwargs or {})}))
+
+  @property
+  def example_kwargs(self) -> dict[str, Any]:
+    """`example`, built now if it is a function."""
+    return dict(self.example() if callable(self.example) else self.example)
 
   @property
   def summary(self) -> str:

@@ -62,3 +62,16 @@ def test_decode_state_sizes():
   lightning = aj.get_mechanism("lightning_attention_2")
   sizes = {lightning.decode_state_floats(T, 8, 2, 64, 32) for T in (1, 1000, 10**6)}
   assert sizes == {8 * 64 * 32}
+
+
+def test_importing_attnjax_starts_no_jax_backend():
+  """Multi-host runs call jax.distributed.initialize after importing configs and attnjax, so the
+  import must not touch a backend (registry examples that need JAX are functions, built lazily)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ("import attnjax; from jax._src import xla_bridge; "
+          "print(len(attnjax.list_mechanisms()), sorted(xla_bridge._backends))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=pathlib.Path(__file__).resolve().parents[1])
+  count, backends = out.stdout.split(" ", 1)
+  assert int(count) > 0 and backends.strip() == "[]", out.stdout

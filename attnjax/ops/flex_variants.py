@@ -113,7 +113,10 @@ def prefix_lm_attention(q, k, v, *, prefix_length, causal=True, segment_ids=None
 register(Mechanism(name="flex", fn=flex_mechanism, family="kernel", seeds=(195,), **_FLEX_PAPER,
                    example=dict(score_mod=masks.softcap(20.0))))
 register(Mechanism(name="sliding_window", fn=sliding_window_attention, family="local-window",
-                   seeds=(195,), **_FLEX_PAPER, complexity="O(T·w)", example=dict(window=5)))
+                   seeds=(195,), **_FLEX_PAPER, complexity="O(T·w)", example=dict(window=5),
+                   defaults=dict(window=4096),
+                   # Decoding reads the last `window` cache slots.
+                   state_size=lambda T, N, K, H, h, kw: min(kw["window"], T) * K * (H + h)))
 register(Mechanism(name="alibi", fn=alibi_attention, family="positional", seeds=(195,),
                    paper="Train Short, Test Long: Attention with Linear Biases Enables Input Length "
                          "Extrapolation", arxiv="2108.12409"))

@@ -42,7 +42,7 @@ def _pattern_args(pattern):
 
 
 def _call(m, q, k, v, **kwargs):
-  return m(q, k, v, **{**m.example, **kwargs})
+  return m(q, k, v, **{**m.example_kwargs, **kwargs})
 
 
 def _some_pattern(m):

@@ -216,7 +216,7 @@ def test_every_registered_mechanism_runs_in_the_layer(name):
   causal = decodes or "self" not in mech.patterns
   assert ("causal_self" if causal else "self") in mech.patterns
   x = _x((B, T, D))
-  layer = _our_layer(mechanism=name, mechanism_kwargs=mech.example, num_kv_heads=2, causal=causal,
+  layer = _our_layer(mechanism=name, mechanism_kwargs=mech.example_kwargs, num_kv_heads=2, causal=causal,
                      rope_base=10000.0)
   params, out = _init_apply(layer, x)
   chex.assert_shape(out, (B, T, D))

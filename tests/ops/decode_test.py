@@ -114,7 +114,7 @@ def test_registry_record():
   assert mech.fn is decode.split_k_decode
   assert mech.seeds == (5,) and mech.family == "decode-kvcache" and mech.arxiv == "2405.10480"
   assert mech.paper.startswith("Lean Attention")
-  assert mech.example == dict(num_splits=3)
+  assert mech.example_kwargs == dict(num_splits=3)
 
 
 def test_bad_arguments_raise():
