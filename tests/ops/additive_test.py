@@ -1,0 +1,195 @@
+"""SwiftFormer and Ladaformer additive attention: each paper's defining computation and its claims.
+
+Both papers claim a cost linear in the number of tokens (no `[T, T]` query-key matrix): checked on
+the traced program. Each operator is tied to its paper's formula written out in float64 numpy
+(softmax-pooled global query; SwiftFormer: `Q̂ + T(g ⊙ K)` with `v = q`; Ladaformer: `v ⊙ k ⊙ g`);
+packed sequences pool within their own run and padding neither enters the pool nor gets an output.
+"""
+
+import chex
+import flax.linen as nn
+import jax
+from jax.extend import core as jax_core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnjax as aj
+from attnjax.ops import additive
+from tests import tolerances
+
+F32 = tolerances.output(jnp.float32)
+
+
+def _rand(seed, *shape):
+  return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+
+
+def _qkv(T=13, N=4, K=2, H=8, h=8, B=2, seed=0):
+  return _rand(seed, B, T, N, H), _rand(seed + 1, B, T, K, H), _rand(seed + 2, B, T, K, h)
+
+
+def _swift_params(N=4, H=8, h=8, seed=10):
+  return dict(score_vector=_rand(seed, N, H), proj=_rand(seed + 1, N, H, h) / 3,
+              proj_bias=_rand(seed + 2, N, h) * 0.1)
+
+
+def _softmax_pool(q, logits):
+  """g = Σ_t softmax_t(logits) q_t, per batch and head: q [B, T, N, H], logits [B, T, N]."""
+  a = np.exp(logits - logits.max(1, keepdims=True))
+  a = a / a.sum(1, keepdims=True)
+  return np.einsum("btn,btnh->bnh", a, q)
+
+
+def _max_square_axes(fn, T, *args):
+  """Largest number of axes of length T in any intermediate of `fn(*args)` (sub-jaxprs included)."""
+  most = 0
+
+  def walk(jaxpr):
+    nonlocal most
+    for eqn in jaxpr.eqns:
+      for var in eqn.outvars:
+        most = max(most, sum(d == T for d in getattr(var.aval, "shape", ())))
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          if isinstance(sub, jax_core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax_core.Jaxpr):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return most
+
+
+# ----------------------------------------------------------------------------------------------------
+# SwiftFormer (#89)
+
+
+def test_swiftformer_equals_its_formula_and_with_v_eq_q_the_papers_residual():
+  q, k, v = _qkv()
+  p = _swift_params()
+  out = additive.efficient_additive_attention(q, k, v, **p)
+  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+  kn, vn = kn.repeat(2, axis=2), vn.repeat(2, axis=2)
+  w, W, b = (np.asarray(p[n], np.float64) for n in ("score_vector", "proj", "proj_bias"))
+  g = _softmax_pool(qn, np.einsum("btnh,nh->btn", qn, w) * 8 ** -0.5)              # [B, N, H]
+  want = np.einsum("btnh,nhd->btnd", g[:, None] * kn, W) + b + vn
+  chex.assert_trees_all_close(out, want.astype(np.float32), **F32)
+  # Paper: x̂ = Q̂ + T(g ⊙ K): the residual is the token's own query when v = q.
+  k_full = jnp.repeat(k, 2, axis=2)
+  paper = additive.efficient_additive_attention(q, k_full, q, **p)
+  want = np.einsum("btnh,nhd->btnd", g[:, None] * kn, W) + b + qn
+  chex.assert_trees_all_close(paper, want.astype(np.float32), **F32)
+
+
+def test_swiftformer_has_no_token_by_token_matrix():
+  T = 97
+  q, k, v = _qkv(T=T, B=1)
+  p = _swift_params()
+  fn = lambda q, k, v: additive.efficient_additive_attention(q, k, v, **p)
+  assert _max_square_axes(fn, T, q, k, v) == 1
+
+
+def test_swiftformer_global_query_is_a_convex_combination_of_queries():
+  """α = softmax over tokens: with all-equal queries the pool returns that query, whatever w_a."""
+  q0 = _rand(3, 1, 1, 4, 8)
+  q = jnp.broadcast_to(q0, (1, 9, 4, 8))
+  _, k, v = _qkv(T=9, B=1)
+  p = _swift_params()
+  out = additive.efficient_additive_attention(q, k, v, **p)
+  kn = jnp.repeat(k, 2, axis=2)
+  want = jnp.einsum("btnh,nhd->btnd", q0 * kn, p["proj"]) + p["proj_bias"] + jnp.repeat(v, 2, 2)
+  chex.assert_trees_all_close(out, want, **F32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ladaformer (#219)
+
+
+def test_ladaformer_equals_its_formula():
+  q, k, v = _qkv()
+  W = _rand(20, 4, 8, 4) / 4
+  out = additive.linear_additive_attention(q, k, v, score_proj=W)
+  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+  kn, vn = kn.repeat(2, axis=2), vn.repeat(2, axis=2)
+  # One logit per head from the concatenated heads' queries (the authors' dense layer).
+  logits = np.einsum("btnh,nhm->btm", qn, np.asarray(W, np.float64)) * 8 ** -0.5
+  g = _softmax_pool(qn, logits)
+  chex.assert_trees_all_close(out, (vn * kn * g[:, None]).astype(np.float32), **F32)
+
+
+def test_ladaformer_has_no_token_by_token_matrix():
+  T = 97
+  q, k, v = _qkv(T=T, B=1)
+  W = _rand(20, 4, 8, 4) / 4
+  fn = lambda q, k, v: additive.linear_additive_attention(q, k, v, score_proj=W)
+  assert _max_square_axes(fn, T, q, k, v) == 1
+
+
+def test_ladaformer_value_map_identity_is_the_paper_and_width_mismatch_is_an_error():
+  q, k, v = _qkv(h=8)
+  W = _rand(20, 4, 8, 4) / 4
+  eye = jnp.broadcast_to(jnp.eye(8), (4, 8, 8))
+  chex.assert_trees_all_close(
+      additive.linear_additive_attention(q, k, v, score_proj=W, value_map=eye),
+      additive.linear_additive_attention(q, k, v, score_proj=W), **F32)
+  with pytest.raises(ValueError, match="value_map"):
+    additive.linear_additive_attention(q, k, v[..., :6], score_proj=W)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared: packing, padding, errors, the Flax layer.
+
+
+def _both():
+  W = _rand(20, 4, 8, 4) / 4
+  return [("efficient_additive_attention", _swift_params()),
+          ("linear_additive_attention", dict(score_proj=W))]
+
+
+@pytest.mark.parametrize("name, params", _both())
+def test_padding_is_left_out_of_the_pool_and_returns_zeros(name, params):
+  q, k, v = _qkv(T=12)
+  garbage = lambda x: x.at[1, 7:].set(1e4)
+  out = aj.attention(name, q, garbage(k), garbage(v), kv_lengths=jnp.array([12, 7]), **params)
+  alone = aj.attention(name, q[1:, :7], k[1:, :7], v[1:, :7], **params)
+  chex.assert_trees_all_close(out[1, :7], alone[0], **F32)
+  assert float(jnp.max(jnp.abs(out[1, 7:]))) == 0.0
+  empty = lambda q: aj.attention(name, q, k, v, kv_lengths=jnp.array([0, 12]), **params)
+  assert float(jnp.max(jnp.abs(empty(q)[0]))) == 0.0
+  chex.assert_tree_all_finite(jax.grad(lambda q: jnp.sum(empty(q) ** 2))(q))
+
+
+@pytest.mark.parametrize("name, params", _both())
+def test_interleaved_segment_ids_pool_within_each_id(name, params):
+  """Equal ids need not be contiguous: a token pools every token with its id, wherever it is."""
+  q, k, v = _qkv(T=10, B=1)
+  seg = jnp.array([[0, 1, 0, 0, 1, 1, 0, 1, 1, 0]])
+  out = aj.attention(name, q, k, v, segment_ids=seg, **params)
+  for s in (0, 1):
+    idx = np.nonzero(np.asarray(seg[0]) == s)[0]
+    alone = aj.attention(name, q[:, idx], k[:, idx], v[:, idx], **params)
+    chex.assert_trees_all_close(out[:, idx], alone, **F32)
+
+
+@pytest.mark.parametrize("name, params", _both())
+def test_causal_and_cross_are_clear_errors(name, params):
+  q, k, v = _qkv(T=8)
+  fn = getattr(additive, name)
+  with pytest.raises(ValueError, match="causal"):
+    fn(q, k, v, causal=True, **params)
+  with pytest.raises(ValueError, match="self-attention only"):
+    fn(q, k[:, :5], v[:, :5], **params)
+  with pytest.raises(ValueError, match="unknown implementation"):
+    fn(q, k, v, implementation="pallas_gpu", **params)
+
+
+@pytest.mark.parametrize("name", ["efficient_additive_attention", "linear_additive_attention"])
+def test_usable_by_name_in_multi_head_attention(name):
+  layer = aj.nn.MultiHeadAttention(num_heads=4, num_kv_heads=2, mechanism=name, head_dim=8)
+  x = _rand(50, 2, 12, 16)
+  params = layer.init(jax.random.PRNGKey(0), x)
+  out = layer.apply(params, x)
+  chex.assert_shape(out, (2, 12, 16))
+  chex.assert_tree_all_finite(out)
+  assert isinstance(layer, nn.Module)
