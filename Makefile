@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.bench --config=configs/bench/flex.py:demo --workdir=$(WORKDIR)
+	$(PY) -m experiments.sweep --config=configs/sweeps/mqar_demo.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow and not gpu"

@@ -504,7 +504,7 @@ def _normal(stddev):
 def _state_floats(features=lambda H: H, extra=1):
   """`state_size` of a recurrence with `features(H)` features per head and `h + extra` value
   columns (extra = 1 for a normalizer row)."""
-  return lambda T, N, K, H, h: N * features(H) * (h + extra)
+  return lambda T, N, K, H, h, kwargs: N * features(H) * (h + extra)
 
 
 _UNNORMALIZED = _state_floats(extra=0)
@@ -578,4 +578,4 @@ register(Mechanism(
             ParamSpec("key_latents", lambda N, K, H: (K, H, LATTE_LATENTS), _normal(0.02))),
     example=dict(query_latents=_example_array(3, (4, 8, 5), 0.5),
                  key_latents=_example_array(4, (2, 8, 5), 0.5)),
-    state_size=lambda T, N, K, H, h: N * LATTE_LATENTS * (h + 1)))
+    state_size=lambda T, N, K, H, h, kwargs: N * LATTE_LATENTS * (h + 1)))

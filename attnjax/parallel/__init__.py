@@ -1,0 +1,16 @@
+"""Sharding for training: device mesh, logical-axis rules -> shardings, per-process batches."""
+
+from attnjax.parallel.mesh import BATCH_AXES
+from attnjax.parallel.mesh import MESH_AXES
+from attnjax.parallel.mesh import batch_sharding
+from attnjax.parallel.mesh import batch_shards
+from attnjax.parallel.mesh import global_batch
+from attnjax.parallel.mesh import logical_shardings
+from attnjax.parallel.mesh import make_mesh
+from attnjax.parallel.mesh import maybe_initialize_distributed
+from attnjax.parallel.mesh import mesh_shape
+
+__all__ = [
+    "BATCH_AXES", "MESH_AXES", "batch_sharding", "batch_shards", "global_batch",
+    "logical_shardings", "make_mesh", "maybe_initialize_distributed", "mesh_shape",
+]

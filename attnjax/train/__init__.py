@@ -1,0 +1,15 @@
+"""Training: the train loop, optimizer, orbax checkpoints, metric writers, config checks and the
+sweep leaderboard."""
+
+from attnjax.train.checkpoint import Checkpointer
+from attnjax.train.metrics import MetricWriter
+from attnjax.train.metrics import read_jsonl
+from attnjax.train.optim import make_optimizer
+from attnjax.train.trainer import PREEMPTED_EXIT_CODE
+from attnjax.train.trainer import train_and_evaluate
+from attnjax.train.validate import validate_config
+
+__all__ = [
+    "Checkpointer", "MetricWriter", "PREEMPTED_EXIT_CODE", "make_optimizer", "read_jsonl",
+    "train_and_evaluate", "validate_config",
+]
