@@ -10,8 +10,6 @@ position have a fixed maximum length L (their first dimension); a longer sequenc
 
   fftnet_spectral_filter     FFT along the sequence, adaptive spectral filter, modReLU, inverse FFT
                              (Fein-Ashley, "The FFT Strikes Back", arXiv:2502.18394).
-  extractor_mixer            learned position-indexed element-wise weighted sums over preceding
-                             tokens (Chen, "Attention Is Not All You Need Anymore", arXiv:2308.07661).
   causal_pairwise_mixer      a learned function of each token and its predecessor, plus a running
                              mean (Hilsenbek, "Breaking the Attention Bottleneck", arXiv:2406.10906).
   ffn_attention_replacement  a shallow FFN over the flattened, padded sequence, trained by distilling
@@ -166,6 +164,13 @@ def _self_only(op: str, causal: bool, *, allowed: tuple[bool, ...]):
   if causal not in allowed:
     kind = "causal" if causal else "non-causal"
     raise ValueError(f"mechanism {op!r} does not support {kind} self attention")
+
+
+def _visible_prefix(p: _Prepared, row):
+  """`[B, S]` slots that the query at cache slot `row: [B]` sees: its run, up to itself, valid."""
+  slots = jnp.arange(p.valid.shape[1])
+  run_start = jnp.take_along_axis(p.start, row[:, None], axis=1)
+  return (slots[None] <= row[:, None]) & (slots[None] >= run_start) & p.valid
 
 
 def _dispatch(op: str, table, implementation, *args, **kwargs):
@@ -335,139 +340,6 @@ register(Mechanism(
         "fft_context_in_bias": ((_EX_N, 8), 0.0, 0.1),
         "fft_context_out": ((_EX_N, 8, _EX_L // 2 + 1, _EX_HV), 0.0, 0.1),
         "fft_modrelu_bias": ((_EX_N, _EX_HV), -0.2, 0.1),
-    })))
-
-# --------------------------------------------------------------------------------------------------
-# #43 Extractor.
-
-EXTRACTOR_VARIANTS = ("she", "he", "we")
-
-
-def extractor_mixer(q, k, v, *, extractor_position, extractor_gate, extractor_gate_bias,
-                    variant: str = "she", causal=True, segment_ids=None, q_offset=0,
-                    kv_lengths=None, scale=None, implementation=None):
-  """Extractor: each output is a learned, position-indexed element-wise weighted mean of its prefix.
-
-      SHE:  y_t = (1/t) Σ_{j<=t} p_{t-j} ⊙ σ(k_j U + c) ⊙ v_j
-      HE:   y_t = (1/t) Σ_{j<=t} p_{t-j} ⊙ v_j                    (no content weights)
-      WE:   y_t = (1/t) Σ_{j<=t} σ(k_j U + c) ⊙ v_j                (no position weights: a cumsum)
-
-  per head, with t the 1-based position in the (packed) sequence and the sum over visible tokens
-  (the 1/t normalisation divides by how many tokens were summed). `p_r ∈ R^h` are learned weights
-  indexed by the relative position r = t - j < L; the content weights σ(k_j U + c) ∈ (0, 1)^h
-  adjust each element of each token.
-
-  Paper: Chen, "Attention Is Not All You Need Anymore", arXiv:2308.07661 (SHE: the super
-  high-performance Extractor; HE/WE: its cheaper simplifications). The exact equations were not
-  available offline when this was written; the forms above follow the paper's description
-  (element-wise weights indexed by position over the preceding tokens, normalised by the number of
-  tokens) and should be checked against it. Head-space adaptation: the paper computes its
-  adjustable weights from the layer input x; here the content weights come from the keys k and the
-  weighted tokens are the values v. q has no analogue and is unused.
-
-  Forms: "xla" sums the L shifted copies of the sequence (O(S·L·h); WE: a cumulative sum, O(S·h));
-  "reference" is the explicit loop over query rows (O(T·S·h)).
-
-  Args:
-    q: `[B, T, N, H]` (unused); k: `[B, S, K, H]`; v: `[B, S, K, h]`.
-    extractor_position: `[L, N, h]` relative-position weights p (L: maximum length; unused by WE).
-    extractor_gate: `[N, H, h]` U, extractor_gate_bias: `[N, h]` c (unused by HE).
-    variant: "she", "he" or "we".
-    causal: must be True (each output sees only its prefix).
-    segment_ids, q_offset, kv_lengths: the common contract; over a KV cache the outputs are the
-      cache rows `q_offset … q_offset + T - 1` of the causal mix of the visible slots.
-    scale: unused (no scores). implementation: "xla" or "reference".
-
-  Returns:
-    `[B, T, N, h]` in q's dtype.
-  """
-  op = "extractor_mixer"
-  _self_only(op, causal, allowed=(True,))
-  if variant not in EXTRACTOR_VARIANTS:
-    raise ValueError(f"{op}: `variant` must be one of {EXTRACTOR_VARIANTS}, got {variant!r}")
-  p = _prepare(op, q, k, v, segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
-               decode=True)
-  B, T, S, N, _, H, h = p.dims
-  if jnp.ndim(extractor_position) != 3:
-    raise ValueError(f"{op}: `extractor_position` must have shape [L, N, h], got "
-                     f"{jnp.shape(extractor_position)}")
-  L = extractor_position.shape[0]
-  position = _check_param(op, "extractor_position", extractor_position, (L, N, h), "[L, N, h]")
-  gate_w = _check_param(op, "extractor_gate", extractor_gate, (N, H, h), "[N, H, h]")
-  gate_b = _check_param(op, "extractor_gate_bias", extractor_gate_bias, (N, h), "[N, h]")
-  if variant != "we":
-    _check_max_length(op, "extractor_position", position, S)
-
-  u = p.v
-  if variant != "he":
-    gate = jax.nn.sigmoid(_einsum("bsnd,ndc->bsnc", p.k, gate_w) + gate_b)
-    u = jnp.where(p.valid[:, :, None, None], gate * u, 0.0)
-  weights = None if variant == "we" else position
-  table = (("xla", _extractor_xla, ()), ("reference", _extractor_reference, ()))
-  return _dispatch(op, table, implementation, u, weights, p).astype(q.dtype)
-
-
-def _extractor_xla(u, position, p: _Prepared):
-  """Shifted-sum (or cumulative) form over all S slots, then the query rows."""
-  if position is None:
-    acc = _run_cumsum(u, p)
-  else:
-    S = u.shape[1]
-    padded = jnp.concatenate([jnp.zeros_like(u), u], axis=1)
-
-    def add_offset(r, acc):
-      # u_{t-r}, kept only when t - r is in t's own run (position within the run >= r).
-      shifted = lax.dynamic_slice_in_dim(padded, S - r, S, axis=1)
-      w = lax.dynamic_index_in_dim(position, r, axis=0, keepdims=False)
-      return acc + jnp.where((p.pos >= r)[:, :, None, None], w * shifted, 0.0)
-
-    acc = lax.fori_loop(0, min(S, position.shape[0]), add_offset, jnp.zeros_like(u))
-  count = _run_cumsum(p.valid.astype(_F32), p)[:, :, None, None]
-  return _take_rows(acc, p) / jnp.maximum(_take_rows(count, p), 1.0)
-
-
-def _visible_prefix(p: _Prepared, row):
-  """`[B, S]` slots that the query at cache slot `row: [B]` sees: its run, up to itself, valid."""
-  slots = jnp.arange(p.valid.shape[1])
-  run_start = jnp.take_along_axis(p.start, row[:, None], axis=1)
-  return (slots[None] <= row[:, None]) & (slots[None] >= run_start) & p.valid
-
-
-def _extractor_reference(u, position, p: _Prepared):
-  """Explicit loop over query rows: y = Σ_j w(t - j) ⊙ u_j / count, one row at a time."""
-  slots = jnp.arange(u.shape[1])
-
-  def one_row(row):
-    vis = _visible_prefix(p, row)
-    terms = u
-    if position is not None:
-      rel = jnp.clip(row[:, None] - slots[None], 0, position.shape[0] - 1)
-      terms = position[rel] * u
-    total = jnp.sum(jnp.where(vis[:, :, None, None], terms, 0.0), axis=1)
-    return total / jnp.maximum(jnp.sum(vis, axis=1).astype(_F32), 1.0)[:, None, None]
-
-  return jnp.moveaxis(lax.map(one_row, p.rows.T), 0, 1)
-
-
-register(Mechanism(
-    name="extractor_mixer", fn=extractor_mixer, family="alternative-mixer", seeds=(43,),
-    paper="Attention Is Not All You Need Anymore", arxiv="2308.07661",
-    patterns=frozenset({"causal_self"}), gqa=True, decode=True, packed=True,
-    complexity="O(T·L) (SHE, HE; L = maximum length); O(T) (WE)",
-    implementations=("xla", "reference"),
-    params=(
-        # Ones: at initialisation every variant is a (gated) running mean.
-        ParamSpec("extractor_position", lambda n, kv, hd: (DEFAULT_MAX_LENGTH, n, hd),
-                  jax.nn.initializers.ones),
-        ParamSpec("extractor_gate", lambda n, kv, hd: (n, hd, hd),
-                  jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1,
-                                                       out_axis=2, batch_axis=0)),
-        ParamSpec("extractor_gate_bias", lambda n, kv, hd: (n, hd), jax.nn.initializers.zeros),
-    ),
-    example=_example(43, {
-        "extractor_position": ((_EX_L, _EX_N, _EX_HV), 1.0, 0.5),
-        "extractor_gate": ((_EX_N, _EX_H, _EX_HV), 0.0, 0.4),
-        "extractor_gate_bias": ((_EX_N, _EX_HV), 0.0, 0.2),
     })))
 
 # --------------------------------------------------------------------------------------------------

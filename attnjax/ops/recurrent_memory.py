@@ -623,7 +623,10 @@ register(Mechanism(
     paper="Mega: Moving Average Equipped Gated Attention", arxiv="2209.10655",
     patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=True,
     complexity="O(T·S); O(T·c) chunked", implementations=("xla", "reference"),
-    params=_MEGA_SPECS, example=lambda: dict(chunk_size=8, **_conformance(_MEGA_SPECS, perturb=0.3))))
+    params=_MEGA_SPECS, example=lambda: dict(chunk_size=8, **_conformance(_MEGA_SPECS, perturb=0.3)),
+    # The EMA state per channel, plus the keys of the current chunk (all keys when unchunked).
+    state_size=lambda T, N, K, H, h, kw: (K * H * MEGA_NDIM + min(kw.get("chunk_size") or T, T)
+                                          * K * (H + h))))
 
 register(Mechanism(
     name="sha_rnn_block", fn=sha_rnn_attention, family="recurrent-memory", seeds=(56,),
@@ -637,4 +640,7 @@ register(Mechanism(
     seeds=(65,), paper="Recurrent Attention Networks for Long-text Modeling", arxiv="2306.01018",
     patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=False,
     complexity="O(T·W)", implementations=("xla", "reference"), params=_RAN_SPECS,
-    example=lambda: dict(window=5, **_conformance(_RAN_SPECS))))
+    example=lambda: dict(window=5, **_conformance(_RAN_SPECS)),
+    defaults=dict(window=64),
+    # The carried global cell (one key and value), plus the current window's keys and values.
+    state_size=lambda T, N, K, H, h, kw: (1 + min(kw["window"], T)) * K * (H + h)))
