@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
+import jax
+
 PATTERNS = ("self", "causal_self", "cross", "causal_cross")
 
 
@@ -92,8 +94,11 @@ class Mechanism:
 
   @property
   def example_kwargs(self) -> dict[str, Any]:
-    """`example`, built now if it is a function."""
-    return dict(self.example() if callable(self.example) else self.example)
+    """`example`, built (eagerly, even under a jit trace) if it is a function."""
+    if not callable(self.example):
+      return dict(self.example)
+    with jax.ensure_compile_time_eval():
+      return dict(self.example())
 
   @property
   def summary(self) -> str:
