@@ -5,8 +5,8 @@ handwritten digits (shipped with scikit-learn; 1797 images, 20% held out), 2x2 p
       --workdir=/tmp/attnjax_digits_vit
 
 size=small (default): patch 2, width 64, 2 layers, 4 heads, CLS pooling, batch 64, 1500 steps.
-Run time on a 2-core CPU: about 3 minutes. Metric: eval_accuracy over the 10 digits; softmax
-should reach >= 0.95 (a target, not yet recorded in docs/results.md).
+Run time on a 2-core CPU: about 1 minute. Metric: eval_accuracy over the 10 digits; softmax
+reaches >= 0.95 (0.965 measured on 2026-12-02 in 63 s; docs/results.md).
 size=tiny: width 32, 300 steps: a smoke test (no accuracy target).
 """
 

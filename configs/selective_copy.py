@@ -6,9 +6,8 @@ blanks, in order, after the separator.
       --workdir=/tmp/attnjax_selective_copy
 
 size=small (default): vocab 16, T 64, 8 data tokens, width 64, 2 layers, batch 64, 1000 steps.
-Run time on a 2-core CPU: about 5 minutes (2-4 steps/s measured with the small MQAR model of the
-same size). Metric: eval_accuracy (the copied tokens); softmax should reach >= 0.95 (a target, not
-yet recorded in docs/results.md).
+Run time on a 2-core CPU: about 2 minutes. Metric: eval_accuracy (the copied tokens); softmax
+reaches >= 0.95 (0.982 measured on 2026-12-02 in 126 s on a shared machine; docs/results.md).
 size=tiny: T 32, 4 tokens, width 32, 300 steps: a smoke test (no accuracy target).
 """
 
