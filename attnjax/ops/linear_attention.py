@@ -508,7 +508,6 @@ def _state_floats(features=lambda H: H, extra=1):
 
 
 _UNNORMALIZED = _state_floats(extra=0)
-_NORMALIZED = _state_floats()
 _TAYLOR = _state_floats(lambda H: 1 + H + H * H)
 
 register(Mechanism(

@@ -633,7 +633,10 @@ register(Mechanism(
     complexity="O(T·L) (L = segment length); memory state O(1) in T",
     implementations=("xla", "reference"), params=_INFINI_SPECS,
     defaults=dict(segment_length=2048, update_rule="linear"),
-    example=lambda: dict(segment_length=5, **example_params(_INFINI_SPECS, perturb=1.0))))
+    example=lambda: dict(segment_length=5, **example_params(_INFINI_SPECS, perturb=1.0)),
+    # The compressive memory and its normaliser per kv head, plus the current segment's keys/values.
+    state_size=lambda T, N, K, H, h, kw: (K * H * (h + 1)
+                                          + min(kw["segment_length"], T) * K * (H + h))))
 
 register(Mechanism(
     name="orthogonal_memory_attention", fn=orthogonal_memory_attention, family="linear",
@@ -641,7 +644,11 @@ register(Mechanism(
     patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=True,
     complexity="O(T·(r·(H + h) + w)) (r bases, window w)", implementations=("xla", "reference"),
     params=_LAVO_SPECS, example=lambda: dict(window=4, num_bases=5, chunk_size=8,
-                                             **example_params(_LAVO_SPECS))))
+                                             **example_params(_LAVO_SPECS)),
+    defaults=dict(window=32),
+    # r key and value memory slots (r = num_bases, default H) per kv head, plus the local window.
+    state_size=lambda T, N, K, H, h, kw: ((kw.get("num_bases") or H) + min(kw["window"], T))
+                                         * K * (H + h)))
 
 register(Mechanism(
     name="chela_attention", fn=chela_attention, family="linear", seeds=(218,),
@@ -649,4 +656,6 @@ register(Mechanism(
           "Sequences", arxiv="2406.08128",
     patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=True,
     complexity="O(T·(C + log T)) (chunk C)", implementations=("xla", "reference"),
-    params=_CHELA_SPECS, example=lambda: dict(chunk_size=8, **example_params(_CHELA_SPECS))))
+    params=_CHELA_SPECS, example=lambda: dict(chunk_size=8, **example_params(_CHELA_SPECS)),
+    # The linear-attention state and normaliser per kv head, plus the convolutions' input buffers.
+    state_size=lambda T, N, K, H, h, kw: K * H * (h + 1) + (LONG_KERNEL + SHORT_KERNEL) * K * H))

@@ -143,9 +143,17 @@ def test_prefill_then_decode_equals_full_forward(mech):
   out = _call(mech, q[:, :prefill], garbage(k, prefill), garbage(v, prefill), causal=True,
               cross=False, q_offset=0, kv_lengths=jnp.full((B,), prefill))
   chex.assert_trees_all_close(out, full[:, :prefill], **tolerances.output(jnp.float32))
+
+  def step(q_t, k_t, v_t, t):
+    return _call(mech, q_t, k_t, v_t, causal=True, cross=False, q_offset=t,
+                 kv_lengths=jnp.full((B,), t + 1))
+
+  # The first step with a Python int offset (eager), the rest as a layer decodes: one compiled step
+  # with a traced offset.
+  jit_step = jax.jit(step)
   for t in range(prefill, T):
-    out = _call(mech, q[:, t:t + 1], garbage(k, t + 1), garbage(v, t + 1), causal=True, cross=False,
-                q_offset=t, kv_lengths=jnp.full((B,), t + 1))
+    run = step if t == prefill else lambda *a: jit_step(*a[:3], jnp.asarray(a[3], jnp.int32))
+    out = run(q[:, t:t + 1], garbage(k, t + 1), garbage(v, t + 1), t)
     chex.assert_trees_all_close(out[:, 0], full[:, t], **tolerances.output(jnp.float32))
 
 

@@ -147,6 +147,7 @@ def _both():
           ("linear_additive_attention", dict(score_proj=W))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, params", _both())
 def test_padding_is_left_out_of_the_pool_and_returns_zeros(name, params):
   q, k, v = _qkv(T=12)
@@ -160,6 +161,7 @@ def test_padding_is_left_out_of_the_pool_and_returns_zeros(name, params):
   chex.assert_tree_all_finite(jax.grad(lambda q: jnp.sum(empty(q) ** 2))(q))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, params", _both())
 def test_interleaved_segment_ids_pool_within_each_id(name, params):
   """Equal ids need not be contiguous: a token pools every token with its id, wherever it is."""

@@ -120,6 +120,7 @@ def test_favor_plus_kernel_estimate_is_unbiased():
   assert np.all(samples > 0)    # positive features: every estimate is a valid (positive) weight
 
 
+@pytest.mark.slow
 def test_favor_plus_attention_converges_to_softmax_attention_as_features_grow():
   q, k, v = _qkv(T=24, K=4, h=8, seed=3)
   q, k = 0.5 * q, 0.5 * k
@@ -201,6 +202,7 @@ def test_taylor_shift_linear_form_equals_direct_taylor_softmax(causal):
       _assert_rel(out, expected, 5e-5)   # the linear form sums H² features: a little more rounding
 
 
+@pytest.mark.slow
 def test_taylor_shift_auto_switches_at_the_crossover_length():
   H, h = 8, 6
   crossover = la.taylor_crossover_length(H, h)
@@ -259,6 +261,7 @@ def _regla_params(N=4, H=8, seed=1):
               refine_kernel=0.3 * jax.random.normal(ks[1], (N, H, H)), refine_bias=jnp.zeros((N, H)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("T", [29, 100])
 def test_regla_recurrent_and_chunked_forms_agree_with_gradients(T):
   q, k, v = _qkv(T=T)

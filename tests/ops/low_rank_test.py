@@ -165,6 +165,7 @@ def test_agent_attention_cost_is_linear_in_length():
   assert not _has_t_by_s(_shapes(fn, q, k, v), T, S)
 
 
+@pytest.mark.slow
 def test_agent_attention_padding_equals_unpadded_and_empty_rows_are_zero():
   q, k, v = _qkv(T=16, S=16)
   # Zero biases: a bias table is interpolated to the padded length, so only then are they equal.
@@ -190,6 +191,7 @@ def test_group_attention_with_one_group_per_key_equals_softmax(implementation):
   chex.assert_trees_all_close(out, aj.dot_product_attention(q, k, v), **F32)
 
 
+@pytest.mark.slow
 def test_group_attention_error_shrinks_with_more_groups_on_clustered_keys():
   # Time-series-like keys: 8 regimes of 8 consecutive steps, each a tight cluster.
   centres = _rand(30, 1, 8, 1, 8) * 2.0
@@ -202,6 +204,7 @@ def test_group_attention_error_shrinks_with_more_groups_on_clustered_keys():
   assert err[8] < 0.05 and err[64] < 1e-5
 
 
+@pytest.mark.slow
 def test_group_attention_equals_size_weighted_centroid_form():
   q, k, v = _qkv(T=7, S=30)
   out = low_rank.group_attention(q, k, v, num_groups=5, num_iters=3)
@@ -217,6 +220,7 @@ def test_group_attention_equals_size_weighted_centroid_form():
   chex.assert_trees_all_close(out, expected.astype(np.float32), **F32)
 
 
+@pytest.mark.slow
 def test_group_attention_padding_equals_truncated_keys_and_empty_rows_are_zero():
   q, k, v = _qkv(T=6, S=20)
   padded = low_rank.group_attention(q, k, v, num_groups=4, kv_lengths=jnp.array([20, 13]))
@@ -296,6 +300,7 @@ def test_yoso_sampled_form_is_linear_and_expectation_is_not():
   assert _has_t_by_s(_shapes(low_rank.yoso_attention, q, k, v), T, S)
 
 
+@pytest.mark.slow
 def test_yoso_empty_rows_are_zero_with_finite_gradients():
   q, k, v = _qkv(T=6, S=6)
   run = lambda q, k, v: low_rank.yoso_attention(q, k, v, kv_lengths=jnp.array([0, 4]))

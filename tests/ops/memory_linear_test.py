@@ -94,6 +94,7 @@ def _infini_numpy(q, k, v, gate, L, rule):
   return out, M, z
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["linear", "delta"])
 def test_infini_equals_the_paper_equations(rule):
   q, k, v = _qkv(0)
@@ -107,6 +108,7 @@ def test_infini_equals_the_paper_equations(rule):
   chex.assert_trees_all_close((mem, norm), (M, z), **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["linear", "delta"])
 def test_infini_fast_path_gradients_equal_reference(rule):
   q, k, v = _qkv(1, B=1, T=11)
@@ -120,6 +122,7 @@ def test_infini_fast_path_gradients_equal_reference(rule):
   chex.assert_trees_all_close(grads("xla"), grads("reference"), **GTOL)
 
 
+@pytest.mark.slow
 def test_infini_delta_rule_packed_equals_separate():
   q, k, v = _qkv(2, B=1, T=12)
   gate = jnp.array([0.5, -0.5, 1.0, 0.0])
@@ -241,6 +244,7 @@ def _lavo_numpy(q, k, v, slope_logits, r, window, causal):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_lavo_equals_its_definition(causal):
   q, k, v = _qkv(8, B=1, T=11)
@@ -310,6 +314,7 @@ def _chela_numpy(q, k, v, p, causal):
   return gate[..., None] * o
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_chela_tiled_linear_attention_equals_its_definition(causal):
   q, k, v = _qkv(12, B=1, T=21)

@@ -112,6 +112,7 @@ def test_spectral_filter_equals_circular_convolution_with_its_impulse_response(i
   np.testing.assert_allclose(y, _circular_convolution(np.asarray(x, np.float64), kernel), **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "reference"])
 def test_fftnet_linear_filter_is_the_circular_convolution_of_the_values(impl):
   """Without modReLU the mechanism is circular convolution of each head's zero-padded values with
@@ -153,6 +154,7 @@ def test_fftnet_short_sequence_is_the_zero_padded_transform():
   chex.assert_trees_all_close(padded[:, :T], short, **TOL)
 
 
+@pytest.mark.slow
 def test_fftnet_fully_padded_input_gives_zeros_and_finite_gradients():
   q, k, v = _qkv(2, 8, 2, 2, 3, 4)
   params = _fft_params(0, N=2, H=3, h=4, L=16)
@@ -268,6 +270,7 @@ def _ffn_direct(v, params, *, causal):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("impl", ["xla", "reference"])
 def test_ffn_equals_the_flattened_sequence_ffn(causal, impl):

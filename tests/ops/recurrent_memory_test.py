@@ -113,6 +113,7 @@ def _mega_params(seed=0):
   return rm.example_params(rm._MEGA_SPECS, seed=seed, perturb=0.3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("impl", ["xla", "reference"])
 def test_mega_chunk_at_least_length_equals_unchunked(causal, impl):
@@ -124,6 +125,7 @@ def test_mega_chunk_at_least_length_equals_unchunked(causal, impl):
     chex.assert_trees_all_close(out, full, **TOL)
 
 
+@pytest.mark.slow
 def test_mega_chunks_are_independent_blocks():
   """Chunked output of chunk i equals Mega attention run on chunk i's own keys, once the EMA (which
   crosses chunks) is fixed: change keys of another chunk only through the attention."""
@@ -155,6 +157,7 @@ def test_mega_chunked_cost_is_linear(causal):
   assert chunked < T * T // 4      # ... and the chunked form has none
 
 
+@pytest.mark.slow
 def test_mega_packed_chunks_start_at_each_document():
   q, k, v = _qkv(3, T=19)
   params = _mega_params(2)
@@ -278,6 +281,7 @@ def _ran_loop(q, k, v, gpc_query, gpc_key, *, window, causal):
   return jnp.concatenate(outs, 1), gv
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("impl", ["xla", "reference"])
 def test_ran_window_at_least_length_is_one_attention_over_gpc_and_tokens(causal, impl):
@@ -296,6 +300,7 @@ def test_ran_window_at_least_length_is_one_attention_over_gpc_and_tokens(causal,
     chex.assert_trees_all_close(doc, _ln(read[..., H:]), **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("impl", ["xla", "reference"])
 def test_ran_scan_over_windows_equals_python_loop(causal, impl):
@@ -323,6 +328,7 @@ def test_ran_memory_per_step_is_bounded_by_the_window():
   assert windowed < T * T // 4
 
 
+@pytest.mark.slow
 def test_ran_padding_does_not_move_the_gpc():
   q, k, v = _qkv(12, T=17)
   p = _ran_params(3)

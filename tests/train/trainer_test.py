@@ -46,6 +46,7 @@ def test_trains_and_writes_metrics_checkpoints_and_events(tmp_path):
   assert checkpoint_lib.Checkpointer(tmp_path).all_steps() == [20, 40]
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_resumes_and_does_not_retrain(tmp_path):
   config = fakes_test.make_config(num_steps=8)
   first = _train(config, tmp_path)
@@ -140,6 +141,7 @@ def _real_modules():
   return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _real_modules(), reason="attnjax.data / attnjax.models not present")
 def test_real_mqar_end_to_end(tmp_path):
   from configs import mqar  # pylint: disable=import-outside-toplevel
