@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockMask", "Mechanism", "Normalizer", "attention", "attention_weights", "create_block_mask",
-    "dot_product_attention", "flex_attention", "get_mechanism", "get_normalizer", "list_mechanisms",
-    "masks", "merge_attention_states", "nn", "register_normalizer",
+    "dot_product_attention", "flex_attention", "gated_linear_attention",
+    "gated_linear_attention_step", "get_mechanism", "get_normalizer", "list_mechanisms", "masks",
+    "merge_attention_states", "nn", "register_normalizer",
 ]

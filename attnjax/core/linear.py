@@ -390,7 +390,7 @@ def gated_linear_attention_cached(q, k, v, *, q_offset, kv_lengths=None, log_dec
     segment_ids: None or a pair (`[B,T]`, `[B,S]`) of document ids of queries and cache slots.
   """
   B, T, N, F = q.shape
-  S, K, h = v.shape[1], v.shape[2], v.shape[3]
+  S, K = v.shape[1], v.shape[2]
   if k.shape != (B, S, K, F):
     raise ValueError(f"gated_linear_attention_cached: k must have shape {(B, S, K, F)}, "
                      f"got {k.shape}")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax
 import flax.linen as nn

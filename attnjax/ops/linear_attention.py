@@ -9,7 +9,6 @@ use `gated_linear_attention_cached` (equal to the matching rows of the full forw
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
