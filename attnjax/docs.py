@@ -28,7 +28,9 @@ STATE_AT = dict(T=4096, N=8, K=8, H=64, h=64)
 
 
 def _state(m: registry.Mechanism) -> str:
-  """Numbers kept per sequence at STATE_AT, and whether they grow with T."""
+  """Numbers kept per sequence at STATE_AT, and whether they grow with T ("n/a": no decoding)."""
+  if not m.decode or not {"causal_self", "causal_cross"} & set(m.patterns):
+    return "n/a"
   size = m.decode_state_floats(**STATE_AT)
   grows = m.decode_state_floats(**{**STATE_AT, "T": 2 * STATE_AT["T"]}) > size
   return f"{size / 1e6:.3g}M{' (grows with T)' if grows else ''}"

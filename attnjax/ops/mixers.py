@@ -441,7 +441,9 @@ register(Mechanism(
         "pairwise_previous": ((_EX_N, _EX_HV, _EX_HV), 0.0, 0.4),
         "pairwise_context": ((_EX_N, _EX_HV, _EX_HV), 0.0, 0.4),
         "pairwise_bias": ((_EX_N, _EX_HV), 0.0, 0.1),
-    })))
+    }),
+    # Decoding needs the previous token's value and the running sum and count of the values.
+    state_size=lambda T, N, K, H, h, kw: 2 * K * h + 1))
 
 # --------------------------------------------------------------------------------------------------
 # #80 Shallow FFN replacing attention.
