@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= /tmp/attnjax_demo
 # Spread the suite over both CI cores.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+PYTEST_ARGS ?= -n 2 --dist worksteal
 
 .PHONY: demo test test-slow bench docs lint clean
 

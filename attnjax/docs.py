@@ -36,6 +36,13 @@ def _state(m: registry.Mechanism) -> str:
   return f"{size / 1e6:.3g}M{' (grows with T)' if grows else ''}"
 
 
+def _decode(m: registry.Mechanism) -> str:
+  """How the Flax layer decodes: carried state, KV cache, or not at all."""
+  if not m.decode:
+    return "no"
+  return "state" if m.recurrent else "KV cache"
+
+
 def mechanism_table() -> str:
   """One markdown row per registered mechanism."""
   rows = ["| name | family | catalog # | paper | patterns | GQA | decode | packed | complexity | "
@@ -45,7 +52,7 @@ def mechanism_table() -> str:
   for m in registry.list_mechanisms():
     seeds = " ".join(f"#{s}" for s in m.seeds)
     rows.append(f"| `{m.name}` | {m.family} | {seeds} | {m.paper} (arXiv:{m.arxiv}) | {_patterns(m)} "
-                f"| {yes(m.gqa)} | {yes(m.decode)} | {yes(m.packed)} | {m.complexity} | "
+                f"| {yes(m.gqa)} | {_decode(m)} | {yes(m.packed)} | {m.complexity} | "
                 f"{_state(m)} | {', '.join(m.implementations)} |")
   return "\n".join(rows) + "\n"
 
@@ -57,7 +64,9 @@ def mechanisms_md() -> str:
            "Patterns (CAB taxonomy): S noncausal self, CS causal self, X noncausal cross, CX causal "
            "cross. Catalog numbers refer to `shared/seeds/catalog.tsv`. Decode state: numbers kept "
            "per sequence to produce the next token after T=4096 tokens with N=K=8 heads, H=h=64 "
-           "(the whole KV cache unless the mechanism needs less).", "",
+           "(the whole KV cache unless the mechanism needs less). Decode: how "
+           "`attnjax.nn.MultiHeadAttention` decodes: `state` carries that fixed-size recurrent "
+           "state, `KV cache` attends over the cached keys and values.", "",
            mechanism_table(), "## Summaries", ""]
   for m in registry.list_mechanisms():
     lines.append(f"- `{m.name}`: {m.summary}")

@@ -38,6 +38,22 @@ class ParamSpec:
   init: Callable[..., Any]
 
 
+def example_params(specs, *, N: int = 4, K: int = 2, H: int = 8, seed: int = 0,
+                   perturb: float = 0.0) -> dict:
+  """Concrete float32 numpy arrays for the `ParamSpec`s `specs` at the given sizes (by default
+  those of the conformance suite): each spec's init plus `perturb`·N(0, 1), so that zero-initialized
+  gates and offsets are exercised too. For `Mechanism.example` functions."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(specs))
+  out = {}
+  for key, spec in zip(keys, specs, strict=True):
+    shape = tuple(spec.shape(N, K, H))
+    value = np.asarray(spec.init(key, shape, np.float32))
+    out[spec.name] = (value + perturb * rng.standard_normal(shape)).astype(np.float32)
+  return out
+
+
 # eq=False: records compare and hash by identity (their dict fields are unhashable), so a record can
 # be a static argument under jit.
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -53,6 +69,10 @@ class Mechanism:
     patterns: supported subset of PATTERNS (CAB taxonomy: noncausal/causal × self/cross).
     gqa: accepts fewer key/value heads than query heads.
     decode: `q_offset` + `kv_lengths` over a KV cache give the same result as the full forward.
+    recurrent: decoding can carry a fixed-size state instead of a KV cache: on the new tokens of a
+      causal self-attention, `fn(q, k, v, causal=True, q_offset=n, initial_state=state,
+      return_final_state=True)` (n earlier tokens; `state` None before the first token) returns
+      `(out, new_state)`, equal to the full forward's rows. `state_size` counts that state.
     packed: honours `segment_ids`.
     complexity: time complexity in T (queries) and S (keys).
     implementations: the `implementation=` names it accepts, fastest first.
@@ -76,6 +96,7 @@ class Mechanism:
   patterns: frozenset[str] = frozenset(PATTERNS)
   gqa: bool = True
   decode: bool = True
+  recurrent: bool = False
   packed: bool = True
   complexity: str = "O(T·S)"
   implementations: tuple[str, ...] = ("xla", "reference")
@@ -136,6 +157,9 @@ def register(mechanism: Mechanism) -> Mechanism:
   bad = set(mechanism.patterns) - set(PATTERNS)
   if bad:
     raise ValueError(f"mechanism {mechanism.name!r}: unknown patterns {sorted(bad)}; use {PATTERNS}")
+  if mechanism.recurrent and not (mechanism.decode and "causal_self" in mechanism.patterns):
+    raise ValueError(f"mechanism {mechanism.name!r}: `recurrent` decoding needs `decode` and the "
+                     "causal_self pattern")
   if not mechanism.seeds:
     raise ValueError(f"mechanism {mechanism.name!r} must name the catalog rows it implements (seeds)")
   _REGISTRY[mechanism.name] = mechanism

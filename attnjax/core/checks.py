@@ -3,7 +3,10 @@ it should have (letters as in `attnjax.typing`)."""
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_qkv(op: str, q, k, v) -> tuple[int, int, int, int, int, int, int]:
@@ -44,3 +47,18 @@ def check_broadcastable(op: str, name: str, x, target: tuple, letters: str):
   if len(shape) != len(target) or any(s not in (1, t) for s, t in zip(shape, target, strict=True)):
     raise ValueError(f"{op}: `{name}` must be broadcastable to {letters} = {list(target)} "
                      f"(same rank, each dim equal or 1), got shape {shape}")
+
+
+def is_static_zero(q_offset) -> bool:
+  """Whether `q_offset` is the Python / numpy integer 0 (a full forward, known at trace time)."""
+  return isinstance(q_offset, (int, np.integer)) and int(q_offset) == 0
+
+
+def check_implementation(op: str, implementation: Optional[str],
+                         choices: Sequence[str] = ("xla", "reference")) -> str:
+  """`implementation`, or the first of `choices` when None; an unknown name is a clear error."""
+  impl = choices[0] if implementation is None else implementation
+  if impl not in choices:
+    raise ValueError(f"{op}: unknown implementation {implementation!r}; choose from "
+                     f"{list(choices)}")
+  return impl

@@ -11,8 +11,9 @@
 Each step's key is `fold_in(rng, step)`, so a given `rng` always produces the same tokens. The
 caches hold keys/values of every earlier token, so each step costs one token's forward over the
 cache instead of a full forward (Pope et al., "Efficiently Scaling Transformer Inference",
-arXiv:2211.05102). Top-k sampling: Fan et al., "Hierarchical Neural Story Generation",
-arXiv:1805.04833.
+arXiv:2211.05102); a layer with a recurrent mechanism (`Mechanism.recurrent`, e.g. linear
+attention) carries its fixed-size state instead, so its step costs the same at every length.
+Top-k sampling: Fan et al., "Hierarchical Neural Story Generation", arXiv:1805.04833.
 
 A model with a layer whose mechanism cannot decode over a KV cache (`Mechanism.decode` False)
 generates by full recompute instead: each step runs the whole forward over a fixed

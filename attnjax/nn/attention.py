@@ -19,6 +19,9 @@ Autoregressive decoding keeps a KV cache in the 'cache' collection (same variabl
 full-length input sizes the cache; each `apply(..., decode=True, mutable=['cache'])` with `T` new
 tokens writes their keys and values at `cache_index` and attends over the whole cache with
 `q_offset = cache_index`, `kv_lengths = cache_index + T` (causal masking by absolute position).
+A causal layer whose mechanism is `recurrent` (linear attention and its kin) keeps its fixed-size
+state instead (`cache/state`, `cache/cache_index`): each decode call advances the state over the new
+tokens, so a token costs O(1) in the length and the cache does not grow.
 
 Papers: Vaswani et al., "Attention Is All You Need", arXiv:1706.03762 (multi-head attention);
 Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head
@@ -132,8 +135,9 @@ class MultiHeadAttention(nn.Module):
       kv_positions: RoPE positions of the keys in cross-attention, `[B, S]` or `[S]` (same default).
       decode: autoregressive decoding with the 'cache' collection (self-attention only). The first
         call (at `init`, no cache yet) creates a cache as long as the input and returns the full
-        forward; later calls append `T` tokens and attend over everything cached so far. Positions
-        come from the cache index. Apply with `mutable=['cache']`.
+        forward; later calls append `T` tokens and attend over everything cached so far (a
+        causal `recurrent` mechanism advances its fixed-size state instead). Positions come from the
+        cache index. Apply with `mutable=['cache']`.
       **mechanism_args: per-call keyword arguments for the mechanism, over `mechanism_kwargs`.
 
     Returns:
@@ -184,15 +188,27 @@ class MultiHeadAttention(nn.Module):
     kwargs = {**dict(self.mechanism_kwargs or {}), **mechanism_args, **extra,
               "scale": self.scale, "implementation": self.implementation}
 
-    initialized = self.has_variable("cache", "cached_key")
+    recurrent = mech.recurrent and self.causal
+    initialized = self.has_variable("cache", "state" if recurrent else "cached_key")
     if decode and initialized:
       if segment_ids is not None or kv_lengths is not None or positions is not None:
         raise ValueError("MultiHeadAttention: with decode=True over a cache, `segment_ids`, "
                          "`kv_lengths` and `positions` are not supported: the cache index gives "
                          "the positions and the visible length")
-      out = self._decode_step(mech, query, key, value, kwargs)
+      step = self._recurrent_step if recurrent else self._decode_step
+      out = step(mech, query, key, value, kwargs)
     else:
-      if decode:
+      if decode and recurrent:
+        # First call (init): the state before any token, zeros shaped as this input's final state.
+        shapes = jax.eval_shape(
+            lambda q, k, v: self._attend(mech, q, k, v, causal=True, cross=False, segment_ids=None,
+                                         kv_lengths=None,
+                                         kwargs={**kwargs, "return_final_state": True})[1],
+            query, key, value)
+        self.variable("cache", "state", lambda: jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+        self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      elif decode:
         # First call (init): size the cache on this full-length input, then run the full forward.
         self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
@@ -244,6 +260,22 @@ class MultiHeadAttention(nn.Module):
     return self._attend(mech, query, cached_key.value, cached_value.value, causal=self.causal,
                         cross=False, segment_ids=None, kv_lengths=jnp.full((B,), index + T),
                         kwargs={**kwargs, "q_offset": index})
+
+  def _recurrent_step(self, mech, query, key, value, kwargs):
+    """Advances the mechanism's recurrent state over the new tokens (`Mechanism.recurrent`)."""
+    state = self.variable("cache", "state")
+    cache_index = self.variable("cache", "cache_index")
+    index = cache_index.value
+    if self.rope_base is not None:
+      pos = index + jnp.arange(query.shape[1], dtype=jnp.int32)
+      query = self._rope(query, pos)
+      key = self._rope(key, pos)
+    out, state.value = self._attend(
+        mech, query, key, value, causal=True, cross=False, segment_ids=None, kv_lengths=None,
+        kwargs={**kwargs, "q_offset": index, "initial_state": state.value,
+                "return_final_state": True})
+    cache_index.value = index + query.shape[1]
+    return out
 
   def _attend(self, mech, query, key, value, *, causal, cross, segment_ids, kv_lengths, kwargs):
     if not mech.gqa and key.shape[2] != query.shape[2]:

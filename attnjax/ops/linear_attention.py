@@ -29,18 +29,57 @@ def _is_full_sequence(T, S, q_offset):
 
 
 def linear_contract(op, qf, kf, v, *, causal, segment_ids, q_offset, kv_lengths, implementation,
-                    log_decay=None, normalize=False, scale=1.0, chunk_size=64):
+                    log_decay=None, normalize=False, scale=1.0, chunk_size=64, initial_state=None,
+                    return_final_state=False):
   """Runs gated linear attention on feature-mapped `qf [B,T,N,F]`, `kf [B,S,K,F]` under the contract.
 
   `log_decay` is `[B,S,N]` / `[B,S,N,F]` over the key positions. Non-causal attention ignores
   positions; causal attention over a full sequence uses the primitive's forms; causal queries at an
   offset (decoding over a cache) use the cached form. The result has v's dtype.
+
+  Recurrent decoding (`return_final_state=True`): q, k, v are the T new tokens of a causal
+  self-attention, `initial_state` the state after the earlier ones (None: none yet); returns
+  `(out, state)` with the float32 state `[B,N,F,h(+1)]`. Positions are implicit in the state, so
+  `q_offset` is not used here.
   """
+  if return_final_state:
+    return _recurrent_contract(op, qf, kf, v, causal=causal, segment_ids=segment_ids,
+                               kv_lengths=kv_lengths, implementation=implementation,
+                               log_decay=log_decay, normalize=normalize, scale=scale,
+                               chunk_size=chunk_size, initial_state=initial_state)
+  if initial_state is not None:
+    raise ValueError(f"{op}: `initial_state` needs `return_final_state=True` (recurrent decoding)")
   out = _linear_contract(op, qf, kf, v, causal=causal, segment_ids=segment_ids, q_offset=q_offset,
                          kv_lengths=kv_lengths, implementation=implementation,
                          log_decay=log_decay, normalize=normalize, scale=scale,
                          chunk_size=chunk_size)
   return out.astype(v.dtype)   # the features are float32; the result takes the input's dtype
+
+
+def _recurrent_contract(op, qf, kf, v, *, causal, segment_ids, kv_lengths, implementation,
+                        log_decay, normalize, scale, chunk_size, initial_state):
+  if not causal:
+    raise ValueError(f"{op}: recurrent decoding (`return_final_state`) is for causal attention")
+  if segment_ids is not None:
+    raise ValueError(f"{op}: recurrent decoding carries one sequence per batch row; "
+                     "`segment_ids` are not supported there")
+  if qf.shape[1] != kf.shape[1]:
+    raise ValueError(f"{op}: recurrent decoding takes the new tokens only: q and k must have the "
+                     f"same length, got T={qf.shape[1]}, S={kf.shape[1]}")
+  if kv_lengths is not None:
+    checks.check_shape(op, "kv_lengths", kv_lengths, (qf.shape[0],), "[B]")
+  out, state = linear.gated_linear_attention(
+      qf, kf, v, log_decay=log_decay, causal=True, normalize=normalize, scale=scale,
+      initial_state=initial_state, return_final_state=True, kv_lengths=kv_lengths,
+      chunk_size=chunk_size, implementation=implementation)
+  return out.astype(v.dtype), state
+
+
+def _map_output(result, f):
+  """Applies `f` to the output of `linear_contract`, passing a returned state through."""
+  if isinstance(result, tuple):
+    return f(result[0]), result[1]
+  return f(result)
 
 
 def _linear_contract(op, qf, kf, v, *, causal, segment_ids, q_offset, kv_lengths, implementation,
@@ -106,25 +145,35 @@ def _visible_counts(op, q, k, *, causal, segment_ids, q_offset, kv_lengths):
 # #33 Cottention.
 
 def cosine_linear_attention(q, k, v, *, causal=False, segment_ids=None, q_offset=0,
-                            kv_lengths=None, scale=None, implementation=None, length_exponent=None):
+                            kv_lengths=None, scale=None, implementation=None, length_exponent=None,
+                            initial_state=None, return_final_state=False):
   """Cottention: cosine-similarity attention `o_t = Σ_s (q̂_t·k̂_s) v_s / n_t^σ`, linear in T.
 
   q̂, k̂ are L2-normalized rows, `n_t` the number of keys query t sees (t + 1 when causal) and
   `σ = sigmoid(length_exponent)` a learned per-head exponent `[N]` (default σ = 1/2). The causal form
   is the RNN `S_t = S_{t-1} + k̂_t v_tᵀ`, `o_t = q̂_t S_t / t^σ`. `scale` is unused (cosine
-  similarities need none). Mongaras et al., "Cottention: Linear Transformers With Cosine
-  Attention", arXiv:2409.18747.
+  similarities need none). Recurrent decoding carries `S_t` (`[B,N,H,h]`); the count comes from
+  `q_offset`. Mongaras et al., "Cottention: Linear Transformers With Cosine Attention",
+  arXiv:2409.18747.
   """
   del scale
   B, T, N, _ = q.shape
   sigma = (jnp.full((N,), 0.5, _F32) if length_exponent is None else
            jax.nn.sigmoid(jnp.asarray(length_exponent, _F32)))
   contract = dict(causal=causal, segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths)
-  o = linear_contract("cosine_linear_attention", fm.l2_normalize(q), fm.l2_normalize(k), v,
-                      implementation=implementation, **contract)
-  n = _visible_counts("cosine_linear_attention", q, k, **contract)
+  result = linear_contract("cosine_linear_attention", fm.l2_normalize(q), fm.l2_normalize(k), v,
+                           implementation=implementation, initial_state=initial_state,
+                           return_final_state=return_final_state, **contract)
+  if return_final_state:
+    # The state holds no count: query t of this call sees the q_offset earlier tokens and t + 1 new.
+    new = jnp.arange(1, T + 1)[None]
+    if kv_lengths is not None:
+      new = jnp.minimum(new, kv_lengths[:, None])
+    n = (jnp.reshape(jnp.asarray(q_offset), (-1, 1)) + new).astype(_F32)[:, :, None, None]
+  else:
+    n = _visible_counts("cosine_linear_attention", q, k, **contract)
   div = jnp.where(n > 0, jnp.maximum(n, 1.0) ** sigma[:, None], 1.0)
-  return (o.astype(_F32) / div).astype(q.dtype)
+  return _map_output(result, lambda o: (o.astype(_F32) / div).astype(q.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +228,8 @@ def lightning_decay_rates(num_heads: int):
 
 
 def lightning_attention_2(q, k, v, *, causal=True, segment_ids=None, q_offset=0, kv_lengths=None,
-                          scale=None, implementation=None, log_decay_rates=None, chunk_size=64):
+                          scale=None, implementation=None, log_decay_rates=None, chunk_size=64,
+                          initial_state=None, return_final_state=False):
   """Lightning Attention-2: causal linear attention `o_t = q_t Σ_{s≤t} λ^{t-s} k_s v_sᵀ`, tiled.
 
   Intra-block `((Q_i K_iᵀ) ⊙ M) V_i` plus inter-block `Q_i KV` with `KV ← λ^C KV + K_iᵀ V_i`
@@ -195,14 +245,16 @@ def lightning_attention_2(q, k, v, *, causal=True, segment_ids=None, q_offset=0,
   return linear_contract("lightning_attention_2", q, k, v, causal=causal, segment_ids=segment_ids,
                          q_offset=q_offset, kv_lengths=kv_lengths, implementation=implementation,
                          log_decay=log_decay, scale=H ** -0.5 if scale is None else scale,
-                         chunk_size=chunk_size)
+                         chunk_size=chunk_size, initial_state=initial_state,
+                         return_final_state=return_final_state)
 
 
 # ---------------------------------------------------------------------------------------------
 # #152 Performer (FAVOR+).
 
 def favor_plus_attention(q, k, v, *, projection, causal=False, segment_ids=None, q_offset=0,
-                         kv_lengths=None, scale=None, implementation=None):
+                         kv_lengths=None, scale=None, implementation=None, initial_state=None,
+                         return_final_state=False):
   """Performer FAVOR+: `D⁻¹ φ(Q)(φ(K)ᵀ V)` with positive orthogonal random features.
 
   `φ(x) = exp(W x - ‖x‖²/2)/√m`, `W = projection [m, H]` (draw it with
@@ -224,7 +276,8 @@ def favor_plus_attention(q, k, v, *, projection, causal=False, segment_ids=None,
   kf = fm.favor_plus(ks, w, stabilizer=key_stab)
   return linear_contract("favor_plus_attention", qf, kf, v, causal=causal, segment_ids=segment_ids,
                          q_offset=q_offset, kv_lengths=kv_lengths, implementation=implementation,
-                         normalize=True)
+                         normalize=True, initial_state=initial_state,
+                         return_final_state=return_final_state)
 
 
 def _favor_projection_shape(N, K, H):
@@ -340,12 +393,14 @@ def _taylor_direct(qs, ks, v, *, causal, segment_ids, q_offset, kv_lengths):
 
 
 def taylor_shift_attention(q, k, v, *, causal=False, segment_ids=None, q_offset=0, kv_lengths=None,
-                           scale=None, implementation=None, form="auto"):
+                           scale=None, implementation=None, form="auto", initial_state=None,
+                           return_final_state=False):
   """TaylorShift: normalized second-order Taylor-softmax `w = 1 + x + x²/2`, `x = scale · q·k`.
 
   `form="linear"` computes it exactly in O(T·H²·h) with features `[1, x, vec(x xᵀ)/√2]`;
   `form="direct"` materializes the `[T, S]` weights; `"auto"` picks the direct form below the
-  crossover length `taylor_crossover_length(H, h)` where it is cheaper. Nauen et al., "TaylorShift:
+  crossover length `taylor_crossover_length(H, h)` where it is cheaper. Recurrent decoding always
+  uses the linear form (its state is `[B,N,1+H+H²,h+1]`). Nauen et al., "TaylorShift:
   Shifting the Complexity of Self-Attention from Squared to Linear (and Back) using Taylor-Softmax",
   arXiv:2403.02920.
   """
@@ -354,16 +409,21 @@ def taylor_shift_attention(q, k, v, *, causal=False, segment_ids=None, q_offset=
   qs, ks = q.astype(_F32) * r, k.astype(_F32) * r
   if form not in ("auto", "linear", "direct"):
     raise ValueError(f"taylor_shift_attention: `form` must be auto, linear or direct, got {form!r}")
-  if form == "direct" or (form == "auto" and T < taylor_crossover_length(H, h)):
+  if return_final_state and form == "direct":
+    raise ValueError("taylor_shift_attention: recurrent decoding needs form='linear' or 'auto'")
+  if form == "direct" or (form == "auto" and T < taylor_crossover_length(H, h)
+                          and not return_final_state):
     return _taylor_direct(qs, ks, v, causal=causal, segment_ids=segment_ids, q_offset=q_offset,
                           kv_lengths=kv_lengths).astype(q.dtype)
   return linear_contract("taylor_shift_attention", fm.taylor2(qs), fm.taylor2(ks), v,
                          causal=causal, segment_ids=segment_ids, q_offset=q_offset,
-                         kv_lengths=kv_lengths, implementation=implementation, normalize=True)
+                         kv_lengths=kv_lengths, implementation=implementation, normalize=True,
+                         initial_state=initial_state, return_final_state=return_final_state)
 
 
 def fastmax_attention(q, k, v, *, causal=False, segment_ids=None, q_offset=0, kv_lengths=None,
-                      scale=None, implementation=None):
+                      scale=None, implementation=None, initial_state=None,
+                      return_final_state=False):
   """FAST (Fastmax): `w_ts ∝ 1 + x + x²/2` of normalized `x = q̂·k̂`, factorized to O(T·H²·h).
 
   q and k rows are standardized (zero mean, unit variance over the head dim) and scaled by
@@ -382,7 +442,8 @@ def fastmax_attention(q, k, v, *, causal=False, segment_ids=None, q_offset=0, kv
   qs, ks = standardize(q) * r, standardize(k) * r
   return linear_contract("fastmax_attention", fm.taylor2(qs), fm.taylor2(ks), v, causal=causal,
                          segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
-                         implementation=implementation, normalize=True)
+                         implementation=implementation, normalize=True,
+                         initial_state=initial_state, return_final_state=return_final_state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +456,8 @@ def refined_gate(g, r):
 
 def refined_gated_linear_attention(q, k, v, *, gate_kernel, gate_bias, refine_kernel, refine_bias,
                                    causal=True, segment_ids=None, q_offset=0, kv_lengths=None,
-                                   scale=None, implementation=None):
+                                   scale=None, implementation=None, initial_state=None,
+                                   return_final_state=False):
   """ReGLA: `S_t = diag(g'_t) S_{t-1} + φ(k_t) v_tᵀ`, `o_t = norm(φ(q_t) S_t)`.
 
   φ is the bounded exponential `exp(x - max x)`; `g = σ(k W_g + b_g)` and the refining gate
@@ -412,13 +474,18 @@ def refined_gated_linear_attention(q, k, v, *, gate_kernel, gate_bias, refine_ke
   r = jax.nn.sigmoid(jnp.einsum("bsnf,nfg->bsng", kr, refine_kernel) + refine_bias)
   log_decay = jnp.log(jnp.maximum(refined_gate(g, r), 1e-30)) if causal else None
   sc = H ** -0.5 if scale is None else scale
-  o = linear_contract("refined_gated_linear_attention", fm.bounded_exp(q.astype(_F32) * sc ** 0.5),
-                      fm.bounded_exp(k.astype(_F32) * sc ** 0.5), v, causal=causal,
-                      segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
-                      implementation=implementation, log_decay=log_decay, chunk_size=16)
-  o = o.astype(_F32)
-  o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + 1e-6)
-  return o.astype(q.dtype)
+  result = linear_contract(
+      "refined_gated_linear_attention", fm.bounded_exp(q.astype(_F32) * sc ** 0.5),
+      fm.bounded_exp(k.astype(_F32) * sc ** 0.5), v, causal=causal, segment_ids=segment_ids,
+      q_offset=q_offset, kv_lengths=kv_lengths, implementation=implementation,
+      log_decay=log_decay, chunk_size=16, initial_state=initial_state,
+      return_final_state=return_final_state)
+
+  def rms_normalized(o):
+    o = o.astype(_F32)
+    return (o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + 1e-6)).astype(q.dtype)
+
+  return _map_output(result, rms_normalized)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +529,8 @@ LATTE_LATENTS = 16
 
 
 def latte_attention(q, k, v, *, query_latents, key_latents, causal=True, segment_ids=None,
-                    q_offset=0, kv_lengths=None, scale=None, implementation=None):
+                    q_offset=0, kv_lengths=None, scale=None, implementation=None,
+                    initial_state=None, return_final_state=False):
   """Latte: attention factored through L latent states, linear in T.
 
   `o_t = Σ_l p(l|t) Σ_{s≤t} p(s|l,t) v_s` with `p(l|t) = softmax_l(q_t W_q)` and
@@ -484,11 +552,19 @@ def latte_attention(q, k, v, *, query_latents, key_latents, causal=True, segment
   ones = jnp.ones((B, T, N * L, 1), _F32)
   kf = jnp.repeat(kf.reshape(B, S, K, 1, L, 1), N // K, 3).reshape(B, S, N * L, 1)
   vl = jnp.repeat(vl.reshape(B, S, K, 1, L, h), N // K, 3).reshape(B, S, N * L, h)
-  per_latent = linear_contract("latte_attention", ones, kf, vl, causal=causal,
-                               segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
-                               implementation=implementation, normalize=True, scale=1.0)
-  o = jnp.einsum("btnl,btnlh->btnh", p_lt, per_latent.astype(_F32).reshape(B, T, N, L, h))
-  return o.astype(q.dtype)
+  result = linear_contract("latte_attention", ones, kf, vl, causal=causal, segment_ids=segment_ids,
+                           q_offset=q_offset, kv_lengths=kv_lengths, implementation=implementation,
+                           normalize=True, scale=1.0, initial_state=initial_state,
+                           return_final_state=return_final_state)
+  mix = lambda per_latent: jnp.einsum(
+      "btnl,btnlh->btnh", p_lt, per_latent.astype(_F32).reshape(B, T, N, L, h)).astype(q.dtype)
+  return _map_output(result, mix)
+
+
+def _latte_latent_count(kwargs):
+  """L, from the latents passed (the layer creates LATTE_LATENTS of them)."""
+  latents = kwargs.get("query_latents")
+  return LATTE_LATENTS if latents is None else np.shape(latents)[-1]
 
 
 def _example_array(seed, shape, stddev=1.0):
@@ -512,7 +588,7 @@ _TAYLOR = _state_floats(lambda H: 1 + H + H * H)
 register(Mechanism(
     name="cosine_linear_attention", fn=cosine_linear_attention, family="linear", seeds=(33,),
     paper="Cottention: Linear Transformers With Cosine Attention", arxiv="2409.18747",
-    complexity="O(T·H·h)", implementations=_IMPLS,
+    recurrent=True, complexity="O(T·H·h)", implementations=_IMPLS,
     params=(ParamSpec("length_exponent", lambda N, K, H: (N,), jax.nn.initializers.zeros),),
     example=dict(length_exponent=np.linspace(-1.0, 1.0, 4, dtype=np.float32)),
     state_size=_UNNORMALIZED))
@@ -525,12 +601,12 @@ register(Mechanism(
     name="lightning_attention_2", fn=lightning_attention_2, family="linear", seeds=(79,),
     paper="Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large "
           "Language Models", arxiv="2401.04658",
-    complexity="O(T·C·H + T·H·h)", implementations=_IMPLS, example=dict(chunk_size=8),
-    state_size=_UNNORMALIZED))
+    recurrent=True, complexity="O(T·C·H + T·H·h)", implementations=_IMPLS,
+    example=dict(chunk_size=8), state_size=_UNNORMALIZED))
 register(Mechanism(
     name="favor_plus_attention", fn=favor_plus_attention, family="linear", seeds=(152,),
-    paper="Rethinking Attention with Performers", arxiv="2009.14794", complexity="O(T·m·h)",
-    implementations=_IMPLS,
+    paper="Rethinking Attention with Performers", arxiv="2009.14794", recurrent=True,
+    complexity="O(T·m·h)", implementations=_IMPLS,
     params=(ParamSpec("projection", _favor_projection_shape, _favor_init),),
     example=dict(projection=_example_array(7, (32, 8))),
     state_size=_state_floats(lambda H: 4 * H)))
@@ -544,16 +620,17 @@ register(Mechanism(
 register(Mechanism(
     name="taylor_shift_attention", fn=taylor_shift_attention, family="linear", seeds=(177,),
     paper="TaylorShift: Shifting the Complexity of Self-Attention from Squared to Linear (and "
-          "Back) using Taylor-Softmax", arxiv="2403.02920", complexity="O(T·H²·h)",
-    implementations=_IMPLS, example=dict(form="linear"), state_size=_TAYLOR))
+          "Back) using Taylor-Softmax", arxiv="2403.02920", recurrent=True,
+    complexity="O(T·H²·h)", implementations=_IMPLS, example=dict(form="linear"),
+    state_size=_TAYLOR))
 register(Mechanism(
     name="fastmax_attention", fn=fastmax_attention, family="linear", seeds=(87,),
     paper="FAST: Factorizable Attention for Speeding up Transformers", arxiv="2402.07901",
-    complexity="O(T·H²·h)", implementations=_IMPLS, state_size=_TAYLOR))
+    recurrent=True, complexity="O(T·H²·h)", implementations=_IMPLS, state_size=_TAYLOR))
 register(Mechanism(
     name="refined_gated_linear_attention", fn=refined_gated_linear_attention, family="linear",
     seeds=(234,), paper="ReGLA: Refining Gated Linear Attention", arxiv="2502.01578",
-    complexity="O(T·C·H + T·H·h)", implementations=_IMPLS,
+    recurrent=True, complexity="O(T·C·H + T·H·h)", implementations=_IMPLS,
     params=(ParamSpec("gate_kernel", lambda N, K, H: (N, H, H), _normal(0.02)),
             ParamSpec("gate_bias", lambda N, K, H: (N, H), jax.nn.initializers.constant(3.0)),
             ParamSpec("refine_kernel", lambda N, K, H: (N, H, H), _normal(0.02)),
@@ -571,9 +648,9 @@ register(Mechanism(
 register(Mechanism(
     name="latte_attention", fn=latte_attention, family="linear", seeds=(96,),
     paper="Latent Attention for Linear Time Transformers", arxiv="2402.17512",
-    complexity="O(T·L·h)", implementations=_IMPLS,
+    recurrent=True, complexity="O(T·L·h)", implementations=_IMPLS,
     params=(ParamSpec("query_latents", lambda N, K, H: (N, H, LATTE_LATENTS), _normal(0.02)),
             ParamSpec("key_latents", lambda N, K, H: (K, H, LATTE_LATENTS), _normal(0.02))),
     example=dict(query_latents=_example_array(3, (4, 8, 5), 0.5),
                  key_latents=_example_array(4, (2, 8, 5), 0.5)),
-    state_size=lambda T, N, K, H, h, kwargs: N * LATTE_LATENTS * (h + 1)))
+    state_size=lambda T, N, K, H, h, kwargs: N * _latte_latent_count(kwargs) * (h + 1)))

@@ -28,7 +28,7 @@ from attnjax.core import masks
 from attnjax.core.linear import gated_linear_attention
 from attnjax.core.merge import merge_attention_states
 from attnjax.ops.dot_product import contract_mask, dot_product_attention
-from attnjax.registry import Mechanism, ParamSpec, register
+from attnjax.registry import Mechanism, ParamSpec, example_params, register
 
 _F32 = jnp.float32
 
@@ -36,22 +36,10 @@ _F32 = jnp.float32
 # Shared helpers
 
 
-def _is_static_zero(q_offset) -> bool:
-  return isinstance(q_offset, (int, np.integer)) and int(q_offset) == 0
-
-
-def _check_impl(op: str, implementation: Optional[str]) -> str:
-  impl = "xla" if implementation is None else implementation
-  if impl not in ("xla", "reference"):
-    raise ValueError(f"{op}: unknown implementation {implementation!r}; choose from "
-                     "['xla', 'reference']")
-  return impl
-
-
 def _check_call(op: str, T: int, S: int, q_offset, kv_lengths, segment_ids) -> bool:
   """Validates the self-attention call and says whether it is a full forward (T == S, q_offset 0)."""
-  full = T == S and _is_static_zero(q_offset)
-  if T != S and _is_static_zero(q_offset) and kv_lengths is None:
+  full = T == S and checks.is_static_zero(q_offset)
+  if T != S and checks.is_static_zero(q_offset) and kv_lengths is None:
     raise ValueError(f"{op}: self-attention only (T == S, or T < S over a KV cache with `q_offset` "
                      f"and `kv_lengths`); got T={T}, S={S}")
   if segment_ids is not None and (not full or isinstance(segment_ids, (tuple, list))):
@@ -305,7 +293,7 @@ def infini_attention(q, k, v, *, gate, segment_length: int = 2048, update_rule: 
   if segment_length < 1:
     raise ValueError(f"{op}: `segment_length` must be >= 1, got {segment_length}")
   checks.check_shape(op, "gate", gate, (N,), "[N]")
-  impl = _check_impl(op, implementation)
+  impl = checks.check_implementation(op, implementation)
   full = _check_call(op, T, S, q_offset, kv_lengths, segment_ids)
   scale = H ** -0.5 if scale is None else scale
 
@@ -418,7 +406,7 @@ def orthogonal_memory_attention(q, k, v, *, relative_slope, num_bases: Optional[
   r = H if num_bases is None else num_bases
   if not 1 <= r <= H:
     raise ValueError(f"{op}: `num_bases` must be in [1, H={H}], got {num_bases}")
-  impl = _check_impl(op, implementation)
+  impl = checks.check_implementation(op, implementation)
   full = _check_call(op, T, S, q_offset, kv_lengths, segment_ids)
   scale = H ** -0.5 if scale is None else scale
   pos = _positions(B, T, q_offset)
@@ -553,7 +541,7 @@ def chela_attention(q, k, v, *, short_kernel, long_kernel, long_decay, query_kap
                 dict(short_kernel=short_kernel, long_kernel=long_kernel, long_decay=long_decay,
                      query_kappa=query_kappa, query_mu=query_mu, key_kappa=key_kappa,
                      key_mu=key_mu, gate_weight=gate_weight, gate_bias=gate_bias))
-  impl = _check_impl(op, implementation)
+  impl = checks.check_implementation(op, implementation)
   full = _check_call(op, T, S, q_offset, kv_lengths, segment_ids)
   pos = _positions(B, T, q_offset)
   f32 = lambda x: jnp.asarray(x, _F32)
@@ -612,20 +600,6 @@ _CHELA_SPECS = (
 )
 
 
-def example_params(specs, *, N: int = 4, K: int = 2, H: int = 8, seed: int = 0,
-                   perturb: float = 0.3) -> dict:
-  """Concrete arrays for `specs` at the conformance sizes: each spec's init plus `perturb`·N(0, 1),
-  so zero-initialized gates and offsets are exercised too."""
-  rng = np.random.default_rng(seed)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(specs))
-  out = {}
-  for key, spec in zip(keys, specs, strict=True):
-    shape = tuple(spec.shape(N, K, H))
-    value = np.asarray(spec.init(key, shape, jnp.float32))
-    out[spec.name] = (value + perturb * rng.standard_normal(shape)).astype(np.float32)
-  return out
-
-
 register(Mechanism(
     name="infini_attention", fn=infini_attention, family="recurrent-memory", seeds=(75,),
     paper="Leave No Context Behind: Efficient Infinite Context Transformers with Infini-attention",
@@ -644,7 +618,7 @@ register(Mechanism(
     patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=True,
     complexity="O(T·(r·(H + h) + w)) (r bases, window w)", implementations=("xla", "reference"),
     params=_LAVO_SPECS, example=lambda: dict(window=4, num_bases=5, chunk_size=8,
-                                             **example_params(_LAVO_SPECS)),
+                                             **example_params(_LAVO_SPECS, perturb=0.3)),
     defaults=dict(window=32),
     # r key and value memory slots (r = num_bases, default H) per kv head, plus the local window.
     state_size=lambda T, N, K, H, h, kw: ((kw.get("num_bases") or H) + min(kw["window"], T))
@@ -656,6 +630,7 @@ register(Mechanism(
           "Sequences", arxiv="2406.08128",
     patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=True,
     complexity="O(T·(C + log T)) (chunk C)", implementations=("xla", "reference"),
-    params=_CHELA_SPECS, example=lambda: dict(chunk_size=8, **example_params(_CHELA_SPECS)),
+    params=_CHELA_SPECS,
+    example=lambda: dict(chunk_size=8, **example_params(_CHELA_SPECS, perturb=0.3)),
     # The linear-attention state and normaliser per kv head, plus the convolutions' input buffers.
     state_size=lambda T, N, K, H, h, kw: K * H * (h + 1) + (LONG_KERNEL + SHORT_KERNEL) * K * H))

@@ -19,14 +19,13 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attnjax.core import checks
 from attnjax.core import flex
 from attnjax.core import masks
 from attnjax.core.merge import merge_attention_states
 from attnjax.ops.dot_product import contract_mask, dot_product_attention
-from attnjax.registry import Mechanism, ParamSpec, register
+from attnjax.registry import Mechanism, ParamSpec, example_params, register
 
 # ----------------------------------------------------------------------------------------------------
 # Shared helpers
@@ -58,18 +57,6 @@ def _to_query_heads(x: jax.Array, N: int) -> jax.Array:
   return jnp.repeat(x, N // x.shape[2], axis=2)
 
 
-def _is_static_zero(q_offset) -> bool:
-  return isinstance(q_offset, (int, np.integer)) and int(q_offset) == 0
-
-
-def _check_impl(op: str, implementation: Optional[str]) -> str:
-  impl = "xla" if implementation is None else implementation
-  if impl not in ("xla", "reference"):
-    raise ValueError(f"{op}: unknown implementation {implementation!r}; choose from "
-                     "['xla', 'reference']")
-  return impl
-
-
 def _check_params(op: str, shapes: dict, params: dict):
   for name, (expected, letters) in shapes.items():
     checks.check_shape(op, name, params[name], expected, letters)
@@ -84,7 +71,7 @@ def _layer_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
 def _check_self(op: str, T: int, S: int, q_offset, kv_lengths):
   """Mechanisms whose queries are read from the key stream need T == S or a cache (q_offset or
   kv_lengths given)."""
-  if T != S and _is_static_zero(q_offset) and kv_lengths is None:
+  if T != S and checks.is_static_zero(q_offset) and kv_lengths is None:
     raise ValueError(f"{op}: self-attention only (T == S, or T < S over a KV cache with `q_offset` "
                      f"and `kv_lengths`); got T={T}, S={S}")
 
@@ -253,7 +240,7 @@ def mega_attention(q, k, v, *, ema_alpha, ema_delta, ema_beta, ema_eta, query_ka
   """
   op = "mega_attention"
   B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
-  impl = _check_impl(op, implementation)
+  impl = checks.check_implementation(op, implementation)
   params = dict(zip(_MEGA_PARAMS, (ema_alpha, ema_delta, ema_beta, ema_eta, query_kappa, query_mu,
                                    key_kappa, key_mu, reset_gate_weight, reset_gate_bias,
                                    update_gate_weight, update_gate_bias)))
@@ -268,7 +255,7 @@ def mega_attention(q, k, v, *, ema_alpha, ema_delta, ema_beta, ema_eta, query_ka
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"{op}: `chunk_size` must be >= 1 or None, got {chunk_size}")
   if segment_ids is not None and (isinstance(segment_ids, (tuple, list)) or T != S
-                                  or not _is_static_zero(q_offset)):
+                                  or not checks.is_static_zero(q_offset)):
     raise ValueError(f"{op}: `segment_ids` must be one [B, T] array for a full self-attention "
                      "forward (T == S, q_offset == 0)")
   _check_self(op, T, S, q_offset, kv_lengths)
@@ -288,7 +275,7 @@ def mega_attention(q, k, v, *, ema_alpha, ema_delta, ema_beta, ema_eta, query_ka
   values = jax.nn.silu(vf)
 
   if (impl == "xla" and chunk_size is not None and segment_ids is None and T == S
-      and _is_static_zero(q_offset)):
+      and checks.is_static_zero(q_offset)):
     o = _chunked_blocks(queries, keys, values, causal=causal, kv_lengths=kv_lengths,
                         chunk_size=chunk_size, scale=scale)
   else:
@@ -526,7 +513,7 @@ def recurrent_attention_network(q, k, v, *, gpc_query, gpc_key, window: int = 64
   """
   op = "recurrent_attention_network"
   B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
-  impl = _check_impl(op, implementation)
+  impl = checks.check_implementation(op, implementation)
   if window < 1:
     raise ValueError(f"{op}: `window` must be >= 1, got {window}")
   if segment_ids is not None:
@@ -539,7 +526,7 @@ def recurrent_attention_network(q, k, v, *, gpc_query, gpc_key, window: int = 64
   (gk_in, gv_in), (_, gv_final) = gpc_states(k, v, gpc_query=gpc_query, gpc_key=gpc_key,
                                              window=window, kv_lengths=kv_lengths, scale=scale,
                                              implementation=impl)
-  if impl == "xla" and T == S and _is_static_zero(q_offset):
+  if impl == "xla" and T == S and checks.is_static_zero(q_offset):
     out = _ran_windows(q, k, v, gk_in, gv_in, window=window, causal=causal, kv_lengths=kv_lengths,
                        scale=scale)
   else:
@@ -601,19 +588,6 @@ _RAN_SPECS = (
     ParamSpec("gpc_query", lambda N, K, H: (K, H), _init.normal(1.0)),
     ParamSpec("gpc_key", lambda N, K, H: (K, H), _init.normal(1.0)),
 )
-
-
-def example_params(specs, *, N: int = 4, K: int = 2, H: int = 8, seed: int = 0,
-                   perturb: float = 0.0) -> dict:
-  """Concrete arrays for `specs` at the given sizes (the conformance sizes by default): each spec's
-  init, plus `perturb`·N(0, 1) so zero-initialized gates are exercised too."""
-  keys = jax.random.split(jax.random.PRNGKey(seed), 2 * len(specs))
-  out = {}
-  for i, spec in enumerate(specs):
-    shape = tuple(spec.shape(N, K, H))
-    value = spec.init(keys[2 * i], shape, jnp.float32)
-    out[spec.name] = value + perturb * jax.random.normal(keys[2 * i + 1], shape)
-  return out
 
 
 _conformance = functools.partial(example_params, N=4, K=2, H=8)

@@ -3,7 +3,8 @@
 Parametrized over the registry, so a mechanism is tested the moment it is registered: shapes and dtypes;
 finite forward and gradients; jit equals eager; causal rows unaffected by future keys; each supported
 pattern works and each unsupported one raises; every implementation agrees with the reference in
-outputs and gradients; prefill followed by step-by-step decode equals the full forward; packed sequences
+outputs and gradients; prefill followed by step-by-step decode equals the full forward (over a KV
+cache, and with the carried state of recurrent mechanisms); packed sequences
 equal separate ones; bf16 close to fp32. Each mechanism is called with its `example` keywords, which
 exercise it at these small sizes.
 """
@@ -11,6 +12,7 @@ exercise it at these small sizes.
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import attnjax as aj
@@ -41,8 +43,18 @@ def _pattern_args(pattern):
   return causal, cross, (S if cross else T)
 
 
-def _call(m, q, k, v, **kwargs):
+def _call_eager(m, q, k, v, **kwargs):
   return m(q, k, v, **{**m.example_kwargs, **kwargs})
+
+
+def _call(m, q, k, v, **kwargs):
+  """The mechanism with its example keywords, compiled as one program, as a model runs it (eager
+  op-by-op dispatch compiles every primitive separately: 3-6x slower to test). Array keywords are
+  traced arguments; the rest (flags, ints, names) stay Python values, as in a model."""
+  kwargs = {**m.example_kwargs, **kwargs}
+  arrays = {key: x for key, x in kwargs.items() if isinstance(x, (jax.Array, np.ndarray))}
+  static = {key: x for key, x in kwargs.items() if key not in arrays}
+  return jax.jit(lambda q, k, v, arrays: m(q, k, v, **static, **arrays))(q, k, v, arrays)
 
 
 def _some_pattern(m):
@@ -81,8 +93,8 @@ def test_dtype_preserved_and_gradients_finite(mech, dtype):
   q, k, v = _inputs(mech, s=s, dtype=dtype)
   out = _call(mech, q, k, v, causal=causal, cross=cross)
   assert out.dtype == dtype
-  grads = jax.grad(lambda *a: jnp.sum(_call(mech, *a, causal=causal, cross=cross).astype(
-      jnp.float32) ** 2), argnums=(0, 1, 2))(q, k, v)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(_call(mech, *a, causal=causal, cross=cross).astype(
+      jnp.float32) ** 2), argnums=(0, 1, 2)))(q, k, v)
   chex.assert_tree_all_finite(grads)
   for g, x in zip(grads, (q, k, v), strict=True):
     chex.assert_equal_shape([g, x])
@@ -91,8 +103,8 @@ def test_dtype_preserved_and_gradients_finite(mech, dtype):
 def test_jit_equals_eager(mech):
   causal, cross, s = _pattern_args(_some_pattern(mech))
   q, k, v = _inputs(mech, s=s)
-  eager = _call(mech, q, k, v, causal=causal, cross=cross)
-  jitted = jax.jit(lambda *a: _call(mech, *a, causal=causal, cross=cross))(q, k, v)
+  eager = _call_eager(mech, q, k, v, causal=causal, cross=cross)
+  jitted = jax.jit(lambda *a: _call_eager(mech, *a, causal=causal, cross=cross))(q, k, v)
   chex.assert_trees_all_close(jitted, eager, **tolerances.output(jnp.float32))
 
 
@@ -120,7 +132,7 @@ def test_implementations_agree_with_reference(mech, pattern):
     def loss(q, k, v):
       out = _call(mech, q, k, v, causal=causal, cross=cross, implementation=impl)
       return jnp.sum(out * jnp.sin(out)), out
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return out, grads
 
   ref_out, ref_grads = run("reference")
@@ -167,6 +179,32 @@ def test_decode_with_per_row_offsets(mech):
   out = _call(mech, q_step, k, v, causal=True, cross=False, q_offset=pos, kv_lengths=pos + 1)
   chex.assert_trees_all_close(out[:, 0], jnp.stack([full[0, pos[0]], full[1, pos[1]]]),
                               **tolerances.output(jnp.float32))
+
+
+def test_recurrent_decode_equals_full_forward(mech):
+  """A recurrent mechanism's carried state gives the full forward's rows, and holds exactly the
+  `state_size` numbers per sequence the registry reports."""
+  if not mech.recurrent:
+    pytest.skip("decodes over a KV cache")
+  q, k, v = _inputs(mech, s=T)
+  full = _call(mech, q, k, v, causal=True)
+  prefill = 11
+  out, state = _call(mech, q[:, :prefill], k[:, :prefill], v[:, :prefill], causal=True,
+                     q_offset=0, initial_state=None, return_final_state=True)
+  chex.assert_trees_all_close(out, full[:, :prefill], **tolerances.output(jnp.float32))
+  floats = sum(x.size for x in jax.tree.leaves(state)) // B
+  assert floats == mech.decode_state_floats(T, N, _kv_heads(mech), H, HV, mech.example_kwargs)
+
+  @jax.jit
+  def step(q_t, k_t, v_t, state, t):
+    return _call(mech, q_t, k_t, v_t, causal=True, q_offset=t, initial_state=state,
+                 return_final_state=True)
+
+  for t in range(prefill, T):
+    out, new_state = step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], state, jnp.int32(t))
+    chex.assert_trees_all_close(out[:, 0], full[:, t], **tolerances.output(jnp.float32))
+    chex.assert_trees_all_equal_shapes(new_state, state)  # fixed size: it does not grow with t
+    state = new_state
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -140,6 +140,31 @@ def test_decode_equals_full_causal_forward(mechanism, kv_heads):
   chex.assert_trees_all_close(_decode_all(layer, params, x, prefill=4), full, **TOL)
 
 
+@pytest.mark.parametrize("mechanism", ["lightning_attention_2", "favor_plus_attention"])
+def test_recurrent_mechanism_decodes_with_a_fixed_size_state(mechanism):
+  """A recurrent mechanism's cache is its state (the registry's state_size numbers per sequence),
+  not a KV cache, so decoding is not bounded by the length the cache was sized on."""
+  layer = _our_layer(mechanism=mechanism, num_kv_heads=2, causal=True, rope_base=10000.0)
+  x = _x((B, 11, D))
+  params, full = _init_apply(layer, x)
+  cache = jax.eval_shape(lambda x: layer.init(jax.random.PRNGKey(0), x[:, :3], decode=True),
+                         x)["cache"]
+  assert set(cache) == {"state", "cache_index"}
+  mech = aj.get_mechanism(mechanism)
+  floats = sum(leaf.size for leaf in jax.tree.leaves(cache["state"])) // B
+  assert floats == mech.decode_state_floats(11, N, 2, D // N, D // N)
+  # The cache was sized on 3 tokens; 11 decode through it.
+  step = jax.jit(lambda cache, xs: layer.apply({**params, "cache": cache}, xs, decode=True,
+                                               mutable=["cache"]))
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
+  outs = []
+  for t in range(x.shape[1]):
+    out, mutated = step(cache, x[:, t:t + 1])
+    outs.append(out)
+    cache = mutated["cache"]
+  chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), full, **TOL)
+
+
 def test_decode_errors():
   x = _x((B, T, D))
   no_decode = dataclasses.replace(aj.get_mechanism("softmax"), name="no_decode", decode=False)

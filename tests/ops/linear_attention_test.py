@@ -2,6 +2,8 @@
 against an explicit evaluation of its formula written out here, plus every `implementation=` against the
 `reference` scan in outputs and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -351,3 +353,47 @@ def test_latte_decoding_state_is_constant_in_length():
     outs.append(jnp.einsum("bnl,bnlh->bnh", p_l, o.reshape(B, N, L, h)))
   assert sizes == {B * N * L * (h + 1)}
   _assert_rel(jnp.stack(outs, 1), full, 1e-4)
+
+
+# --- Recurrent decoding (Mechanism.recurrent): the carried state and its argument checks ----------
+
+
+def test_cottention_recurrent_decode_with_per_row_offsets_and_padding():
+  """Rows at different positions decode together; the `n_t^σ` count comes from each row's
+  q_offset, and new tokens past kv_lengths leave the state alone."""
+  q, k, v = _qkv(T=12)
+  full = la.cosine_linear_attention(q, k, v, causal=True)
+  # Row 0 has consumed 5 tokens, row 1 has consumed 8; each then reads its next 3.
+  starts = (5, 8)
+  _, s0 = la.cosine_linear_attention(q[:1, :5], k[:1, :5], v[:1, :5], causal=True,
+                                     return_final_state=True)
+  _, s1 = la.cosine_linear_attention(q[1:, :8], k[1:, :8], v[1:, :8], causal=True,
+                                     return_final_state=True)
+  take = lambda x: jnp.stack([x[0, 5:8], x[1, 8:11]])
+  out, state = la.cosine_linear_attention(
+      take(q), take(k), take(v), causal=True, q_offset=jnp.array(starts),
+      initial_state=jnp.concatenate([s0, s1]), return_final_state=True,
+      kv_lengths=jnp.array([3, 2]))
+  _assert_rel(out[0], full[0, 5:8])
+  _assert_rel(out[1, :2], full[1, 8:10])
+  # Row 1's third token was padding: its state is the state after token 9.
+  _, after = la.cosine_linear_attention(q[1:, :10], k[1:, :10], v[1:, :10], causal=True,
+                                        return_final_state=True)
+  _assert_rel(state[1:], after)
+
+
+def test_recurrent_decode_argument_errors():
+  q, k, v = _qkv(T=6)
+  run = functools.partial(la.lightning_attention_2, q, k, v)
+  with pytest.raises(ValueError, match="causal"):
+    run(causal=False, return_final_state=True)
+  with pytest.raises(ValueError, match="segment_ids"):
+    run(segment_ids=jnp.zeros((2, 6), jnp.int32), return_final_state=True)
+  with pytest.raises(ValueError, match="return_final_state"):
+    run(initial_state=linear.zero_state(2, 4, 8, 6))
+  with pytest.raises(ValueError, match=r"initial_state.*\[B,N,F,h\]"):
+    run(initial_state=jnp.zeros((2, 4, 8, 5)), return_final_state=True)
+  with pytest.raises(ValueError, match="same length"):
+    la.lightning_attention_2(q[:, :2], k, v, return_final_state=True)
+  with pytest.raises(ValueError, match="form='linear'"):
+    la.taylor_shift_attention(q, k, v, causal=True, form="direct", return_final_state=True)

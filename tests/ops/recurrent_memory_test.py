@@ -219,7 +219,7 @@ def test_sha_rnn_gates_scale_q_k_v_per_channel():
                                    sig(p["v_gate"])[:, None] * v, causal=True)
   chex.assert_trees_all_close(rm.sha_rnn_attention(q, k, v, **p), expected, **TOL)
   # One key channel's gate changes the result (the gate is per channel, not per head).
-  p2 = {**p, "k_gate": p["k_gate"].at[0, 3].add(3.0)}
+  p2 = {**p, "k_gate": jnp.asarray(p["k_gate"]).at[0, 3].add(3.0)}
   assert not np.allclose(rm.sha_rnn_attention(q, k, v, **p2), rm.sha_rnn_attention(q, k, v, **p))
 
 
