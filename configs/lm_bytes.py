@@ -5,9 +5,9 @@ train/valid by file; nothing is downloaded) with a decoder LM.
       --workdir=/tmp/attnjax_lm_bytes
 
 size=small (default): T 128, width 128, 4 layers, 4 heads, batch 32, 2000 steps. Run time on a
-2-core CPU: about 20 minutes. Metric: eval_loss in nats per byte (bits per byte = eval_loss / ln 2);
-a uniform guess is ln 256 = 5.55; softmax should fall below 1.6 nats (2.3 bits) per byte (a target,
-not yet recorded in docs/results.md).
+2-core CPU: about 12 minutes. Metric: eval_loss in nats per byte (bits per byte = eval_loss / ln 2);
+a uniform guess is ln 256 = 5.55; softmax should fall below 1.6 nats (2.3 bits) per byte: measured
+1.389 nats (2.00 bits) per byte, next-byte accuracy 0.636 (docs/results.md).
 size=tiny: T 64, width 32, 2 layers, 300 steps: a smoke test (no target).
 """
 
