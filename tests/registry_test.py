@@ -37,6 +37,8 @@ def test_register_rejects_duplicates_missing_seeds_and_bad_patterns():
     registry.register(dataclasses.replace(m, name="tmp_no_seeds", seeds=()))
   with pytest.raises(ValueError, match="unknown patterns"):
     registry.register(dataclasses.replace(m, name="tmp_bad", patterns=frozenset({"diagonal"})))
+  with pytest.raises(ValueError, match="recurrent"):
+    registry.register(dataclasses.replace(m, name="tmp_recurrent", recurrent=True, decode=False))
 
 
 def test_attention_by_name_equals_the_function():

@@ -348,7 +348,8 @@ register(Mechanism(
 
 def causal_pairwise_mixer(q, k, v, *, pairwise_current, pairwise_previous, pairwise_context,
                           pairwise_bias, use_context: bool = True, causal=True, segment_ids=None,
-                          q_offset=0, kv_lengths=None, scale=None, implementation=None):
+                          q_offset=0, kv_lengths=None, scale=None, implementation=None,
+                          initial_state=None, return_final_state=False):
   """Causal pairwise mixer: a learned function of each token and its predecessor (+ running mean).
 
       y_t = GELU(v_t A + v_{t-1} B + m_t C + b),      m_t = (1/t) Σ_{j<=t} v_j
@@ -370,12 +371,22 @@ def causal_pairwise_mixer(q, k, v, *, pairwise_current, pairwise_previous, pairw
       full forward; the first token of each packed run has no predecessor).
     scale: unused. implementation: "xla" (shifts and a cumulative sum, O(T)) or "reference" (an
       explicit loop over query rows).
+    initial_state, return_final_state: recurrent decoding (`Mechanism.recurrent`): q, k, v are the
+      new tokens; the state `{"previous": [B,K,h], "sum": [B,K,h], "count": [B]}` (the last value,
+      the running sum and count of values; None before the first token) replaces the cache.
 
   Returns:
-    `[B, T, N, h]` in q's dtype; a row with no visible token is zero.
+    `[B, T, N, h]` in q's dtype; a row with no visible token is zero. With `return_final_state`,
+    `(out, state)`.
   """
   op = "causal_pairwise_mixer"
   _self_only(op, causal, allowed=(True,))
+  if return_final_state:
+    return _pairwise_recurrent(op, q, k, v, initial_state, pairwise_current, pairwise_previous,
+                               pairwise_context, pairwise_bias, use_context,
+                               segment_ids=segment_ids, kv_lengths=kv_lengths)
+  if initial_state is not None:
+    raise ValueError(f"{op}: `initial_state` needs `return_final_state=True` (recurrent decoding)")
   p = _prepare(op, q, k, v, segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
                decode=True)
   _, _, _, N, _, _, h = p.dims
@@ -406,6 +417,33 @@ def _pairwise_xla(p: _Prepared, a, b, c, bias, use_context):
   return out.reshape(cur.shape)
 
 
+def _pairwise_recurrent(op, q, k, v, state, a, b, c, bias, use_context, *, segment_ids,
+                        kv_lengths):
+  """The mixer over T new tokens from the carried (previous value, running sum, count)."""
+  B, T, S, N, K, _, h = checks.check_qkv(op, q, k, v)
+  if T != S or segment_ids is not None or kv_lengths is not None:
+    raise ValueError(f"{op}: recurrent decoding takes the new tokens only (T == S, got T={T}, "
+                     f"S={S}) and no `segment_ids` or `kv_lengths`")
+  mats = [_check_param(op, name, x, (N, h, h), "[N, h, h]") for name, x in (
+      ("pairwise_current", a), ("pairwise_previous", b), ("pairwise_context", c))]
+  bias = _check_param(op, "pairwise_bias", bias, (N, h), "[N, h]")
+  if state is None:
+    state = {"previous": jnp.zeros((B, K, h), _F32), "sum": jnp.zeros((B, K, h), _F32),
+             "count": jnp.zeros((B,), _F32)}
+  for name, want in (("previous", (B, K, h)), ("sum", (B, K, h)), ("count", (B,))):
+    checks.check_shape(op, f"initial_state[{name!r}]", state[name], want,
+                       "[B, K, h]" if name != "count" else "[B]")
+  vf = v.astype(_F32)
+  prev = jnp.concatenate([state["previous"][:, None], vf[:, :-1]], axis=1)     # v_{t-1}
+  sums = state["sum"][:, None] + jnp.cumsum(vf, axis=1)
+  count = state["count"][:, None] + jnp.arange(1, T + 1, dtype=_F32)           # [B, T]
+  heads = lambda x: jnp.repeat(x, N // K, axis=2).reshape((B * T, N, h))
+  out = _pairwise_out(heads(vf), heads(prev), heads(sums / count[..., None, None]),
+                      count.reshape(-1), *mats, bias, use_context)
+  new_state = {"previous": vf[:, -1], "sum": sums[:, -1], "count": count[:, -1]}
+  return out.reshape(B, T, N, h).astype(q.dtype), new_state
+
+
 def _pairwise_reference(p: _Prepared, a, b, c, bias, use_context):
   """Explicit loop over query rows: token, predecessor and visible mean read from the cache."""
 
@@ -428,7 +466,8 @@ _square = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=
 register(Mechanism(
     name="causal_pairwise_mixer", fn=causal_pairwise_mixer, family="alternative-mixer",
     seeds=(134,), paper="Breaking the Attention Bottleneck", arxiv="2406.10906",
-    patterns=frozenset({"causal_self"}), gqa=True, decode=True, packed=True, complexity="O(T)",
+    patterns=frozenset({"causal_self"}), gqa=True, decode=True, recurrent=True, packed=True,
+    complexity="O(T)",
     implementations=("xla", "reference"),
     params=(
         ParamSpec("pairwise_current", lambda n, kv, hd: (n, hd, hd), _square),

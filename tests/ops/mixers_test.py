@@ -239,6 +239,31 @@ def test_pairwise_packed_run_start_has_no_predecessor():
   assert np.all(dep[:3, 3:] == 0)
 
 
+def test_pairwise_recurrent_state_is_the_last_value_and_running_sum():
+  """Decoding carries (v_{t-1}, Σ v, count): 2·K·h + 1 numbers whatever the length, and each
+  step gives the full forward's row."""
+  T, N, K, h = 9, 4, 2, 3
+  q, k, v = _qkv(2, T, N, K, 5, h)
+  params = _pairwise_params(3, N=N, h=h)
+  full = mixers.causal_pairwise_mixer(q, k, v, **params)
+  state, outs = None, []
+  for t in range(T):
+    out, state = mixers.causal_pairwise_mixer(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1],
+                                              initial_state=state, return_final_state=True,
+                                              **params)
+    outs.append(out)
+    chex.assert_trees_all_close(state["previous"], v[:, t], **TOL)
+    chex.assert_trees_all_close(state["sum"], jnp.sum(v[:, :t + 1], axis=1), **TOL)
+    assert sum(x.size for x in jax.tree.leaves(state)) == 2 * (2 * K * h + 1)
+  chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), full, **TOL)
+  with pytest.raises(ValueError, match="new tokens only"):
+    mixers.causal_pairwise_mixer(q, k, v, kv_lengths=jnp.array([3, 4]), return_final_state=True,
+                                 **params)
+  with pytest.raises(ValueError, match=r"initial_state\['sum'\]"):
+    mixers.causal_pairwise_mixer(q, k, v, return_final_state=True, **params,
+                                 initial_state={**state, "sum": jnp.zeros((2, N, h))})
+
+
 # --------------------------------------------------------------------------------------------------
 # #80 Shallow FFN replacing attention.
 
