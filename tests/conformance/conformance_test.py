@@ -160,8 +160,8 @@ def test_prefill_then_decode_equals_full_forward(mech):
     return _call(mech, q_t, k_t, v_t, causal=True, cross=False, q_offset=t,
                  kv_lengths=jnp.full((B,), t + 1))
 
-  # The first step with a Python int offset (eager), the rest as a layer decodes: one compiled step
-  # with a traced offset.
+  # The first step with a Python int offset (known at trace time), the rest as a layer decodes: one
+  # compiled step with a traced offset.
   jit_step = jax.jit(step)
   for t in range(prefill, T):
     run = step if t == prefill else lambda *a: jit_step(*a[:3], jnp.asarray(a[3], jnp.int32))
