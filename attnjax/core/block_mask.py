@@ -37,6 +37,9 @@ class BlockMask:
   """Tile classification of a mask (see module docstring). Arrays are `[Bm, Nm, nq(, nkv)]` with
   `Bm` in {1, B} and `Nm` in {1, N} (1 = the same for every batch row / head).
 
+  The pairs it makes visible (`to_dense`, `as_mask_mod`) are those of its full tiles, and those of
+  its partial tiles where `mask_mod` holds.
+
   Attributes:
     kv_num_blocks: number of partial key blocks of each query block.
     kv_indices: their key-block indices, first `kv_num_blocks` entries valid.
@@ -44,6 +47,8 @@ class BlockMask:
     seq_lengths: `(T, S)`.
     block_size: `(block_q, block_kv)`.
     mask_mod: the elementwise mask applied on partial tiles (None: the tiles are exact, no mask).
+    varies: whether the mask varies over (batch rows, heads); where it does, `Bm` (`Nm`) is exactly
+      the B (N) it was built for, and an operator with another B (N) rejects it.
   """
   kv_num_blocks: Any
   kv_indices: Any
@@ -52,6 +57,7 @@ class BlockMask:
   seq_lengths: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
   block_size: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
   mask_mod: Optional[MaskMod] = dataclasses.field(default=None, metadata=dict(static=True))
+  varies: tuple[bool, bool] = dataclasses.field(default=(False, False), metadata=dict(static=True))
 
   @property
   def is_static(self) -> bool:
@@ -81,20 +87,53 @@ class BlockMask:
     classes = np.asarray(self.classes())
     return float(np.mean(classes == EMPTY))
 
+  def as_mask_mod(self) -> MaskMod:
+    """The visible set as a mask_mod: a pair is visible when its tile is full, or partial and
+    `mask_mod` holds. Evaluated at the caller's `b` and `n`, so a `mask_mod` that varies over rows
+    where the tile lists do not (`Bm = 1`) is still applied per row."""
+    classes = jnp.asarray(self.classes())
+    Bm, Nm = classes.shape[:2]
+    bq, bk = self.block_size
+    elem = self.mask_mod
+
+    def mask_mod(b, n, q_idx, kv_idx):
+      tile = classes[0 if Bm == 1 else b, 0 if Nm == 1 else n, q_idx // bq, kv_idx // bk]
+      keep = tile == PARTIAL
+      if elem is not None:
+        keep = jnp.logical_and(keep, elem(b, n, q_idx, kv_idx))
+      return jnp.logical_or(tile == FULL, keep)
+
+    return mask_mod
+
   def to_dense(self) -> jax.Array:
     """The `[Bm, Nm, T, S]` boolean mask this block mask encodes (mask_mod applied on partial tiles)."""
     T, S = self.seq_lengths
-    bq, bk = self.block_size
-    classes = jnp.asarray(self.classes())
-    Bm, Nm = classes.shape[:2]
-    tile = jnp.repeat(jnp.repeat(classes, bq, axis=2), bk, axis=3)[:, :, :T, :S]
-    b, n, q, kv = (jnp.arange(s).reshape([s if i == d else 1 for i in range(4)])
+    Bm, Nm = self.kv_num_blocks.shape[:2]
+    b, n, q, kv = (jnp.arange(s, dtype=jnp.int32).reshape([s if i == d else 1 for i in range(4)])
                    for d, s in enumerate((Bm, Nm, T, S)))
-    elem = True if self.mask_mod is None else self.mask_mod(b, n, q, kv)
-    return (tile == FULL) | ((tile == PARTIAL) & elem)
+    return jnp.broadcast_to(self.as_mask_mod()(b, n, q, kv), (Bm, Nm, T, S))
+
+  def restrict(self, mask_mod: MaskMod) -> "BlockMask":
+    """The block mask of the pairs visible under this block mask AND `mask_mod`.
+
+    Empty tiles stay empty; full tiles become partial (`mask_mod` may hide some of their pairs), and
+    partial tiles apply both (`as_mask_mod() & mask_mod`), so the result is exact for any
+    `mask_mod`, including one that varies over rows or heads where this block mask does not.
+    """
+    classes = self.classes()
+    xp = np if self.is_static else jnp
+    classes = xp.where(classes == FULL, PARTIAL, classes).astype(xp.int32)
+    mine = self.as_mask_mod()
+
+    def both(b, n, q_idx, kv_idx):
+      return jnp.logical_and(mine(b, n, q_idx, kv_idx), mask_mod(b, n, q_idx, kv_idx))
+
+    return BlockMask.from_classes(classes, seq_lengths=self.seq_lengths, block_size=self.block_size,
+                                  mask_mod=both, varies=self.varies)
 
   @classmethod
-  def from_classes(cls, classes, *, seq_lengths, block_size, mask_mod=None) -> "BlockMask":
+  def from_classes(cls, classes, *, seq_lengths, block_size, mask_mod=None,
+                   varies=(False, False)) -> "BlockMask":
     """Builds the index form from dense tile classes `[Bm, Nm, nq, nkv]` (numpy: static)."""
     xp = np if isinstance(classes, np.ndarray) else jnp
 
@@ -107,7 +146,8 @@ class BlockMask:
     kv_num, kv_idx = indices(PARTIAL)
     full_num, full_idx = indices(FULL)
     return cls(kv_num, kv_idx, full_num, full_idx, seq_lengths=tuple(seq_lengths),
-               block_size=tuple(block_size), mask_mod=mask_mod)
+               block_size=tuple(block_size), mask_mod=mask_mod,
+               varies=tuple(bool(x) for x in varies))
 
 
 def _captures_tracers(mask_mod: MaskMod) -> bool:
@@ -117,14 +157,15 @@ def _captures_tracers(mask_mod: MaskMod) -> bool:
   return isinstance(out, jax.core.Tracer)
 
 
-def _mask_dims(mask_mod: MaskMod, B: int, N: int) -> tuple[int, int]:
-  """(Bm, Nm): B and N when the mask varies over batch rows and heads, 1 where it does not (read from
-  the broadcast shape of its output, without evaluating it)."""
+def _mask_varies(mask_mod: MaskMod) -> tuple[bool, bool]:
+  """Whether the mask varies over batch rows and over heads: read from the broadcast shape of its
+  output on probe indices of 2 rows and 3 heads (`jax.eval_shape`: nothing is evaluated). Probing
+  sizes above 1 is what detects the dependence when the caller passes B = 1 or N = 1."""
   idx = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  shape = jax.eval_shape(mask_mod, idx((B, 1, 1, 1)), idx((1, N, 1, 1)), idx((1, 1, 1, 1)),
+  shape = jax.eval_shape(mask_mod, idx((2, 1, 1, 1)), idx((1, 3, 1, 1)), idx((1, 1, 1, 1)),
                          idx((1, 1, 1, 1))).shape
   shape = (1,) * (4 - len(shape)) + tuple(shape)
-  return (B if shape[0] == B else 1), (N if shape[1] == N else 1)
+  return shape[0] == 2, shape[1] == 3
 
 
 def _tile_classes(mask_mod: MaskMod, Bm: int, Nm: int, T: int, S: int, bq: int, bk: int):
@@ -161,20 +202,38 @@ def create_block_mask(mask_mod: Optional[MaskMod], B: Optional[int], N: Optional
 
   Args:
     mask_mod: `mask_mod(b, n, q_idx, kv_idx) -> bool`; None means no mask (every tile full).
-    B, N: batch and heads (None = 1). A mask that does not vary over them (read from the broadcast
-      shape of its output) is evaluated once and broadcast, which keeps the block mask small.
+    B, N: batch and heads. A mask that does not vary over them (read from the broadcast shape of its
+      output) is evaluated once and broadcast, which keeps the block mask small; None is allowed
+      only for such a mask. A mask that varies over them (per-row segment ids, lengths or offsets;
+      per-head masks) is classified per row / head, for exactly this B / N.
     T, S: query and key lengths.
     block_q, block_kv: tile sizes; need not divide T and S.
 
   Returns:
     A static `BlockMask` (numpy) when `mask_mod` captures no traced arrays, else a traced one.
+
+  Raises:
+    ValueError: B (N) is None while `mask_mod` depends on the batch row `b` (the head `n`): one set
+      of tiles would be silently wrong for the other rows (heads).
   """
   for name, value in (("T", T), ("S", S), ("block_q", block_q), ("block_kv", block_kv)):
     if not isinstance(value, (int, np.integer)) or value <= 0:
       raise ValueError(f"create_block_mask: `{name}` must be a positive int, got {value!r}")
-  Bm, Nm = _mask_dims(mask_mod, B or 1, N or 1) if mask_mod is not None else (1, 1)
+  for name, value in (("B", B), ("N", N)):
+    if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
+      raise ValueError(f"create_block_mask: `{name}` must be a positive int or None, got {value!r}")
+  varies = _mask_varies(mask_mod) if mask_mod is not None else (False, False)
+  for name, axis, value, dependent in (("B", "batch row", B, varies[0]),
+                                       ("N", "head", N, varies[1])):
+    if dependent and value is None:
+      raise ValueError(
+          f"create_block_mask: `mask_mod` depends on the {axis} (its output broadcasts over "
+          f"`{name.lower()}`), so its tiles differ per {axis}; pass `{name}` "
+          f"(the operator's size) to classify every {axis}, or build one block mask per {axis}")
+  Bm, Nm = (B if varies[0] else 1), (N if varies[1] else 1)
   nq, nkv = -(-T // block_q), -(-S // block_kv)
-  kwargs = dict(seq_lengths=(T, S), block_size=(block_q, block_kv), mask_mod=mask_mod)
+  kwargs = dict(seq_lengths=(T, S), block_size=(block_q, block_kv), mask_mod=mask_mod,
+                varies=varies)
   if mask_mod is None:
     classes = np.full((1, 1, nq, nkv), FULL, np.int32)
     if S % block_kv:

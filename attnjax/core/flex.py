@@ -55,8 +55,10 @@ def flex_attention(q, k, v, *, score_mod: Optional[ScoreMod] = None, mask_mod: O
     q: `[B, T, N, H]` queries. k: `[B, S, K, H]` keys. v: `[B, S, K, h]` values; K divides N.
     score_mod: `score_mod(score, b, n, q_idx, kv_idx) -> score` on the scaled logits.
     mask_mod: `mask_mod(b, n, q_idx, kv_idx) -> bool`, True keeps the pair.
-    block_mask: precomputed tile classification (`create_block_mask`); its `mask_mod` is used when
-      `mask_mod` is None. Built from `mask_mod` when absent.
+    block_mask: precomputed tile classification (`create_block_mask`). Built from `mask_mod` when
+      absent. With both, the visible pairs are the intersection: those `block_mask` makes visible
+      (`block_mask.to_dense()`) AND `mask_mod` (a `mask_mod` that is the block mask's own adds
+      nothing); every implementation computes exactly that set.
     normalizer: "softmax" or another registered `Normalizer` (see `normalizers`).
     scale: multiplies q·k; defaults to `H ** -0.5`.
     return_residuals: also return `lse: [B, T, N]` (float32).
@@ -75,8 +77,17 @@ def flex_attention(q, k, v, *, score_mod: Optional[ScoreMod] = None, mask_mod: O
     if bmb not in (1, B) or bmn not in (1, N):
       raise ValueError(f"flex_attention: `block_mask` has batch/heads ({bmb}, {bmn}); expected each "
                        f"to be 1 or ({B}, {N})")
-    if mask_mod is None:
-      mask_mod = block_mask.mask_mod
+    for name, axis, built, size, varies in (("B", "batch row", bmb, B, block_mask.varies[0]),
+                                            ("N", "head", bmn, N, block_mask.varies[1])):
+      if varies and built != size:
+        raise ValueError(
+            f"flex_attention: `block_mask` was built with {name}={built} from a mask_mod that "
+            f"depends on the {axis}, but q gives {name}={size}; rebuild it with "
+            f"create_block_mask(mask_mod, ..., {name}={size}, ...)")
+    if mask_mod is not None and mask_mod is not block_mask.mask_mod:
+      # Both given: the visible set is their intersection (see Args), which the block mask encodes.
+      block_mask = block_mask.restrict(mask_mod)
+    mask_mod = block_mask.mask_mod
   if scale is None:
     scale = H ** -0.5
   out, lse = implementations.dispatch(
@@ -148,13 +159,9 @@ def _dense(q, k, v, *, score_mod, mask_mod, normalizer: Normalizer, scale):
 
 def _reference(q, k, v, *, score_mod, mask_mod, block_mask, normalizer, scale):
   if block_mask is not None:
-    # Pairs outside the block mask's tiles are hidden; inside its partial tiles mask_mod decides.
-    tiles = dataclasses.replace(block_mask, mask_mod=None).to_dense()      # [Bm, Nm, T, S]
-    elem = mask_mod
-
-    def mask_mod(b, n, qi, ki):
-      keep = tiles[0 if tiles.shape[0] == 1 else b, 0 if tiles.shape[1] == 1 else n, qi, ki]
-      return keep if elem is None else jnp.logical_and(keep, elem(b, n, qi, ki))
+    # Exactly the pairs the block mask makes visible (full tiles, and partial tiles where its
+    # mask_mod holds; `flex_attention` has made `mask_mod` the block mask's own).
+    mask_mod = block_mask.as_mask_mod()
 
   out, lse, _, _ = _dense(q, k, v, score_mod=score_mod, mask_mod=mask_mod, normalizer=normalizer,
                           scale=scale)

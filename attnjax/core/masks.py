@@ -123,8 +123,11 @@ def causal(offset=0) -> MaskMod:
 def sliding_window(left: Optional[int], right: Optional[int] = 0, *, offset=0) -> MaskMod:
   """Query at position p sees keys in `[p - left, p + right]` (`None` = unbounded on that side).
 
-  `sliding_window(w - 1, 0)` is causal attention over the last `w` tokens (Mistral's window);
-  `(left, right)` matches `jax.nn.dot_product_attention(local_window_size=(left, right))`.
+  `left` and `right` are distances, not key counts, as in
+  `jax.nn.dot_product_attention(local_window_size=(left, right))`: `sliding_window(0, 0)` sees only
+  position p. A window of `w` keys in the library's sense (the `sliding_window` mechanism's
+  `window`, `dot_product_attention(window=w)`) is `sliding_window(w - 1, w - 1)`; causal over the
+  last `w` tokens (Mistral's window) is `sliding_window(w - 1, 0)`.
   """
   for name, value in (("left", left), ("right", right)):
     if value is not None and value < 0:
@@ -216,7 +219,7 @@ def dilated(dilation: int, *, offset=0) -> MaskMod:
 def global_tokens(num_global: int) -> MaskMod:
   """The first `num_global` positions see and are seen by everyone (Longformer / BigBird globals).
 
-  Or it with a local mask: `or_masks(sliding_window(w, w), global_tokens(g))`.
+  Or it with a local mask: `or_masks(sliding_window(d, d), global_tokens(g))` (d: a distance).
   """
 
   def mask_mod(b, n, q_idx, kv_idx):

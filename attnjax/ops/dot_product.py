@@ -65,8 +65,11 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
     mask: boolean, broadcastable to `[B, N, T, S]`; True keeps the pair.
     causal: hide keys after the query position `q_offset + q_idx` (top-left aligned when q_offset=0,
       like `jax.nn.dot_product_attention(is_causal=True)`).
-    window: `w` or `(left, right)`: the query at position p sees keys in `[p - left, p + right]`, as
-      `jax.nn.dot_product_attention(local_window_size=...)`; an int means `(w, w)`.
+    window: an int `w >= 1`: the query at position p sees at most `w` keys on each allowed side,
+      its own position counted (`|p - j| < w`; with `causal`, keys `p - w + 1 .. p`), the library's
+      one meaning of a window (the `sliding_window` mechanism's). Or a pair of distances
+      `(left, right)`, ints >= 0 or None (unbounded): keys in `[p - left, p + right]`, as
+      `jax.nn.dot_product_attention(local_window_size=(left, right))`; `w` is `(w - 1, w - 1)`.
     segment_ids: `[B, T]` for self-attention or (`[B, T]`, `[B, S]`): attend within equal ids.
     softcap: if set, logits become `softcap * tanh(logits / softcap)` (after the bias).
     scale: defaults to `H ** -0.5`.
@@ -99,17 +102,24 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
 
 
 def _window_sides(op: str, window) -> tuple[Optional[int], Optional[int]]:
-  """`w` (any integer, numpy included) or `(left, right)` with ints or None, each >= 0."""
-  # Accepts numpy integers and reports a malformed window by name (previously a numpy int or a
-  # 3-tuple failed with an unrelated TypeError / unpacking error).
-  sides = (window, window) if isinstance(window, (int, np.integer)) else window
+  """The distances `(left, right)` of `window`: a key count `w >= 1` (any integer, numpy included)
+  is `(w - 1, w - 1)`; a pair `(left, right)` of ints >= 0 or None is taken as is."""
+  is_int = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+  if is_int(window):
+    if window < 1:
+      raise ValueError(f"{op}: an int `window` is the number of keys a query sees on each side, "
+                       f"its own included, so it must be >= 1, got {window} (a pair (left, right) "
+                       "gives distances: (0, 0) sees only the query's own position)")
+    return int(window) - 1, int(window) - 1
+  # Reports a malformed window by name (a 3-tuple would otherwise fail with an unpacking error).
+  sides = window
   if (not isinstance(sides, (tuple, list)) or len(sides) != 2
-      or not all(x is None or isinstance(x, (int, np.integer)) for x in sides)):
+      or not all(x is None or is_int(x) for x in sides)):
     raise ValueError(f"{op}: `window` must be an int or a pair (left, right) of ints or None, "
                      f"got {window!r}")
   for side, value in zip(("left", "right"), sides):
     if value is not None and value < 0:
-      raise ValueError(f"{op}: `window` {side} size must be >= 0, got {window}")
+      raise ValueError(f"{op}: `window` {side} distance must be >= 0, got {window}")
   return tuple(None if x is None else int(x) for x in sides)
 
 

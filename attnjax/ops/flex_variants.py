@@ -8,6 +8,7 @@ masking and soft-capping are its worked examples).
 
 from __future__ import annotations
 
+import numpy as np
 
 from attnjax.core import checks
 from attnjax.core import flex
@@ -27,8 +28,7 @@ def _flex_with(op, q, k, v, *, causal, segment_ids, q_offset, kv_lengths, scale,
   if block_mask is not None and base is not None:
     raise ValueError(f"{op}: a precomputed `block_mask` must already contain causal/segment/length "
                      "masking; pass them in its mask_mod instead")
-  if block_mask is not None and mask_mod is None:
-    mask_mod = block_mask.mask_mod
+  # With a block mask, `mask_mod` (if any) further restricts it: flex_attention intersects the two.
   return flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
                              mask_mod=masks.combine_masks(base, mask_mod), normalizer=normalizer,
                              scale=scale, implementation=implementation)
@@ -44,15 +44,19 @@ def flex_mechanism(q, k, v, *, causal=False, segment_ids=None, q_offset=0, kv_le
                     normalizer=normalizer)
 
 
-def sliding_window_attention(q, k, v, *, window: int = 4096, causal=False, segment_ids=None,
+def sliding_window_attention(q, k, v, *, window: int, causal=False, segment_ids=None,
                              q_offset=0, kv_lengths=None, scale=None, implementation=None):
   """Sliding-window attention: each query sees the `window` nearest keys on each allowed side.
 
-  Causal: keys at positions `[p - window + 1, p]` (Mistral / Longformer's one-sided window); non-causal:
-  `|p - j| < window`. A window of at least the sequence length equals full (or causal) attention.
+  `window` (required) counts keys, the query's own position included: causal, keys at positions
+  `[p - window + 1, p]` (Mistral / Longformer's one-sided window); non-causal, `|p - j| < window`
+  (`2·window - 1` keys). This is the library's one meaning of an integer window (as
+  `dot_product_attention(window=w)`); `masks.sliding_window(window - 1, window - 1)` gives it in
+  distances. A window of at least the sequence length equals full (or causal) attention.
   """
-  if window < 1:
-    raise ValueError(f"sliding_window: `window` must be >= 1, got {window}")
+  if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+    raise ValueError(f"sliding_window: `window` must be an int >= 1 (keys each query sees on each "
+                     f"allowed side, its own included), got {window!r}")
   return _flex_with("sliding_window", q, k, v, causal=causal, segment_ids=segment_ids,
                     q_offset=q_offset, kv_lengths=kv_lengths, scale=scale,
                     implementation=implementation,
@@ -114,9 +118,11 @@ register(Mechanism(name="flex", fn=flex_mechanism, family="kernel", seeds=(195,)
                    example=dict(score_mod=masks.softcap(20.0))))
 register(Mechanism(name="sliding_window", fn=sliding_window_attention, family="local-window",
                    seeds=(195,), **_FLEX_PAPER, complexity="O(T·w)", example=dict(window=5),
-                   defaults=dict(window=4096),
-                   # Decoding reads the last `window` cache slots.
-                   state_size=lambda T, N, K, H, h, kw: min(kw["window"], T) * K * (H + h)))
+                   # No default window: a default larger than every test length is full attention.
+                   # Decoding reads the last `window` cache slots (all of them when no window is
+                   # given: the size is then only bounded by the cache).
+                   state_size=lambda T, N, K, H, h, kw: (
+                       min(kw.get("window") or T, T) * K * (H + h))))
 register(Mechanism(name="alibi", fn=alibi_attention, family="positional", seeds=(195,),
                    paper="Train Short, Test Long: Attention with Linear Biases Enables Input Length "
                          "Extrapolation", arxiv="2108.12409"))

@@ -8,6 +8,7 @@ import pytest
 
 from attnjax.core import block_mask as bm
 from attnjax.core import masks
+from tests import tolerances
 
 
 def numpy_classes(dense, bq, bk):
@@ -168,3 +169,42 @@ def test_rejects_bad_sizes(arg, value):
   kwargs[arg] = value
   with pytest.raises(ValueError, match=arg):
     bm.create_block_mask(masks.causal(), 1, 1, kwargs.pop("T"), kwargs.pop("S"), **kwargs)
+
+
+def test_batch_or_head_dependent_mask_needs_B_or_N():
+  """A mask that varies over rows (heads) cannot be classified once for all of them: B=None (N=None)
+  is an error, and a block mask built for B=1 (N=1) is rejected by an operator with more rows."""
+  from attnjax.core import flex   # pylint: disable=import-outside-toplevel
+  T, N = 24, 2
+  seg = jnp.asarray(np.array([[0] * 12 + [1] * 12, [0] * 5 + [1] * 19], np.int32))
+  per_row = masks.and_masks(masks.causal(), masks.document(seg))
+  with pytest.raises(ValueError, match="batch row.*`B`"):
+    bm.create_block_mask(per_row, None, N, T, T, block_q=8, block_kv=8)
+  with pytest.raises(ValueError, match="batch row.*`B`"):
+    bm.create_block_mask(masks.causal(jnp.asarray([0, 3])), None, None, T, T, block_q=8, block_kv=8)
+  per_head = masks.from_array(jnp.asarray(np.random.default_rng(0).random((1, N, T, T)) > 0.5))
+  with pytest.raises(ValueError, match="head.*`N`"):
+    bm.create_block_mask(per_head, 1, None, T, T, block_q=8, block_kv=8)
+  # Built for one row / head: usable with exactly one, rejected with more.
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, T, N, 8)), jnp.float32) for _ in range(3))
+  one_row = bm.create_block_mask(per_row, 1, N, T, T, block_q=8, block_kv=8)
+  assert one_row.varies == (True, False)
+  with pytest.raises(ValueError, match="`block_mask`.*B=1.*batch row"):
+    flex.flex_attention(q, k, v, block_mask=one_row)
+  one_head = bm.create_block_mask(per_head, 1, 1, T, T, block_q=8, block_kv=8)
+  with pytest.raises(ValueError, match="`block_mask`.*N=1.*head"):
+    flex.flex_attention(q[:1], k[:1], v[:1], block_mask=one_head)
+  # With B given, row 1 gets its own tiles: the result equals the dense mask (the bug was a
+  # 2.5 error on row 1 when row 0's tiles were used for it).
+  block = bm.create_block_mask(per_row, 2, None, T, T, block_q=8, block_kv=8)
+  assert block.varies == (True, False) and block.kv_num_blocks.shape[:2] == (2, 1)
+  vis = np.asarray(masks.evaluate_mask(per_row, 2, N, T, T))
+  s = np.einsum("btnh,bsnh->bnts", *(np.asarray(x, np.float64) for x in (q, k))) * 8 ** -0.5
+  w = np.where(vis, np.exp(s - s.max(-1, keepdims=True)), 0.0)
+  want = np.einsum("bnts,bsnh->btnh", w / w.sum(-1, keepdims=True), np.asarray(v, np.float64))
+  for impl in ("xla", "reference"):
+    chex.assert_trees_all_close(flex.flex_attention(q, k, v, block_mask=block, implementation=impl),
+                                want.astype(np.float32), **tolerances.output(jnp.float32))
+  # A mask that does not vary keeps working without B and N.
+  assert bm.create_block_mask(masks.causal(), None, None, T, T).varies == (False, False)

@@ -269,6 +269,53 @@ def test_block_mask_equals_mask_mod():
     flex.flex_attention(q[:, :20], k, v, block_mask=block)
 
 
+def test_block_mask_and_a_different_mask_mod_intersect():
+  """With both, the visible set is block_mask's AND mask_mod, in every implementation: outputs, lse
+  and gradients equal float64 dense attention with the intersected mask, under jit with traced
+  segment ids, for block masks that vary over fewer rows / heads than the mask_mod."""
+  B, T, S, N, K, H = 2, 37, 37, 4, 2, 8
+  rng = np.random.default_rng(11)
+  q, k, v, dout = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                   for s in [(B, T, N, H), (B, S, K, H), (B, S, K, H), (B, T, N, H)])
+  seg = _segments(rng, B, T, docs=3)
+  heads = jnp.asarray(rng.random((1, N, T, S)) > 0.3)
+  # Exact tiles (no mask_mod): a block-diagonal band of 8x8 tiles, FULL on the diagonal.
+  nq = -(-T // 8)
+  band = np.where(np.abs(np.arange(nq)[:, None] - np.arange(nq)[None]) == 0, bm.FULL,
+                  np.where(np.abs(np.arange(nq)[:, None] - np.arange(nq)[None]) == 1, bm.PARTIAL,
+                           bm.EMPTY))[None, None].astype(np.int32)
+  exact = bm.BlockMask.from_classes(band, seq_lengths=(T, S), block_size=(8, 8))
+  band_mod = lambda b, n, qi, ki: jnp.abs(qi // 8 - ki // 8) <= 1
+  cases = [   # (block_mask's own mask_mod, its block mask, the extra mask_mod(seg))
+      (masks.causal(), bm.create_block_mask(masks.causal(), None, None, T, S, block_q=8,
+                                            block_kv=8), lambda seg: masks.document(seg)),
+      (masks.sliding_window(5, 2),
+       bm.create_block_mask(masks.sliding_window(5, 2), None, None, T, S, block_q=16, block_kv=8),
+       lambda seg: masks.and_masks(masks.from_array(heads), masks.document(seg))),
+      (band_mod, exact, lambda seg: masks.causal()),
+  ]
+  for own, block, extra in cases:
+    with jax.enable_x64(True):
+      to64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
+      both = lambda seg: masks.and_masks(own, extra(seg))
+      def dense_loss(q, k, v):
+        out, lse = dense_reference(q, k, v, mask_mod=both(jnp.asarray(seg)))
+        return jnp.sum(out * to64(dout)), (out, lse)
+      (want_out, want_lse), want_g = jax.tree.map(
+          lambda x: np.asarray(x, np.float32),
+          jax.grad(dense_loss, argnums=(0, 1, 2), has_aux=True)(to64(q), to64(k), to64(v))[::-1])
+    for impl in IMPLS:
+      def loss(q, k, v, seg):
+        out, lse = flex.flex_attention(q, k, v, block_mask=block, mask_mod=extra(seg),
+                                       return_residuals=True, implementation=impl)
+        return jnp.sum(out * dout), (out, lse)
+      grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+      (out, lse), grads = jax.jit(lambda *a: grad(*a)[::-1])(q, k, v, jnp.asarray(seg))
+      chex.assert_trees_all_close(out, want_out, **tolerances.output(jnp.float32))
+      chex.assert_trees_all_close(lse, want_lse, **tolerances.output(jnp.float32))
+      chex.assert_trees_all_close(grads, want_g, **tolerances.grad(jnp.float32))
+
+
 def test_jit_does_not_retrace_when_values_change():
   B, T, N, H = 2, 24, 2, 8
 

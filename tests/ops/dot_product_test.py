@@ -39,7 +39,8 @@ def numpy_attention(q, k, v, *, bias=None, mask=None, causal=False, window=None,
   if causal:
     vis &= qi >= ki
   if window is not None:
-    left, right = (window, window) if np.ndim(window) == 0 else window
+    # An int counts keys on each side, the query's own included; a pair gives distances.
+    left, right = (window - 1, window - 1) if np.ndim(window) == 0 else window
     if left is not None:
       vis &= ki >= qi - left
     if right is not None:
@@ -70,7 +71,7 @@ def _qkv(rng, B=2, T=11, S=11, N=4, K=2, H=8, h=None):
 PARITY = {
     "plain": (dict(), dict()),
     "causal": (dict(causal=True), dict(is_causal=True)),
-    "window_int": (dict(window=2), dict(local_window_size=2)),
+    "window_int": (dict(window=3), dict(local_window_size=2)),     # 3 keys a side = distance 2
     "window_pair": (dict(window=(4, 1)), dict(local_window_size=(4, 1))),
     "causal_window": (dict(causal=True, window=(3, 0)), dict(is_causal=True, local_window_size=(3, 0))),
 }
@@ -158,6 +159,47 @@ def test_numpy_integer_window():
                               **tolerances.output(jnp.float32))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("w", [1, 3, 6])
+def test_int_window_counts_keys_as_the_sliding_window_mechanism(w, causal):
+  """One meaning of an int window: a query sees at most w keys on each allowed side, itself included
+  (causal: keys p-w+1..p), in dot_product_attention, the sliding_window mechanism and
+  masks.sliding_window(w - 1, w - 1)."""
+  import attnjax as aj   # pylint: disable=import-outside-toplevel
+  from attnjax.core import masks   # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(6)
+  q, k, v = _qkv(rng, T=13, S=13)
+  p, j = np.arange(13)[:, None], np.arange(13)[None, :]
+  vis = (np.abs(p - j) < w) & ((j <= p) if causal else True)
+  assert (vis.sum(-1) == (np.minimum(w, p[:, 0] + 1) if causal else
+                          np.minimum(p[:, 0], w - 1) + np.minimum(12 - p[:, 0], w - 1) + 1)).all()
+  want, _ = numpy_attention(q, k, v, mask=np.broadcast_to(vis, (2, 4, 13, 13)))
+  got = dpa(q, k, v, window=w, causal=causal)
+  mech = aj.attention("sliding_window", q, k, v, window=w, causal=causal)
+  chex.assert_trees_all_close(got, want, **tolerances.output(jnp.float32))
+  chex.assert_trees_all_close(mech, want, **tolerances.output(jnp.float32))
+  dense = masks.evaluate_mask(masks.sliding_window(w - 1, w - 1), 1, 1, 13, 13)[0, 0]
+  np.testing.assert_array_equal(dense, np.abs(p - j) < w)
+
+
+def test_window_zero_and_bool_are_rejected_and_sliding_window_needs_one():
+  import attnjax as aj   # pylint: disable=import-outside-toplevel
+  q = jnp.ones((1, 4, 1, 2))
+  with pytest.raises(ValueError, match="`window`.*>= 1"):
+    dpa(q, q, q, window=0)
+  with pytest.raises(ValueError, match="`window`"):
+    dpa(q, q, q, window=True)
+  # (0, 0) is a pair of distances: only the query's own position.
+  chex.assert_trees_all_close(dpa(q, q, q, window=(0, 0)), dpa(q, q, q, window=1))
+  mech = aj.get_mechanism("sliding_window")
+  assert "window" not in mech.defaults      # no silent 4096
+  with pytest.raises(TypeError, match="window"):
+    mech(q, q, q, causal=True)
+  for bad in (0, 2.5):
+    with pytest.raises(ValueError, match="`window`"):
+      mech(q, q, q, causal=True, window=bad)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Property tests
 
@@ -170,8 +212,8 @@ def valid_configs(draw):
   H, h = draw(st.integers(1, 8)), draw(st.integers(1, 8))
   kw = dict(causal=draw(st.booleans()))
   if draw(st.booleans()):
-    kw["window"] = draw(st.one_of(st.integers(0, 5), st.tuples(st.one_of(st.none(), st.integers(0, 5)),
-                                                               st.one_of(st.none(), st.integers(0, 5)))))
+    side = st.one_of(st.none(), st.integers(0, 5))       # a pair gives distances
+    kw["window"] = draw(st.one_of(st.integers(1, 6), st.tuples(side, side)))
   if draw(st.booleans()):
     kw["bias"] = tuple(draw(st.sampled_from([1, d])) for d in (B, K * G, T, S))
   if draw(st.booleans()):
