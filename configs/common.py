@@ -13,8 +13,16 @@ Every training config has the sections
   train      num_steps, batch_size, eval_batch_size, eval_every, eval_batches, log_every,
              checkpoint_every, keep_checkpoints, best_metric, seed, mixed_precision,
              async_checkpoints
-  mesh       axis -> size ({"data": -1}: every device on the data axis)
+  mesh       data, fsdp, tensor, context: axis sizes (data -1: every device not used by the others)
   logical_axis_rules  None (attnjax.models.DEFAULT_LOGICAL_AXIS_RULES) or (logical, mesh) pairs
+
+`optimizer.warmup_steps`, `train.eval_every` and `train.checkpoint_every` are None: they follow
+`train.num_steps` at the start of the run (attnjax.train.validate.resolve_config: warm-up
+min(100, steps // 10), eval and checkpoint 5 times a run), so `--config.train.num_steps=100` alone
+gives a sensible schedule; set them to override. Fields that may be None (`model.num_kv_heads`,
+`model.layer_mechanisms`, `model.rope_base`, ...) are typed placeholders, so
+`--config.model.num_kv_heads=1` works on the command line. `python -m experiments.train
+--config=configs/<task>.py --show_config` prints every field of a config.
 """
 
 from __future__ import annotations
@@ -38,8 +46,14 @@ def parse_arg(arg: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
     if key not in defaults:
       raise ValueError(f"config argument {key!r}: unknown key; known: {sorted(defaults)}")
     default = defaults[key]
-    out[key] = type(default)(value) if default is not None and not isinstance(default, str) \
-        else value
+    if default is None or isinstance(default, str):
+      out[key] = value
+      continue
+    try:
+      out[key] = type(default)(value)
+    except ValueError:
+      raise ValueError(f"config argument {key}={value!r}: expected {type(default).__name__} "
+                       f"(e.g. {key}={default})") from None
   return out
 
 
@@ -50,26 +64,33 @@ def pick_size(sizes: Mapping[str, Mapping[str, Any]], size: str) -> Mapping[str,
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every training field at its default; a task config fills task and model."""
+  """Every training field at its default; a task config fills task and model. None fields are
+  typed placeholders (overridable from the command line); the schedule fields follow num_steps."""
+  placeholder = ml_collections.config_dict.placeholder
   config = ml_collections.ConfigDict()
   config.task = ml_collections.ConfigDict({"name": "mqar", "seed": 0})
   config.model = ml_collections.ConfigDict({
-      "arch": "decoder_lm", "width": 64, "depth": 2, "num_heads": 2, "num_kv_heads": None,
-      "mlp_dim": 128, "mlp": "gelu", "norm": "rmsnorm", "mechanism": "softmax",
-      "mechanism_kwargs": {}, "layer_mechanisms": None, "rope_base": None,
+      "arch": "decoder_lm", "width": 64, "depth": 2, "num_heads": 2,
+      "num_kv_heads": placeholder(int), "mlp_dim": 128, "mlp": "gelu", "norm": "rmsnorm",
+      "mechanism": "softmax", "mechanism_kwargs": {},
+      # A list of names or a schedule string "every <n>: <name>".
+      "layer_mechanisms": placeholder(object), "rope_base": placeholder(float),
       "position_embedding": "learned", "tie_embeddings": False, "pooling": "mean",
       "dropout": 0.0, "dtype": "float32", "param_dtype": "float32"})
   config.optimizer = ml_collections.ConfigDict({
-      "name": "adamw", "learning_rate": 1e-3, "warmup_steps": 100, "decay": "cosine",
-      "weight_decay": 0.1, "b1": 0.9, "b2": 0.98, "eps": 1e-8, "clip_norm": 1.0,
-      "grad_accum_steps": 1})
+      "name": "adamw", "learning_rate": 1e-3, "warmup_steps": placeholder(int),
+      "decay": "cosine", "weight_decay": 0.1, "b1": 0.9, "b2": 0.98, "eps": 1e-8,
+      "clip_norm": 1.0, "grad_accum_steps": 1})
   config.train = ml_collections.ConfigDict({
-      "num_steps": 1000, "batch_size": 64, "eval_batch_size": 256, "eval_every": 250,
-      "eval_batches": 4, "log_every": 50, "checkpoint_every": 250, "keep_checkpoints": 2,
+      "num_steps": 1000, "batch_size": 64, "eval_batch_size": 256,
+      "eval_every": placeholder(int), "eval_batches": 4, "log_every": 50,
+      "checkpoint_every": placeholder(int), "keep_checkpoints": 2,
       "best_metric": "eval_accuracy", "seed": 0, "mixed_precision": False,
-      "async_checkpoints": True})
-  config.mesh = ml_collections.ConfigDict({"data": -1})
-  config.logical_axis_rules = ml_collections.config_dict.placeholder(tuple)
+      "async_checkpoints": True,
+      # Redraw fixed random arrays (the 'buffers', e.g. FAVOR+'s features) every n steps; 0: never.
+      "redraw_buffers_every": 0})
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "context": 1})
+  config.logical_axis_rules = placeholder(tuple)
   return config
 
 
@@ -86,10 +107,9 @@ def set_model(config: ml_collections.ConfigDict, args: Mapping[str, Any], *, wid
 
 def set_schedule(config: ml_collections.ConfigDict, *, num_steps: int, batch_size: int,
                  learning_rate: float):
-  """Steps, batch and peak rate; warm-up 10% (at most 100 steps); eval and save 5 times a run."""
+  """Steps, batch and peak rate. Warm-up (10%, at most 100 steps) and the eval and checkpoint
+  cadence (5 times a run) stay None: they are derived from train.num_steps when the run starts,
+  so they follow an override of num_steps."""
   config.optimizer.learning_rate = learning_rate
-  config.optimizer.warmup_steps = min(100, num_steps // 10)
   config.train.num_steps = num_steps
   config.train.batch_size = batch_size
-  config.train.eval_every = max(num_steps // 5, 1)
-  config.train.checkpoint_every = max(num_steps // 5, 1)

@@ -7,9 +7,10 @@ followed the trigger earlier.
       --workdir=/tmp/attnjax_induction
 
 size=small (default): vocab 16, T 64, width 64, 2 layers, batch 64, 3000 steps. Run time on a
-2-core CPU: about 4-5 minutes. Metric: eval_accuracy (the one answer per sequence); a 2-layer softmax
-model reaches >= 0.99 (measured on 2026-12-02: 1.0 from step 1400 on, 260 s; a 1000-step schedule
-stopped at 0.69; docs/results.md). An induction head needs two layers: depth 1 stays near chance.
+2-core CPU: about 4-5 minutes. Metric: eval_accuracy (the one answer per sequence); a 2-layer
+softmax model reaches >= 0.99 (measured on 2026-12-02: 1.0 from step 1400 on, 260 s; a 1000-step
+schedule stopped at 0.69; docs/results.md). An induction head needs two layers: depth 1 stays near
+chance.
 size=tiny: T 32, width 32, 300 steps: a smoke test (no accuracy target).
 """
 

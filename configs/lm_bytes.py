@@ -27,7 +27,8 @@ def get_config(arg: str = ""):
   size = common.pick_size(SIZES, args["size"])
   config = common.base_config()
   config.task = ml_collections.ConfigDict({
-      "name": "lm_bytes", "seed": 0, "seq_len": size["seq_len"], "data_dir": None,
+      "name": "lm_bytes", "seed": 0, "seq_len": size["seq_len"],
+      "data_dir": ml_collections.config_dict.placeholder(str),  # None: the standard library
       "suffix": ".py", "valid_fraction": 0.05})
   common.set_model(config, args, width=size["width"])
   config.model.depth = size["depth"]

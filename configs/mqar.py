@@ -8,9 +8,12 @@ size=small (default): vocab 256, T 64, 8 key-value pairs, width 64, 2 layers, 2 
 1500 steps. About 3 minutes on a 2-core CPU; softmax reaches eval_accuracy >= 0.99 (the accuracy of
 the answers, i.e. the weighted positions).
 size=tiny: T 32, 4 pairs, 300 steps; about 30 s; a smoke test (no accuracy target).
-Any field can be overridden, e.g. `--config.train.num_steps=3000 --config.task.num_kv_pairs=16`;
+Any field can be overridden, e.g. `--config.train.num_steps=3000 --config.task.num_kv_pairs=16`
+(warm-up and the eval and checkpoint cadence follow num_steps unless set; `--show_config` prints
+every field);
 a windowed mechanism takes its window from `mechanism_kwargs`, e.g.
-`mechanism=sliding_window,window=16`.
+`mechanism=sliding_window,window=16` (required by sliding_window: each query sees its last 16
+tokens, itself included).
 """
 
 import ml_collections
@@ -37,10 +40,6 @@ def get_config(arg: str = ""):
   config.model.mechanism = args["mechanism"]
   if args["window"]:
     config.model.mechanism_kwargs = {"window": args["window"]}
-  config.optimizer.learning_rate = 3e-3
-  config.optimizer.warmup_steps = min(100, size["num_steps"] // 10)
-  config.train.num_steps = size["num_steps"]
-  config.train.batch_size = size["batch_size"]
-  config.train.eval_every = size["num_steps"] // 5
-  config.train.checkpoint_every = size["num_steps"] // 5
+  config_lib.set_schedule(config, num_steps=size["num_steps"], batch_size=size["batch_size"],
+                          learning_rate=3e-3)
   return config

@@ -3,6 +3,8 @@
   python -m experiments.bench --config=configs/bench/flex.py[:demo] --workdir=DIR
 
 Writes results.csv, results.md, time.png and memory.png under DIR and prints the markdown table.
+Runs from any directory (a `configs/...` path not found there is read from the attnjax checkout);
+`--help` lists the benchmark configs; a bad config argument or override prints one line.
 """
 
 from absl import app
@@ -11,6 +13,7 @@ from ml_collections import config_flags
 
 from attnjax.bench import harness
 from attnjax.bench import report
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
                                           lock_config=True)
@@ -20,10 +23,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments {argv[1:]} (flags are --name=value)", "error")
   results = harness.run_benchmark(_CONFIG.value, _WORKDIR.value)
   print(report.markdown(results))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.make_flags_parser(
+      "bench", fields_note="override any with --config.<field>=<value>"))

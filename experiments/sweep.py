@@ -11,16 +11,18 @@ Every run's config is built and its model's parameters counted (abstractly) befo
 a run outside the budget stops the sweep with the counts. Each run trains in `<workdir>/<name>`
 (resuming from its checkpoints; a finished run, one with `result.json`, is skipped), then
 `leaderboard.md`, `leaderboard.csv` and `leaderboard.png` (accuracy against decode-state size and
-against training speed) are written to the workdir and the table is printed.
+against training speed) are written to the workdir and the table is printed. Every run's config is
+validated before the workdir is created; a configuration error (a bad config argument or override,
+a run outside the budget) prints one line, `attnjax: config error: ...`, and exits with status 2.
+Runs from any directory (`configs/...` paths not found there are read from the attnjax checkout).
 
 Decode-state size is the number of floats one sequence keeps per layer to generate the next token
-after T tokens, summed over layers, from the registry (`Mechanism.decode_state_floats`): the KV cache
-T·K·(H + h) for attention over all keys, min(w, T)·K·(H + h) for a window w, the recurrent state (e.g.
-N·H·h for Cottention) for linear attention.
+after T tokens, summed over layers, from the registry (`Mechanism.decode_state_floats`): the KV
+cache T·K·(H + h) for attention over all keys, min(w, T)·K·(H + h) for a window w, the recurrent
+state (e.g. N·H·h for Cottention) for linear attention.
 """
 
 import csv
-import importlib.util
 import json
 import os
 import sys
@@ -30,6 +32,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the leaderboard.")
@@ -42,24 +46,24 @@ COLUMNS = ("name", "task", "mechanism", "params", "params_vs_first", "decode_sta
 
 
 def load_config(spec: str):
-  """`path/to/config.py[:arg]` -> its `get_config(arg)`."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location(
-      "sweep_config_" + os.path.basename(path).removesuffix(".py"), path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  """`path/to/config.py[:arg]` -> its `get_config(arg)`; a relative path not found from the current
+  directory is read from the attnjax checkout (cli.load_config). ValueError when it cannot load."""
+  return cli.load_config(spec)
 
 
 def apply_overrides(config, overrides):
-  """Sets each `dotted.key: value` of `overrides` (KeyError naming the key if it does not exist)."""
+  """Sets each `dotted.key: value` of `overrides` (ValueError naming the key if it does not
+  exist)."""
   for dotted, value in (overrides or {}).items():
     *parents, leaf = dotted.split(".")
     node = config
-    for p in parents:
+    for i, p in enumerate(parents):
+      if p not in node:
+        raise ValueError(f"override {dotted!r}: the config has no field "
+                         f"{'.'.join(parents[:i + 1])!r}")
       node = node[p]
     if leaf not in node:
-      raise KeyError(f"override {dotted!r}: the config has no field {leaf!r}")
+      raise ValueError(f"override {dotted!r}: the config has no field {leaf!r}")
     with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
       node[leaf] = value
   return config
@@ -93,15 +97,25 @@ def decode_state_size(model_config, seq_len: int) -> int:
 
 
 def plan(sweep_config):
-  """[(name, config, params, decode_state)] for every run, after the parameter-budget check."""
+  """[(name, config, params, decode_state)] for every run, after each run's config is checked
+  (validate.check_config, which also resolves the fields derived from num_steps) and the
+  parameter-budget check. Touches no file.
+
+  Raises:
+    ValueError: naming the run and the field.
+  """
   from attnjax import data, models  # pylint: disable=import-outside-toplevel
-  from attnjax.train import trainer  # pylint: disable=import-outside-toplevel
+  from attnjax.train import trainer, validate  # pylint: disable=import-outside-toplevel
   runs = []
   for run in sweep_config.runs:
-    config = apply_overrides(load_config(run["config"]), run.get("overrides", {}))
-    task = data.make_task(config.task)
-    model = models.build_model(trainer.model_config_for_run(config), task.spec)
-    params = models.param_count(models.abstract_variables(model, task.spec)["params"])
+    try:
+      config = apply_overrides(load_config(run["config"]), run.get("overrides", {}))
+      validate.check_config(config)
+      task = data.make_task(config.task)
+      model = models.build_model(trainer.model_config_for_run(config), task.spec)
+      params = models.param_count(models.abstract_variables(model, task.spec)["params"])
+    except ValueError as e:
+      raise ValueError(f"run {run['name']!r} ({run['config']}): {e}") from None
     runs.append((run["name"], config, params, decode_state_size(config.model, task.spec.seq_len)))
   first = runs[0][2]
   tolerance = float(sweep_config.get("budget_tolerance", 0.1))
@@ -137,7 +151,7 @@ def run_one(name, config, workdir):
 def leaderboard_rows(runs, results):
   first = runs[0][2]
   rows = []
-  for (name, config, params, state), result in zip(runs, results):
+  for (name, config, params, state), result in zip(runs, results, strict=True):
     rows.append({
         "name": name, "task": config.task.name, "mechanism": config.model.mechanism,
         "params": params, "params_vs_first": f"{(params - first) / first:+.1%}",
@@ -196,9 +210,14 @@ def write_leaderboard(rows, workdir, command: str) -> str:
   return table
 
 
-def run_sweep(sweep_config, workdir, command: str = "") -> list[dict]:
+def run_sweep(sweep_config, workdir, command: str = "", runs=None) -> list[dict]:
+  """Plans the runs (unless `runs`, plan's result, is given), then creates the workdir, trains
+  each run and writes the leaderboard; returns its rows."""
+  if runs is None:
+    from attnjax.train import validate  # pylint: disable=import-outside-toplevel
+    validate.check_workdir(workdir)
+    runs = plan(sweep_config)
   os.makedirs(workdir, exist_ok=True)
-  runs = plan(sweep_config)
   for name, _, params, _ in runs:
     print(f"sweep: {name}: {params:,} parameters ({(params - runs[0][2]) / runs[0][2]:+.1%} vs "
           f"{runs[0][0]})", flush=True)
@@ -212,13 +231,21 @@ def run_sweep(sweep_config, workdir, command: str = "") -> list[dict]:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments {argv[1:]} (flags are --name=value)", "error")
   if not flags.FLAGS["verbosity"].present:
     # Library INFO logs (orbax's per-save lines) drown the progress bar; -v 0 brings them back.
     logging.set_verbosity(logging.WARNING)
+  from attnjax.train import validate  # pylint: disable=import-outside-toplevel
+  try:
+    validate.check_workdir(_WORKDIR.value)
+    runs = plan(_CONFIG.value)
+  except ValueError as e:
+    cli.fail(e)
   command = " ".join(["python -m experiments.sweep"] + sys.argv[1:])
-  run_sweep(_CONFIG.value, _WORKDIR.value, command)
+  run_sweep(_CONFIG.value, _WORKDIR.value, command, runs=runs)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.make_flags_parser(
+      "sweeps", fields_note="runs is a list of {name, config, overrides}; override a field with "
+      "--config.<field>=<value>"))

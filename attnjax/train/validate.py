@@ -2,6 +2,15 @@
 
 A bad value stops the run at once with a ValueError that names the field (`model.num_heads`,
 `mesh`, `workdir`, ...) instead of failing minutes later inside a compile or a sharded init.
+
+Fields derived from the run length are left None in the configs and resolved here, at use time,
+so that overriding `train.num_steps` alone rescales them (`resolve_config`):
+
+  optimizer.warmup_steps   min(100, U // 10), U = num_steps // grad_accum_steps (the updates)
+  train.eval_every         max(num_steps // 5, 1)   (5 evaluations a run)
+  train.checkpoint_every   max(num_steps // 5, 1)   (5 saves a run; the last step always saves)
+
+A value set explicitly (in the config or with `--config.train.eval_every=...`) is kept.
 """
 
 from __future__ import annotations
@@ -21,6 +30,29 @@ from attnjax.train import optim
 
 _SCHEDULE = re.compile(r"^\s*every\s+(\d+)\s*:\s*([A-Za-z0-9_]+)\s*$")
 DTYPES = ("float32", "bfloat16")
+
+
+def derived_fields(config: ml_collections.ConfigDict) -> dict[tuple[str, str], int]:
+  """(section, field) -> the value a None field takes, from `train.num_steps` (module docstring)."""
+  num_steps = config.train.get("num_steps", None)
+  if not isinstance(num_steps, int) or num_steps < 1:
+    return {}  # _check_train names the bad num_steps
+  accum = config.get("optimizer", {}).get("grad_accum_steps", 1) or 1
+  updates = max(num_steps // accum, 1) if isinstance(accum, int) and accum >= 1 else num_steps
+  return {("optimizer", "warmup_steps"): min(100, updates // 10),
+          ("train", "eval_every"): max(num_steps // 5, 1),
+          ("train", "checkpoint_every"): max(num_steps // 5, 1)}
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sets each derived field that is None (module docstring) from `train.num_steps`, in place
+  (a locked config keeps its lock); returns `config`. Fields set to a value are left alone."""
+  if "train" not in config:
+    return config
+  for (section, field), value in derived_fields(config).items():
+    if section in config and field in config[section] and config[section][field] is None:
+      config[section][field] = value
+  return config
 
 
 def mechanism_names(model: ml_collections.ConfigDict) -> list[str]:
@@ -55,10 +87,10 @@ def _check_model(model: ml_collections.ConfigDict):
       raise ValueError(f"model.{field}: must be a positive integer, got {value!r}")
   width, heads = model.get("width", None), model.get("num_heads", None)
   if width is not None and heads is not None and width % heads:
-    raise ValueError(f"model.num_heads: {heads} heads do not divide model.width {width}")
+    raise ValueError(f"model.num_heads ({heads}) must divide model.width ({width})")
   kv_heads = model.get("num_kv_heads", None)
   if kv_heads is not None and heads is not None and (kv_heads < 1 or heads % kv_heads):
-    raise ValueError(f"model.num_kv_heads: {kv_heads} must divide model.num_heads {heads}")
+    raise ValueError(f"model.num_kv_heads ({kv_heads}) must divide model.num_heads ({heads})")
   for field in ("dtype", "param_dtype"):
     value = model.get(field, "float32")
     if value not in DTYPES:
@@ -90,25 +122,58 @@ def _check_train(train: ml_collections.ConfigDict, batch_shards: int):
       raise ValueError(f"train.{field}: must be a positive integer, got {value!r}")
   if train.get("eval_batches", 1) < 0:
     raise ValueError(f"train.eval_batches: must be >= 0, got {train.eval_batches}")
+  redraw = train.get("redraw_buffers_every", 0)
+  if not isinstance(redraw, int) or redraw < 0:
+    raise ValueError(f"train.redraw_buffers_every: must be an integer >= 0 (0: never), got "
+                     f"{redraw!r}")
   divisor = math.lcm(batch_shards, jax.process_count())
   if train.batch_size % divisor:
     raise ValueError(f"train.batch_size: {train.batch_size} is not divisible by the {batch_shards} "
                      f"batch shards (mesh data x fsdp) and {jax.process_count()} processes")
 
 
-def _check_workdir(workdir: Any):
+def check_workdir(workdir: Any, *, create: bool = False):
+  """Checks that `workdir` is (or can be made) a writable directory, creating nothing unless
+  `create`. With `create`, the directories it made are removed again if the write test fails; an
+  existing workdir is left as it was.
+
+  Raises:
+    ValueError: naming `workdir`.
+  """
   if not workdir or not isinstance(workdir, str):
     raise ValueError(f"workdir: a directory path is needed, got {workdir!r}")
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"workdir: {workdir!r} cannot be created: {existing!r} is not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    where = "" if existing == path else f" (under {existing!r})"
+    raise ValueError(f"workdir: {workdir!r} is not writable{where}")
+  if not create:
+    return
+  made = []
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
+    head = path
+    while not os.path.exists(head):
+      made.append(head)
+      head = os.path.dirname(head)
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
       pass
   except OSError as e:
+    for directory in made:  # innermost first
+      try:
+        os.rmdir(directory)
+      except OSError:
+        pass
     raise ValueError(f"workdir: {workdir!r} cannot be written ({e.strerror or e})") from None
 
 
-def validate_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
-  """Checks a training config; returns the resolved mesh shape. Compiles nothing.
+def check_config(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Resolves the derived fields (`resolve_config`, in place) and checks every section; returns
+  the resolved mesh shape. Touches no file and compiles nothing.
 
   Raises:
     ValueError: naming the bad field.
@@ -116,9 +181,22 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   for section in ("task", "model", "optimizer", "train"):
     if section not in config:
       raise ValueError(f"config.{section}: missing section")
+  resolve_config(config)
   _check_model(config.model)
   _check_optimizer(config.optimizer)
   shape = mesh_lib.mesh_shape(config.get("mesh", None), jax.device_count())
   _check_train(config.train, shape["data"] * shape["fsdp"])
-  _check_workdir(workdir)
+  return shape
+
+
+def validate_config(config: ml_collections.ConfigDict, workdir: str, *,
+                    create_workdir: bool = True) -> dict[str, int]:
+  """`check_config`, then `check_workdir`: the workdir is created (if missing) only when every
+  check passed and `create_workdir`. Returns the resolved mesh shape. Compiles nothing.
+
+  Raises:
+    ValueError: naming the bad field.
+  """
+  shape = check_config(config)
+  check_workdir(workdir, create=create_workdir)
   return shape

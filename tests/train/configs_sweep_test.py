@@ -39,6 +39,48 @@ def test_config_argument_errors_name_the_key():
     sweep.load_config("configs/mqar.py:size=huge")
   with pytest.raises(ValueError, match="colour"):
     sweep.load_config("configs/mqar.py:colour=red")
+  with pytest.raises(ValueError, match="window='wide': expected int"):
+    sweep.load_config("configs/mqar.py:window=wide")
+
+
+# (num_steps of size=small, warm-up, eval/checkpoint cadence) as the configs set them explicitly
+# before the schedule was derived: resolving reproduces them.
+SMALL_SCHEDULES = {"mqar": (1500, 100, 300), "selective_copy": (1000, 100, 200),
+                   "induction": (3000, 100, 600), "listops": (2000, 100, 400),
+                   "lm_bytes": (2000, 100, 400), "digits_vit": (1500, 100, 300)}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_schedule_follows_a_num_steps_override(name):
+  config = sweep.load_config(f"configs/{name}.py")
+  num_steps, warmup, every = SMALL_SCHEDULES[name]
+  assert config.train.num_steps == num_steps
+  resolved = validate.resolve_config(sweep.load_config(f"configs/{name}.py"))
+  assert (resolved.optimizer.warmup_steps, resolved.train.eval_every,
+          resolved.train.checkpoint_every) == (warmup, every, every)
+  config.train.num_steps = 100  # as --config.train.num_steps=100 does
+  validate.resolve_config(config)
+  assert (config.optimizer.warmup_steps, config.train.eval_every,
+          config.train.checkpoint_every) == (10, 20, 20)
+
+
+def test_configs_load_from_another_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert sweep.load_config("configs/mqar.py:size=tiny").task.seq_len == 32
+  with pytest.raises(ValueError, match="no config file 'configs/nope.py'.*configs/mqar.py"):
+    sweep.load_config("configs/nope.py")
+
+
+def test_sweep_errors_name_the_run_and_the_field():
+  config = sweep.load_config("configs/sweeps/mqar_demo.py")
+  with pytest.raises(ValueError, match="'model.colour'.*no field 'colour'"):
+    sweep.apply_overrides(sweep.load_config("configs/mqar.py"), {"model.colour": "red"})
+  with pytest.raises(ValueError, match="'optimiser.lr'.*no field 'optimiser'"):
+    sweep.apply_overrides(sweep.load_config("configs/mqar.py"), {"optimiser.lr": 1.0})
+  config.runs = [{"name": "odd_heads", "config": "configs/mqar.py:size=tiny",
+                  "overrides": {"model.num_heads": 5}}]
+  with pytest.raises(ValueError, match=r"run 'odd_heads'.*model\.num_heads \(5\)"):
+    sweep.plan(config)
 
 
 def test_configs_import_nothing_of_attnjax():

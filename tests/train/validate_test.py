@@ -1,12 +1,18 @@
-"""Bad config values stop the run at start, naming the field, before anything is compiled."""
+"""Bad config values stop the run at start, naming the field, before anything is compiled or any
+workdir is created; the schedule fields left None follow train.num_steps."""
 
+import math
 import os
 
 import jax
+import numpy as np
 import pytest
 
+from attnjax.train import metrics as metrics_lib
 from attnjax.train import trainer
 from attnjax.train import validate
+from configs import common as configs_common
+from tests import tolerances
 from tests.train import fakes_test
 
 
@@ -60,7 +66,7 @@ def test_bad_value_raises_naming_the_field_before_any_compile(config, field, tmp
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     trainer.train_and_evaluate(config, str(tmp_path / "w"), **parts)
   assert compiles.count == 0
-  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+  assert not os.path.exists(tmp_path / "w")  # validation fails before the workdir is created
 
 
 def test_unwritable_workdir(tmp_path, compiles):
@@ -89,3 +95,84 @@ def test_mechanism_names_from_schedule_and_list():
   config = fakes_test.make_config()
   config.model.layer_mechanisms = ["softmax"]
   assert validate.mechanism_names(config.model) == ["softmax", "softmax"]
+
+
+def _listing(path):
+  return sorted((p, os.stat(os.path.join(path, p)).st_mtime_ns) for p in os.listdir(path))
+
+
+def test_failed_validation_leaves_no_workdir_and_an_existing_one_as_it_was(tmp_path):
+  bad = _bad("model", width=18, num_heads=4)
+  with pytest.raises(ValueError, match=r"model\.num_heads \(4\) must divide model\.width \(18\)"):
+    validate.validate_config(bad, str(tmp_path / "new" / "run"))
+  assert not os.path.exists(tmp_path / "new")
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "notes.txt").write_text("mine")
+  before = _listing(existing)
+  with pytest.raises(ValueError, match="model.num_heads"):
+    validate.validate_config(bad, str(existing))
+  assert _listing(existing) == before
+  validate.validate_config(fakes_test.make_config(), str(existing))  # the write test cleans up
+  assert _listing(existing) == before
+
+
+def test_validate_without_create_touches_no_file(tmp_path):
+  validate.validate_config(fakes_test.make_config(), str(tmp_path / "a" / "b"),
+                           create_workdir=False)
+  assert not os.path.exists(tmp_path / "a")
+  validate.check_workdir(str(tmp_path / "a" / "b"), create=True)
+  assert os.path.isdir(tmp_path / "a" / "b") and not os.listdir(tmp_path / "a" / "b")
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(ValueError, match="workdir.*not a directory"):
+    validate.check_workdir(str(blocker / "run"))
+
+
+def _schedule_fields(config):
+  return (config.optimizer.warmup_steps, config.train.eval_every, config.train.checkpoint_every)
+
+
+@pytest.mark.parametrize("num_steps, accum, expected", [
+    # warm-up min(100, updates // 10), updates = num_steps // accum; eval and save num_steps // 5.
+    (100, 1, (10, 20, 20)),
+    (1000, 1, (100, 200, 200)),
+    (5000, 1, (100, 1000, 1000)),
+    (1000, 4, (25, 200, 200)),
+    (3, 1, (0, 1, 1)),
+])
+def test_schedule_fields_follow_num_steps(num_steps, accum, expected):
+  config = configs_common.base_config()
+  config.lock()  # as the command line loads it
+  assert _schedule_fields(config) == (None, None, None)
+  config.train.num_steps = num_steps
+  config.optimizer.grad_accum_steps = accum
+  assert _schedule_fields(validate.resolve_config(config)) == expected
+
+
+def test_explicit_schedule_fields_are_kept():
+  config = configs_common.base_config()
+  config.train.num_steps = 100
+  config.train.eval_every = 7
+  config.optimizer.warmup_steps = 0
+  validate.check_config(config)
+  assert _schedule_fields(config) == (0, 7, 20)
+
+
+def test_a_run_with_derived_schedule_evaluates_saves_and_warms_up_by_num_steps(tmp_path):
+  # num_steps 20 -> eval and save every 4 steps, warm-up 2 updates: read back from the run.
+  config = fakes_test.make_config(num_steps=20, log_every=1, keep_checkpoints=10)
+  config.train.eval_every = config.train.checkpoint_every = None
+  config.optimizer.warmup_steps = None
+  trainer.train_and_evaluate(config, str(tmp_path), **fakes_test.fake_parts(config))
+  records = metrics_lib.read_jsonl(str(tmp_path))
+  assert [r["step"] for r in records if "eval_accuracy" in r] == [4, 8, 12, 16, 20]
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == \
+      [4, 8, 12, 16, 20]
+  # The rate logged at step s is that of update u = s - 1 (optim.py's formula, warm-up W = 2).
+  peak, warm, total = config.optimizer.learning_rate, 2, 20
+  expected = [peak * u / warm if u < warm else
+              peak * (1 + math.cos(math.pi * (u - warm) / (total - warm))) / 2
+              for u in range(total)]
+  logged = [r["learning_rate"] for r in records if "learning_rate" in r]
+  np.testing.assert_allclose(logged, expected, **tolerances.output(np.float32))

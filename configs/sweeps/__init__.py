@@ -1,0 +1,1 @@
+"""Sweep configs: `python -m experiments.sweep --config=configs/sweeps/<name>.py`."""
