@@ -24,6 +24,13 @@ from typing import Any, Callable, Optional
 import jax
 
 PATTERNS = ("self", "causal_self", "cross", "causal_cross")
+INPUTS = ("q", "k", "v")
+# The Flax collection that holds a mechanism's fixed (non-trainable) arrays, e.g. FAVOR+'s random
+# features: the layer creates them there, out of the optimizer's reach (`ParamSpec.trainable`).
+BUFFERS = "buffers"
+# The Flax rng stream a layer draws from for mechanisms that sample (`Mechanism.rng`); without it
+# (e.g. at evaluation) such a mechanism runs its deterministic form.
+SAMPLE_RNG = "sample"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +38,14 @@ class ParamSpec:
   """An extra learned array a mechanism takes as a keyword argument; the Flax layer creates it.
 
   `shape(num_heads, num_kv_heads, head_dim)` gives its shape; `init` is a `jax.nn.initializers`
-  initializer.
+  initializer. `trainable=False` marks an array the paper keeps fixed (random features, fixed
+  filters): the layer creates it in the `BUFFERS` collection instead of 'params', so no optimizer
+  moves it (it may still be redrawn, see `attnjax.nn.redraw_buffers`).
   """
   name: str
   shape: Callable[[int, int, int], tuple[int, ...]]
   init: Callable[..., Any]
+  trainable: bool = True
 
 
 def example_params(specs, *, N: int = 4, K: int = 2, H: int = 8, seed: int = 0,
@@ -74,6 +84,11 @@ class Mechanism:
       return_final_state=True)` (n earlier tokens; `state` None before the first token) returns
       `(out, new_state)`, equal to the full forward's rows. `state_size` counts that state.
     packed: honours `segment_ids`.
+    reads: which of the inputs q, k, v the operator reads (a subset of INPUTS). A mechanism whose
+      paper derives queries (or keys) from a shared stream declares the inputs it does not read; it
+      still takes them (for their shapes), and the Flax layer creates no projection for them.
+    rng: the keyword that takes a PRNG key when the mechanism samples (None: it never does). The
+      layer passes a key from its `SAMPLE_RNG` stream when the caller provides one.
     complexity: time complexity in T (queries) and S (keys).
     implementations: the `implementation=` names it accepts, fastest first.
     params: learned arrays the layer must create and pass (ParamSpec).
@@ -98,6 +113,8 @@ class Mechanism:
   decode: bool = True
   recurrent: bool = False
   packed: bool = True
+  reads: frozenset[str] = frozenset(INPUTS)
+  rng: Optional[str] = None
   complexity: str = "O(T·S)"
   implementations: tuple[str, ...] = ("xla", "reference")
   params: tuple[ParamSpec, ...] = ()
@@ -160,6 +177,8 @@ def register(mechanism: Mechanism) -> Mechanism:
   if mechanism.recurrent and not (mechanism.decode and "causal_self" in mechanism.patterns):
     raise ValueError(f"mechanism {mechanism.name!r}: `recurrent` decoding needs `decode` and the "
                      "causal_self pattern")
+  if not mechanism.reads or not set(mechanism.reads) <= set(INPUTS):
+    raise ValueError(f"mechanism {mechanism.name!r}: `reads` must be a non-empty subset of {INPUTS}")
   if not mechanism.seeds:
     raise ValueError(f"mechanism {mechanism.name!r} must name the catalog rows it implements (seeds)")
   _REGISTRY[mechanism.name] = mechanism

@@ -131,6 +131,13 @@ def _compiled(model: nn.Module, batch: int, prompt_len: int, max_new_tokens: int
   cache_shapes = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, total), jnp.int32),
                          decode=True))["cache"]
+  # The layers size their KV caches on the init input; a cache shorter than prompt + new tokens
+  # would be overrun, so check before anything runs.
+  for path, leaf in jax.tree_util.tree_leaves_with_path(cache_shapes):
+    if getattr(path[-1], "key", None) == "cached_key" and leaf.shape[1] < total:
+      raise ValueError(f"generate: the KV cache at {jax.tree_util.keystr(path)} holds "
+                       f"{leaf.shape[1]} positions, fewer than the prompt ({prompt_len}) plus "
+                       f"max_new_tokens ({max_new_tokens})")
 
   def step(variables, cache, tokens):
     logits, mutated = model.apply({**variables, "cache": cache}, tokens, decode=True,

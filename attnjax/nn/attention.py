@@ -21,7 +21,17 @@ tokens writes their keys and values at `cache_index` and attends over the whole 
 `q_offset = cache_index`, `kv_lengths = cache_index + T` (causal masking by absolute position).
 A causal layer whose mechanism is `recurrent` (linear attention and its kin) keeps its fixed-size
 state instead (`cache/state`, `cache/cache_index`): each decode call advances the state over the new
-tokens, so a token costs O(1) in the length and the cache does not grow.
+tokens, so a token costs O(1) in the length and the cache does not grow. A KV cache is never
+overrun silently: a decode call whose tokens do not fit raises (a `ValueError` when the cache index
+is known at trace time, a runtime error from the compiled step otherwise).
+
+What a mechanism declares shapes the layer: projections exist only for the inputs it reads
+(`Mechanism.reads`; an unread input is passed as zeros of its shape); its learned arrays are 'params',
+except those its paper keeps fixed (`ParamSpec.trainable=False`, e.g. FAVOR+'s random features), which
+live in the 'buffers' collection where no optimizer moves them (redraw them with
+`model.init(rng, x)['buffers']`); a mechanism that samples (`Mechanism.rng`) gets a key from the
+'sample' rng stream when `apply` is given one (`rngs={'sample': key}`) and runs its deterministic form
+otherwise.
 
 Papers: Vaswani et al., "Attention Is All You Need", arXiv:1706.03762 (multi-head attention);
 Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head
@@ -173,20 +183,29 @@ class MultiHeadAttention(nn.Module):
                               bias_init=self.bias_init, use_bias=self.use_bias,
                               precision=self.precision)
     kv_in = inputs_kv if cross else inputs_q
-    query = dense(features=(N, H), name="query")(inputs_q)
-    key = dense(features=(K, H), name="key")(kv_in)
-    value = dense(features=(K, H), name="value")(kv_in)
-    if self.normalize_qk:
-      ln = functools.partial(nn.LayerNorm, use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
-      query = ln(name="query_ln")(query)
-      key = ln(name="key_ln")(key)
+    ln = functools.partial(nn.LayerNorm, use_bias=False, dtype=self.dtype,
+                           param_dtype=self.param_dtype)
 
-    # The mechanism's learned arrays (e.g. gates, temperatures), passed to it as keywords.
-    extra = {spec.name: self.param(spec.name, spec.init, tuple(spec.shape(N, K, H)),
-                                   self.param_dtype) for spec in mech.params}
+    def project(name, x, heads, normalize):
+      # An input the mechanism does not read gets no projection (no dead weights): zeros of its
+      # shape stand in, for the shapes the operator checks.
+      if name not in mech.reads:
+        dtype = self.dtype or jnp.result_type(x, self.param_dtype)
+        return jnp.zeros(x.shape[:2] + (heads, H), dtype)
+      y = dense(features=(heads, H), name={"q": "query", "k": "key", "v": "value"}[name])(x)
+      return ln(name=f"{'query' if name == 'q' else 'key'}_ln")(y) if normalize else y
+
+    query = project("q", inputs_q, N, self.normalize_qk)
+    key = project("k", kv_in, K, self.normalize_qk)
+    value = project("v", kv_in, K, False)
+
+    # The mechanism's learned arrays (e.g. gates, temperatures), passed to it as keywords; those its
+    # paper keeps fixed (random features) live in 'buffers', out of the optimizer's reach.
+    extra = {spec.name: self._mechanism_array(spec, (N, K, H)) for spec in mech.params}
     kwargs = {**dict(self.mechanism_kwargs or {}), **mechanism_args, **extra,
               "scale": self.scale, "implementation": self.implementation}
+    if mech.rng is not None and self.has_rng(registry.SAMPLE_RNG):
+      kwargs[mech.rng] = self.make_rng(registry.SAMPLE_RNG)
 
     recurrent = mech.recurrent and self.causal
     initialized = self.has_variable("cache", "state" if recurrent else "cached_key")
@@ -232,6 +251,14 @@ class MultiHeadAttention(nn.Module):
                            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                            name="out")(out)
 
+  def _mechanism_array(self, spec: registry.ParamSpec, dims: tuple[int, int, int]) -> jax.Array:
+    shape = tuple(spec.shape(*dims))
+    if spec.trainable:
+      return self.param(spec.name, spec.init, shape, self.param_dtype)
+    # Drawn once from the 'params' stream at init, like a parameter, but never trained.
+    return self.variable(registry.BUFFERS, spec.name,
+                         lambda: spec.init(self.make_rng("params"), shape, self.param_dtype)).value
+
   def _decode_step(self, mech, query, key, value, kwargs):
     """Writes the new keys/values at `cache_index` and attends over the whole cache."""
     cached_key = self.variable("cache", "cached_key")
@@ -246,11 +273,13 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"MultiHeadAttention: {T} new tokens do not fit in a cache of length "
                        f"{s_max}")
     index = cache_index.value
+    _check_cache_room(index, T, s_max)
     if self.rope_base is not None:
       pos = index + jnp.arange(T, dtype=jnp.int32)
       query = self._rope(query, pos)
       key = self._rope(key, pos)
-    # Writes past S_max would be clamped by dynamic_update_slice: callers keep index + T <= S_max.
+    # dynamic_update_slice would clamp a write past S_max onto earlier slots: _check_cache_room
+    # stops that above.
     zero = jnp.zeros((), index.dtype)
     cached_key.value = jax.lax.dynamic_update_slice(
         cached_key.value, key.astype(cached_key.value.dtype), (zero, index, zero, zero))
@@ -297,3 +326,26 @@ class MultiHeadAttention(nn.Module):
 
   def _rope(self, x, positions):
     return rope.apply_rope(x, positions, base=self.rope_base, fraction=self.rope_fraction)
+
+
+def _overrun_message(index, T, s_max) -> str:
+  return (f"MultiHeadAttention: decoding {int(T)} token(s) at cache index {int(index)} overruns the "
+          f"KV cache of length {int(s_max)}; initialise the cache on a sequence as long as the "
+          "prompt plus every token to generate")
+
+
+def _raise_overrun(index, T, s_max):
+  raise ValueError(_overrun_message(index, T, s_max))
+
+
+def _check_cache_room(index, T: int, s_max: int):
+  """Raises when `index + T > s_max`: a `ValueError` now when `index` is concrete, else a runtime
+  error from the compiled program (a host callback that runs only on overrun)."""
+  try:
+    concrete = int(index)
+  except (jax.errors.ConcretizationTypeError, TypeError):
+    jax.lax.cond(index + T > s_max,
+                 lambda: jax.debug.callback(_raise_overrun, index, T, s_max), lambda: None)
+  else:
+    if concrete + T > s_max:
+      raise ValueError(_overrun_message(concrete, T, s_max))

@@ -14,6 +14,11 @@ Batches are a pure function of the step and the RNG of step s is `fold_in(rng, s
 run repeats the uninterrupted run bit for bit. SIGTERM makes the loop save the current step, wait for the save and
 exit with status 143.
 
+A mechanism's fixed arrays (`ParamSpec.trainable=False`, e.g. FAVOR+'s random features) live in the
+'buffers' collection of the state, never in the optimizer's reach; `train.redraw_buffers_every = n`
+draws them afresh every n steps (Performer's feature redraw), from the step's RNG, so a resumed run
+redraws the same. Mechanisms that sample get a key from the 'sample' rng stream in training steps.
+
 Params are float32; `train.mixed_precision` (or `model.dtype = "bfloat16"`) computes in bfloat16;
 losses and metrics are float32.
 """
@@ -38,6 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from attnjax import registry
 from attnjax.parallel import mesh as mesh_lib
 from attnjax.train import checkpoint as checkpoint_lib
 from attnjax.train import metrics as metrics_lib
@@ -170,7 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     tokens_per_sec, num_params, step (and preempted=True never: SIGTERM exits with status 143).
   """
   mesh_lib.maybe_initialize_distributed()
-  validate.validate_config(config, workdir)
+  # The workdir is created only once the task and model build, so a bad config leaves none.
+  validate.validate_config(config, workdir, create_workdir=False)
   tcfg = config.train
   num_steps, batch_size = int(tcfg.num_steps), int(tcfg.batch_size)
   is_chief = jax.process_index() == 0
@@ -190,14 +197,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   input_dtype = np.dtype(spec.input_dtype)
   dummy = jnp.zeros((1,) + tuple(spec.input_shape), input_dtype)
 
+  redraw_every = int(tcfg.get("redraw_buffers_every", 0) or 0)
+
+  def init_variables(params_rng, dropout_rng):
+    return model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
+
   def init_state(rng):
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
+    variables = init_variables(params_rng, dropout_rng)
     params = variables["params"]
     zeros = jnp.zeros((), jnp.float32)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": state_rng, "window": {"loss_sum": zeros, "correct_sum": zeros,
-                                         "weight_sum": zeros}}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "rng": state_rng, "window": {"loss_sum": zeros, "correct_sum": zeros,
+                                          "weight_sum": zeros}}
+    if variables.get(registry.BUFFERS):
+      state["buffers"] = variables[registry.BUFFERS]
+    return state
 
   seed_rng = jax.random.PRNGKey(int(tcfg.get("seed", 0)))
   boxed = jax.eval_shape(init_state, seed_rng)
@@ -206,19 +221,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   data_sharding = mesh_lib.batch_sharding(mesh)
   abstract_state = checkpoint_lib.abstract_like(nn.unbox(boxed), state_shardings)
   num_params = count_params(abstract_state["params"])
+  validate.check_workdir(workdir, create=True)
   if is_chief:
     write_param_shardings(workdir, abstract_state["params"])
 
-  def loss_fn(params, batch, rng, train):
-    logits = model.apply({"params": params}, batch["inputs"], train=train,
-                         rngs={"dropout": rng} if train else None)
+  def loss_fn(params, buffers, batch, rng, train):
+    variables = {"params": params, **({registry.BUFFERS: buffers} if buffers else {})}
+    rngs = {"dropout": rng, registry.SAMPLE_RNG: jax.random.fold_in(rng, 1)} if train else None
+    logits = model.apply(variables, batch["inputs"], train=train, rngs=rngs)
     sums = weighted_metrics(logits, batch["targets"], batch["weights"])
     return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1e-12), sums
 
   def train_step(state, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
+    buffers = state.get("buffers", {})
+    if buffers and redraw_every > 0:
+      # Only the buffers of a fresh init are kept; XLA drops the rest of it.
+      redraw = (state["step"] > 0) & (state["step"] % redraw_every == 0)
+      fresh_rngs = jax.random.split(jax.random.fold_in(rng, 2))
+      buffers = jax.lax.cond(
+          redraw, lambda: nn.unbox(init_variables(*fresh_rngs)[registry.BUFFERS]), lambda: buffers)
     (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], batch, rng, True)
+        state["params"], buffers, batch, rng, True)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # The metric window restarts at multiples of log_every; it lives in the state (and the
@@ -227,11 +251,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     window = jax.tree.map(lambda w, s: jnp.where(fresh, 0.0, w) + s, state["window"], sums)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "rng": state["rng"], "window": window}
+    if buffers:
+      new_state["buffers"] = buffers
     return new_state, {"grad_norm": optax.tree.norm(grads),
                        "learning_rate": schedule(state["step"] // accum)}
 
-  def eval_step(params, batch):
-    return loss_fn(params, batch, None, False)[1]
+  def eval_step(params, buffers, batch):
+    return loss_fn(params, buffers, batch, None, False)[1]
 
   # Activation constraints (nn.with_logical_constraint in the model) apply when the logical rules
   # are in context; parameter and batch shardings come from the jit in/out shardings either way.
@@ -243,7 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     init_fn = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=state_shardings)
     step_fn = jax.jit(train_step, in_shardings=(state_shardings, data_sharding),
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_fn = jax.jit(eval_step, in_shardings=(state_shardings["params"], data_sharding),
+    eval_fn = jax.jit(eval_step, in_shardings=(state_shardings["params"],
+                                               state_shardings.get("buffers", {}), data_sharding),
                       out_shardings=replicated)
     train_rows = _LocalRows(mesh, batch_size)
     eval_rows = _LocalRows(mesh, eval_batch_size)
@@ -253,10 +280,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          process_count=rows.process_count)
       return mesh_lib.global_batch(local, mesh, size)
 
-    def evaluate(params):
+    def evaluate(state):
       totals = None
       for i in range(int(tcfg.get("eval_batches", 1))):
-        sums = eval_fn(params, get_batch(i, "valid", eval_batch_size, eval_rows))
+        sums = eval_fn(state["params"], state.get("buffers", {}),
+                       get_batch(i, "valid", eval_batch_size, eval_rows))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
       if totals is None:
         return {}
@@ -317,7 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             writer.write(step, {**train_metrics, **jax.device_get(step_metrics), **rates})
             progress.update(step, {"loss": train_metrics["train_loss"], **rates})
           if evaluated:
-            eval_metrics = evaluate(state["params"])
+            eval_metrics = evaluate(state)
             writer.write(step, eval_metrics)
           if saved:
             ckpt.save(step, state, metrics=eval_metrics if evaluated else None)
@@ -330,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             logging.warning("SIGTERM: saved step %d, exiting", step)
             raise SystemExit(PREEMPTED_EXIT_CODE)
       if start >= num_steps:  # nothing left to train: report the final checkpoint's metrics
-        eval_metrics = evaluate(state["params"])
+        eval_metrics = evaluate(state)
     finally:
       # Also on a crash (exception) or SIGTERM: the save in flight completes, so no checkpoint is
       # lost or torn, and the logs are flushed.

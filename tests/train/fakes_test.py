@@ -70,6 +70,7 @@ class TinyLM(nn.Module):
   num_heads: int = 2
   mlp_dim: int = 32
   dtype: str = "float32"
+  mechanism: str = "softmax"
 
   @nn.compact
   def __call__(self, inputs, *, train=False):
@@ -83,8 +84,8 @@ class TinyLM(nn.Module):
                      (t, self.width), jnp.float32)
     x = (embed[inputs] + pos[None]).astype(dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x = x + aj.nn.MultiHeadAttention(num_heads=self.num_heads, mechanism="softmax", causal=True,
-                                     dtype=dtype, name="attn")(x)
+    x = x + aj.nn.MultiHeadAttention(num_heads=self.num_heads, mechanism=self.mechanism,
+                                     causal=True, dtype=dtype, name="attn")(x)
     h = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), "mlp_in")(x.astype(dtype)))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     x = x + _dense(self.width, ("mlp", "embed"), "mlp_out")(h)

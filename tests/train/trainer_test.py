@@ -157,3 +157,30 @@ def test_real_mqar_end_to_end(tmp_path):
   result = trainer.train_and_evaluate(config, str(tmp_path))
   assert result["step"] == 6 and np.isfinite(result["eval_loss"])
   assert checkpoint_lib.Checkpointer(tmp_path).latest_step() == 6
+
+
+def _buffers(workdir, step):
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(step), checkpoint_lib.STATE))["buffers"]
+
+
+@pytest.mark.parametrize("redraw_every", [0, 3])
+def test_fixed_random_features_are_not_trained_and_redraw_on_schedule(tmp_path, redraw_every):
+  # FAVOR+'s random features live in 'buffers': training never moves them; with
+  # `redraw_buffers_every` they are drawn afresh at those steps only.
+  config = fakes_test.make_config(num_steps=4, checkpoint_every=2, eval_every=4,
+                                  redraw_buffers_every=redraw_every)
+  parts = dict(task=fakes_test.FakeTask(seed=0),
+               model=fakes_test.TinyLM(mechanism="favor_plus_attention"))
+  _train(config, tmp_path, **parts)
+  init = parts["model"].init(jax.random.split(jax.random.PRNGKey(0), 3)[0],
+                             jnp.zeros((1, 16), jnp.int32))
+  assert "projection" not in init["params"]["attn"]
+  at2, at4 = _buffers(tmp_path, 2), _buffers(tmp_path, 4)
+  chex.assert_trees_all_equal(at2, jax.device_get(init["buffers"]))   # no redraw before step 3
+  if redraw_every:
+    assert not np.allclose(at4["attn"]["projection"], at2["attn"]["projection"])
+  else:
+    chex.assert_trees_all_equal(at4, at2)
+  assert not np.allclose(_params(tmp_path, 4)["attn"]["query"]["kernel"],
+                         init["params"]["attn"]["query"]["kernel"])   # while the params train
