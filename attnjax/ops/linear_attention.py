@@ -2,8 +2,13 @@
 
 Each mechanism maps q and k through its feature map φ, builds its gate, and hands the rest to the
 primitive (`attnjax.core.linear`). `linear_contract` adapts the primitive to the common call
-contract: full sequences use the chunked / parallel / scan forms; queries at an offset over a KV cache
-use `gated_linear_attention_cached` (equal to the matching rows of the full forward).
+contract: full sequences use the chunked / parallel / scan forms; queries at an offset over a KV
+cache use `gated_linear_attention_cached` (equal to the matching rows of the full forward).
+
+Implementations: causal attention has three forms of the primitive ("xla" chunked, "parallel"
+quadratic, "reference" scan). Non-causal attention has two: "xla", the linear `φ(Q)(φ(K)ᵀ V)`,
+and "reference" (= "parallel"), the quadratic `(φ(Q) φ(K)ᵀ ⊙ mask) V` that materializes the
+weights; mechanisms that are only non-causal list those two.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from attnjax.core import checks
 from attnjax.core import feature_maps as fm
 from attnjax.core import linear
 from attnjax.core import masks
-from attnjax.registry import Mechanism, ParamSpec, register
+from attnjax.registry import Mechanism, ParamSpec, example_params, register
 
 _F32 = jnp.float32
 _IMPLS = ("xla", "parallel", "reference")
+_NONCAUSAL_IMPLS = ("xla", "reference")
 
 
 def _is_full_sequence(T, S, q_offset):
@@ -31,7 +37,7 @@ def _is_full_sequence(T, S, q_offset):
 def linear_contract(op, qf, kf, v, *, causal, segment_ids, q_offset, kv_lengths, implementation,
                     log_decay=None, normalize=False, scale=1.0, chunk_size=64, initial_state=None,
                     return_final_state=False):
-  """Runs gated linear attention on feature-mapped `qf [B,T,N,F]`, `kf [B,S,K,F]` under the contract.
+  """Gated linear attention on feature-mapped `qf [B,T,N,F]`, `kf [B,S,K,F]` under the contract.
 
   `log_decay` is `[B,S,N]` / `[B,S,N,F]` over the key positions. Non-causal attention ignores
   positions; causal attention over a full sequence uses the primitive's forms; causal queries at an
@@ -56,16 +62,21 @@ def linear_contract(op, qf, kf, v, *, causal, segment_ids, q_offset, kv_lengths,
   return out.astype(v.dtype)   # the features are float32; the result takes the input's dtype
 
 
-def _recurrent_contract(op, qf, kf, v, *, causal, segment_ids, kv_lengths, implementation,
-                        log_decay, normalize, scale, chunk_size, initial_state):
+def check_recurrent_args(op, *, causal, segment_ids, T, S):
+  """The recurrent form's contract: causal self-attention over the new tokens of one sequence."""
   if not causal:
     raise ValueError(f"{op}: recurrent decoding (`return_final_state`) is for causal attention")
   if segment_ids is not None:
     raise ValueError(f"{op}: recurrent decoding carries one sequence per batch row; "
                      "`segment_ids` are not supported there")
-  if qf.shape[1] != kf.shape[1]:
+  if T != S:
     raise ValueError(f"{op}: recurrent decoding takes the new tokens only: q and k must have the "
-                     f"same length, got T={qf.shape[1]}, S={kf.shape[1]}")
+                     f"same length, got T={T}, S={S}")
+
+
+def _recurrent_contract(op, qf, kf, v, *, causal, segment_ids, kv_lengths, implementation,
+                        log_decay, normalize, scale, chunk_size, initial_state):
+  check_recurrent_args(op, causal=causal, segment_ids=segment_ids, T=qf.shape[1], S=kf.shape[1])
   if kv_lengths is not None:
     checks.check_shape(op, "kv_lengths", kv_lengths, (qf.shape[0],), "[B]")
   out, state = linear.gated_linear_attention(
@@ -102,15 +113,18 @@ def _linear_contract(op, qf, kf, v, *, causal, segment_ids, q_offset, kv_lengths
   if kv_lengths is not None:
     checks.check_shape(op, "kv_lengths", kv_lengths, (B,), "[B]")
   if not causal:
-    if pair is not None and T != S:
-      # Documents across two sequences: the masked quadratic form (no positions needed).
-      big = jnp.full((B,), S)
+    if implementation not in (None, "xla", "parallel", "reference"):
+      raise ValueError(f"{op}: unknown implementation {implementation!r}; choose from "
+                       f"{_IMPLS}")
+    if implementation in ("parallel", "reference") or (pair is not None and T != S):
+      # The quadratic form `(φ(Q) φ(K)ᵀ ⊙ mask) V` (every key visible: offset S), the plain
+      # definition, and the one form for documents across two sequences.
       return linear.gated_linear_attention_cached(
-          qf, kf, v, q_offset=big, kv_lengths=kv_lengths, normalize=normalize, scale=scale,
-          segment_ids=pair)
+          qf, kf, v, q_offset=jnp.full((B,), S), kv_lengths=kv_lengths, normalize=normalize,
+          scale=scale, segment_ids=pair)
     return linear.gated_linear_attention(
         qf, kf, v, causal=False, normalize=normalize, scale=scale, segment_ids=segment_ids,
-        kv_lengths=kv_lengths, chunk_size=chunk_size, implementation=implementation)
+        kv_lengths=kv_lengths, chunk_size=chunk_size, implementation="xla")
   if _is_full_sequence(T, S, q_offset) and not isinstance(segment_ids, (tuple, list)):
     return linear.gated_linear_attention(
         qf, kf, v, log_decay=log_decay, causal=True, normalize=normalize, scale=scale,
@@ -129,6 +143,21 @@ def _zero_padded(x, kv_lengths):
     return x
   real = jnp.arange(x.shape[1])[None] < kv_lengths[:, None]
   return jnp.where(real.reshape(real.shape + (1,) * (x.ndim - 2)), x, 0.0)
+
+
+def _real_slots(B, S, kv_lengths):
+  """`[B,S]` bool: the slots before `kv_lengths` (all when None)."""
+  if kv_lengths is None:
+    return jnp.ones((B, S), bool)
+  return jnp.arange(S)[None] < kv_lengths[:, None]
+
+
+def _segments_of_keys(segment_ids, B, S):
+  """`segment_ids` if it is one `[B,S]` array, else None (a pair, or a malformed array, which the
+  contract then rejects with its own error)."""
+  if segment_ids is None or isinstance(segment_ids, (tuple, list)):
+    return None
+  return jnp.asarray(segment_ids) if jnp.shape(segment_ids) == (B, S) else None
 
 
 def _visible_counts(op, q, k, *, causal, segment_ids, q_offset, kv_lengths):
@@ -150,13 +179,16 @@ def cosine_linear_attention(q, k, v, *, causal=False, segment_ids=None, q_offset
   """Cottention: cosine-similarity attention `o_t = Σ_s (q̂_t·k̂_s) v_s / n_t^σ`, linear in T.
 
   q̂, k̂ are L2-normalized rows, `n_t` the number of keys query t sees (t + 1 when causal) and
-  `σ = sigmoid(length_exponent)` a learned per-head exponent `[N]` (default σ = 1/2). The causal form
-  is the RNN `S_t = S_{t-1} + k̂_t v_tᵀ`, `o_t = q̂_t S_t / t^σ`. `scale` is unused (cosine
-  similarities need none). Recurrent decoding carries `S_t` (`[B,N,H,h]`); the count comes from
-  `q_offset`. Mongaras et al., "Cottention: Linear Transformers With Cosine Attention",
-  arXiv:2409.18747.
+  `σ = sigmoid(length_exponent)` a learned per-head exponent `[N]` (default σ = 1/2). The causal
+  form is the RNN `S_t = S_{t-1} + k̂_t v_tᵀ`, `o_t = q̂_t S_t / t^σ`. The paper has no `scale`
+  (cosine similarities are bounded; σ sets the magnitude): a `scale` other than None is an error.
+  Recurrent decoding carries `S_t` (`[B,N,H,h]`); the count comes from `q_offset`;
+  `initial_state` needs `return_final_state=True`. Mongaras et al., "Cottention: Linear
+  Transformers With Cosine Attention", arXiv:2409.18747.
   """
-  del scale
+  if scale is not None:
+    raise ValueError(f"cosine_linear_attention: the paper has no `scale` (cosine similarities need "
+                     f"none; `length_exponent` sets the magnitude); got scale={scale}")
   B, T, N, _ = q.shape
   sigma = (jnp.full((N,), 0.5, _F32) if length_exponent is None else
            jax.nn.sigmoid(jnp.asarray(length_exponent, _F32)))
@@ -200,23 +232,36 @@ def _segment_softmax_over_positions(x, segment_ids, kv_lengths):
 
 
 def efficient_attention(q, k, v, *, causal=False, segment_ids=None, q_offset=0, kv_lengths=None,
-                        scale=None, implementation=None):
-  """Efficient attention `E = ρ_q(Q) (ρ_k(K)ᵀ V)`: softmax of each query over its features and of
-  each key feature over positions, multiplied right to left in O(T·F·h).
+                        scale=None, implementation=None, normalization="softmax"):
+  """Efficient attention `E = ρ_q(Q) (ρ_k(K)ᵀ V)`, multiplied right to left in O(T·F·h).
 
-  Non-causal (the key softmax runs over the whole sequence). `scale` multiplies q and k before the
-  softmaxes (default `H ** -0.25` each, the dot-product scaling split in two). Shen et al.,
-  "Efficient Attention: Attention with Linear Complexities", arXiv:1812.01243.
+  `normalization="softmax"` (the paper's main form): ρ_q is a softmax of each query over its
+  features, ρ_k a softmax of each key feature over positions (within its document when packed);
+  `scale` multiplies q and k before them (default `H ** -0.25` each, the dot-product scaling split
+  in two). `normalization="scaling"`: `ρ_q(Y) = ρ_k(Y) = Y / √n`, n the keys a query sees, under
+  which E equals dot-product attention with the same normalization, `(scale · Q Kᵀ / n) V`,
+  exactly (the paper's equivalence). Non-causal. Shen et al., "Efficient Attention: Attention with
+  Linear Complexities", arXiv:1812.01243.
   """
   del q_offset
+  op = "efficient_attention"
   H = q.shape[-1]
-  s = (H ** -0.5 if scale is None else scale) ** 0.5
+  sc = H ** -0.5 if scale is None else scale
+  if causal:
+    raise ValueError(f"{op}: non-causal only (ρ_k normalizes each key feature over all positions)")
   if isinstance(segment_ids, (tuple, list)):
-    raise ValueError("efficient_attention: segment_ids must be one [B,T] array (self-attention)")
-  qf = fm.softmax_features(q.astype(_F32) * s)
-  kf = _segment_softmax_over_positions(k.astype(_F32) * s, segment_ids, kv_lengths)
-  return linear_contract("efficient_attention", qf, kf, v, causal=causal, segment_ids=segment_ids,
-                         q_offset=0, kv_lengths=kv_lengths, implementation=implementation)
+    raise ValueError(f"{op}: segment_ids must be one [B,T] array (self-attention)")
+  contract = dict(causal=False, segment_ids=segment_ids, q_offset=0, kv_lengths=kv_lengths)
+  if normalization == "scaling":
+    o = linear_contract(op, q.astype(_F32) * sc, _zero_padded(k, kv_lengths), v, scale=1.0,
+                        implementation=implementation, **contract)
+    n = _visible_counts(op, q, k, **contract)
+    return (o.astype(_F32) / jnp.maximum(n, 1.0)).astype(q.dtype)
+  if normalization != "softmax":
+    raise ValueError(f"{op}: `normalization` must be 'softmax' or 'scaling', got {normalization!r}")
+  qf = fm.softmax_features(q.astype(_F32) * sc ** 0.5)
+  kf = _segment_softmax_over_positions(k.astype(_F32) * sc ** 0.5, segment_ids, kv_lengths)
+  return linear_contract(op, qf, kf, v, implementation=implementation, **contract)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,12 +275,14 @@ def lightning_decay_rates(num_heads: int):
 def lightning_attention_2(q, k, v, *, causal=True, segment_ids=None, q_offset=0, kv_lengths=None,
                           scale=None, implementation=None, log_decay_rates=None, chunk_size=64,
                           initial_state=None, return_final_state=False):
-  """Lightning Attention-2: causal linear attention `o_t = q_t Σ_{s≤t} λ^{t-s} k_s v_sᵀ`, tiled.
+  """Lightning Attention-2: causal linear attention `o_t = (scale · q_t) Σ_{s≤t} λ^{t-s} k_s v_sᵀ`.
 
-  Intra-block `((Q_i K_iᵀ) ⊙ M) V_i` plus inter-block `Q_i KV` with `KV ← λ^C KV + K_iᵀ V_i`
-  (the primitive's "xla" form). `log_decay_rates [N]` (≤ 0; default `lightning_decay_rates`; 0 means
-  no decay). Non-causal: `Q (Kᵀ V)` without decay. Qin et al., "Lightning Attention-2: A Free Lunch
-  for Handling Unlimited Sequence Lengths in Large Language Models", arXiv:2401.04658.
+  `scale` defaults to `H ** -0.5`. Tiled: intra-block `((scale · Q_i K_iᵀ) ⊙ M) V_i` plus
+  inter-block `scale · Q_i KV` with `KV ← λ^C KV + K_iᵀ V_i` (the primitive's "xla" form).
+  `log_decay_rates [N]` (≤ 0; default `lightning_decay_rates`; 0 means no decay). Non-causal:
+  `scale · Q (Kᵀ V)` without decay. Recurrent decoding carries KV (`[B,N,H,h]`);
+  `initial_state` needs `return_final_state=True`. Qin et al., "Lightning Attention-2: A Free
+  Lunch for Handling Unlimited Sequence Lengths in Large Language Models", arXiv:2401.04658.
   """
   B, T, N, H = q.shape
   S = k.shape[1]
@@ -257,27 +304,79 @@ def favor_plus_attention(q, k, v, *, projection, causal=False, segment_ids=None,
                          return_final_state=False):
   """Performer FAVOR+: `D⁻¹ φ(Q)(φ(K)ᵀ V)` with positive orthogonal random features.
 
-  `φ(x) = exp(W x - ‖x‖²/2)/√m`, `W = projection [m, H]` (draw it with
-  `feature_maps.orthogonal_random_features(key, m, H)`; the layer holds it as a parameter), so
-  `E[φ(q)·φ(k)] = exp(scale · q·k)`: an unbiased estimate of softmax attention's kernel. q and k are
-  each scaled by `√scale`. Query rows are stabilized by their own max (cancels in D⁻¹); non-causal keys
-  by one global max. Choromanski et al., "Rethinking Attention with Performers", arXiv:2009.14794.
+  `φ(x) = exp(W x - ‖x‖²/2)/√m`, `W = projection [m, H]` shared by the heads, so that
+  `E_W[φ(q)·φ(k)] = exp(scale · q·k)` (q and k are each scaled by `√scale`): an unbiased estimate
+  of softmax attention's kernel. W is drawn, not learned: the registry's `ParamSpec` draws the
+  paper's orthogonal features with chi-distributed norms (`orthogonal_features_init`) and marks it
+  `trainable=False`, so the layer keeps it in its "buffers" (redrawn on the trainer's schedule).
+
+  Range (exact, `feature_maps.stabilized_exp_features`): each key feature column is divided by
+  exp of its max exponent over the keys a query sees (per example, head and feature: per document
+  when packed, one per row for documents across two sequences; causal: the running max, whose
+  growth is the per-feature gate `exp(M_{s-1} - M_s)` of the recurrence), each query row by its
+  own max; the constants cancel in D⁻¹ and no row underflows, however large q and k. Causal
+  attention therefore runs the recurrence with per-feature gates (chunks of 16).
+
+  Recurrent decoding carries `(S [B,N,m,h+1], M [B,K,m])`, the stabilized state and the running
+  max; an all-zero state (as a layer initializes it) is empty. `initial_state` needs
+  `return_final_state=True`. Choromanski et al., "Rethinking Attention with Performers",
+  arXiv:2009.14794.
   """
-  H = q.shape[-1]
-  r = (H ** -0.5 if scale is None else scale) ** 0.5
-  qs, ks = q.astype(_F32) * r, _zero_padded(k, kv_lengths) * r
+  op = "favor_plus_attention"
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
   w = jnp.asarray(projection, _F32)
-  q_logits = jnp.einsum("...f,mf->...m", qs, w)
-  qf = fm.favor_plus(qs, w, stabilizer=jnp.max(q_logits, axis=-1, keepdims=True))
-  key_stab = None
-  if not causal:
-    k_logits = jnp.einsum("...f,mf->...m", ks, w) - 0.5 * jnp.sum(ks * ks, -1, keepdims=True)
-    key_stab = jnp.max(k_logits, axis=(1, 2, 3), keepdims=True)[:, :, :, :1]
-  kf = fm.favor_plus(ks, w, stabilizer=key_stab)
-  return linear_contract("favor_plus_attention", qf, kf, v, causal=causal, segment_ids=segment_ids,
-                         q_offset=q_offset, kv_lengths=kv_lengths, implementation=implementation,
-                         normalize=True, initial_state=initial_state,
-                         return_final_state=return_final_state)
+  if w.ndim != 2 or w.shape[1] != H:
+    raise ValueError(f"{op}: `projection` must have shape [m, H] with H={H}, got {w.shape}")
+  if initial_state is not None and not return_final_state:
+    raise ValueError(f"{op}: `initial_state` needs `return_final_state=True` (recurrent decoding)")
+  r = (H ** -0.5 if scale is None else scale) ** 0.5
+  a = fm.favor_plus_logits(q.astype(_F32) * r, w)                              # [B,T,N,m]
+  real = _real_slots(B, S, kv_lengths)[..., None, None]
+  b = jnp.where(real, fm.favor_plus_logits(_zero_padded(k, kv_lengths) * r, w), -jnp.inf)
+  state, prev_max, log_decay = None, None, None
+  if return_final_state:
+    check_recurrent_args(op, causal=causal, segment_ids=segment_ids, T=T, S=S)
+    state, prev_max = _favor_state(op, initial_state, (B, N, K, w.shape[0], v.shape[-1]))
+  if causal:
+    seg = _segments_of_keys(segment_ids[1] if isinstance(segment_ids, (tuple, list)) else
+                            segment_ids, B, S)
+    run = None if seg is None else linear.run_index(seg)
+    b_max = fm.running_feature_max(b, run, prev_max)
+    log_decay = jnp.repeat(fm.running_max_log_decay(b_max, run, prev_max), N // K, axis=2)
+    offset = 0 if return_final_state else jnp.reshape(jnp.asarray(q_offset), (-1, 1))
+    q_pos = jnp.broadcast_to(jnp.clip(offset + jnp.arange(T)[None], 0, S - 1), (B, T))
+    a_max = jnp.take_along_axis(b_max, q_pos[:, :, None, None], axis=1)
+  else:
+    per_doc = _segments_of_keys(segment_ids, B, S) if T == S else None
+    b_max = fm.feature_max_over_keys(b, per_doc)
+    a_max = b_max if per_doc is not None else b_max[:, :1]
+  qf, kf = fm.stabilized_exp_features(a, b, a_max, b_max)
+  result = linear_contract(op, qf, kf, v, causal=causal, segment_ids=segment_ids,
+                           q_offset=q_offset, kv_lengths=kv_lengths, implementation=implementation,
+                           log_decay=log_decay, normalize=True, initial_state=state,
+                           return_final_state=return_final_state)
+  if not return_final_state:
+    return result
+  out, new_state = result
+  last_max = b_max[:, -1]
+  return out, (new_state, jnp.where(jnp.isfinite(last_max), last_max, 0.0))
+
+
+def _favor_state(op, initial_state, sizes):
+  """(state `[B,N,m,h+1]` or None, running key max `[B,K,m]` or None) from a carried state; the
+  max of an empty state (normalizer 0, e.g. all zeros) is -inf (nothing stored)."""
+  if initial_state is None:
+    return None, None
+  B, N, K, m, h = sizes
+  if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2
+          and jnp.shape(initial_state[0]) == (B, N, m, h + 1)
+          and jnp.shape(initial_state[1]) == (B, K, m)):
+    raise ValueError(f"{op}: `initial_state` must be (state [B,N,m,h+1] = {(B, N, m, h + 1)}, "
+                     f"key max [B,K,m] = {(B, K, m)}), as returned with `return_final_state`")
+  state, key_max = (jnp.asarray(x, _F32) for x in initial_state)
+  normalizer = state[:, ::N // K, :, -1]                                       # [B,K,m]
+  return state, jnp.where(normalizer > 0, key_max, -jnp.inf)
 
 
 def _favor_projection_shape(N, K, H):
@@ -285,79 +384,65 @@ def _favor_projection_shape(N, K, H):
   return (4 * H, H)
 
 
-def _favor_init(key, shape, dtype=_F32):
-  return orthogonal_features_init(key, shape, dtype)
-
-
 def orthogonal_features_init(key, shape, dtype=_F32):
-  """Initializer drawing `[m, H]` orthogonal random features (Performer)."""
+  """Initializer drawing `[m, H]` orthogonal random features with chi norms (Performer)."""
   return fm.orthogonal_random_features(key, shape[0], shape[1]).astype(dtype)
+
+
+def _favor_state_floats(T, N, K, H, h, kwargs):
+  m = np.shape(kwargs["projection"])[0] if kwargs.get("projection") is not None else 4 * H
+  return N * m * (h + 1) + K * m
 
 
 # ---------------------------------------------------------------------------------------------
 # #98 Linear Log-Normal attention.
 
-def _strided_sample(x, n):
-  """Up to n evenly spaced positions of `x [B,T,...]` (all of them when T <= n), batch folded in."""
-  T = x.shape[1]
-  idx = jnp.linspace(0, T - 1, min(n, T)).astype(jnp.int32)
-  x = jnp.take(x, idx, axis=1)
-  return x.reshape((-1,) + x.shape[2:])                                     # [B·n, N, H]
-
-
-def lognormal_alpha(q, k, *, scale, num_samples: int = 64, steps: int = 40):
-  """Moment-matched `α = β` of Linear Log-Normal Attention, per head `[N]` (no gradient).
-
-  Softmax weights of a query are log-normal with log-variance `σ²_sm = Var_j(scale · q·k_j)`; the
-  LLN weight `Σ_f exp(α q_f) exp(α k_{j,f})` is a sum of log-normals whose log-variance grows with α.
-  α is the root of `Var_j log Σ_f exp(α (q_f + k_{j,f})) = σ²_sm`, both sides averaged over queries,
-  found by bisection on up to `num_samples` evenly spaced queries and keys per sequence (closed-form
-  approximations of log-normal sums, such as Fenton–Wilkinson, miss it by 2-5x at typical spreads).
-  """
-  N, K = q.shape[2], k.shape[2]
-  qs = _strided_sample(q.astype(_F32), num_samples)                        # [Mq, N, H]
-  ks = jnp.repeat(_strided_sample(k.astype(_F32), num_samples), N // K, axis=1)   # [Mk, N, H]
-  logits = scale * jnp.einsum("inf,jnf->nij", qs, ks)
-  target = jnp.mean(jnp.var(logits, axis=-1), axis=-1)                      # [N]
-
-  def lln_log_var(a):                                                       # a: [N]
-    x = a[:, None, None, None] * (jnp.swapaxes(qs, 0, 1)[:, :, None] + jnp.swapaxes(ks, 0, 1)[:, None])
-    return jnp.mean(jnp.var(jax.nn.logsumexp(x, axis=-1), axis=-1), axis=-1)
-
-  spread = jnp.sqrt(jnp.maximum(jnp.var(qs, axis=(0, 2)) + jnp.var(ks, axis=(0, 2)), 1e-12))
-  lo, hi = jnp.zeros((N,), _F32), 20.0 / spread                             # log-var(hi) ≫ any target
-
-  def bisect(_, bounds):
-    lo, hi = bounds
-    mid = 0.5 * (lo + hi)
-    below = lln_log_var(mid) < target
-    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
-
-  lo, hi = jax.lax.fori_loop(0, steps, bisect, (lo, hi))
-  return jax.lax.stop_gradient(0.5 * (lo + hi))
+def _per_head(op, name, x, B, N):
+  x = jnp.asarray(x, _F32)
+  if x.shape not in ((N,), (B, N)):
+    raise ValueError(f"{op}: `{name}` must have shape [N] = ({N},) or [B,N] = {(B, N)}, "
+                     f"got {x.shape}")
+  return jnp.broadcast_to(x, (B, N))
 
 
 def linear_lognormal_attention(q, k, v, *, causal=False, segment_ids=None, q_offset=0,
-                               kv_lengths=None, scale=None, implementation=None, alpha=None):
-  """Linear Log-Normal attention: `D⁻¹ φ(Q)(φ(K)ᵀ V)`, `φ_q = exp(α q)`, `φ_k = exp(β k)`, α = β.
+                               kv_lengths=None, scale=None, implementation=None, alpha=None,
+                               beta=None):
+  """Linear Log-Normal attention: `D⁻¹ φ(Q)(φ(K)ᵀ V)`, `φ_q(q) = exp(α q)`, `φ_k(k) = exp(β k)`.
 
-  α is moment-matched to softmax attention's log-normal weight distribution from the q and k given
-  (`lognormal_alpha`: a statistic of the whole batch, like batch norm's, so packing or padding
-  changes it; non-causal only, since statistics over all positions would leak the future into a
-  causal model), or passed as `alpha [N]` (e.g. a running estimate kept by the layer). Rows are stabilized by their max
-  (constants that cancel in D⁻¹). Nahshan et al., "Linear Log-Normal Attention with Unbiased
-  Concentration", arXiv:2311.13541.
+  α, β are moment-matched to softmax attention's log-normal weights at temperature `scale`
+  (`feature_maps.lognormal_temperatures`: per example and per query head, from this call's q and
+  k, so one example never changes another's; packed documents of one row share theirs), or passed
+  as `alpha`, `beta` (`[N]` or `[B,N]`; β defaults to α), e.g. running estimates kept by a layer;
+  then `scale` plays no part and must be None. Under GQA each query head applies its own β to the
+  shared keys. Non-causal (the statistics cover every position). Exponents are stabilized exactly
+  (`feature_maps.stabilized_exp_features`). Nahshan et al., "Linear Log-Normal Attention with
+  Unbiased Concentration", arXiv:2311.13541.
   """
-  H, N, K = q.shape[-1], q.shape[2], k.shape[2]
-  sc = H ** -0.5 if scale is None else scale
-  k = _zero_padded(k, kv_lengths)
-  a = lognormal_alpha(q, k, scale=sc) if alpha is None else jnp.asarray(alpha, _F32)
-  a_q = a[:, None]
-  a_k = a.reshape(K, N // K)[:, 0][:, None]
-  ql, kl = a_q * q.astype(_F32), a_k * k.astype(_F32)
-  qf = jnp.exp(ql - jax.lax.stop_gradient(jnp.max(ql, axis=-1, keepdims=True)))
-  kf = jnp.exp(kl - jax.lax.stop_gradient(jnp.max(kl, axis=(1, 3), keepdims=True)))
-  return linear_contract("linear_lognormal_attention", qf, kf, v, causal=causal,
+  op = "linear_lognormal_attention"
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  if causal:
+    raise ValueError(f"{op}: non-causal only (α, β are statistics over all positions)")
+  if alpha is None:
+    if beta is not None:
+      raise ValueError(f"{op}: `beta` needs `alpha`")
+    a, b = fm.lognormal_temperatures(q, k, scale=H ** -0.5 if scale is None else scale,
+                                     kv_lengths=kv_lengths)
+  else:
+    if scale is not None:
+      raise ValueError(f"{op}: `scale` is the temperature α, β are matched to; with an explicit "
+                       f"`alpha` it plays no part: pass one or the other (got scale={scale})")
+    a = _per_head(op, "alpha", alpha, B, N)
+    b = a if beta is None else _per_head(op, "beta", beta, B, N)
+  real = _real_slots(B, S, kv_lengths)[..., None, None]
+  kr = jnp.repeat(_zero_padded(k, kv_lengths), N // K, axis=2)                 # β per query head
+  key_exp = jnp.where(real, b[:, None, :, None] * kr, -jnp.inf)                 # [B,S,N,H]
+  per_doc = _segments_of_keys(segment_ids, B, S) if T == S else None
+  b_max = fm.feature_max_over_keys(key_exp, per_doc)
+  qf, kf = fm.stabilized_exp_features(a[:, None, :, None] * q.astype(_F32), key_exp,
+                                      b_max if per_doc is not None else b_max[:, :1], b_max)
+  return linear_contract(op, qf, kf, jnp.repeat(v, N // K, axis=2), causal=False,
                          segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
                          implementation=implementation, normalize=True)
 
@@ -400,7 +485,8 @@ def taylor_shift_attention(q, k, v, *, causal=False, segment_ids=None, q_offset=
   `form="linear"` computes it exactly in O(T·H²·h) with features `[1, x, vec(x xᵀ)/√2]`;
   `form="direct"` materializes the `[T, S]` weights; `"auto"` picks the direct form below the
   crossover length `taylor_crossover_length(H, h)` where it is cheaper. Recurrent decoding always
-  uses the linear form (its state is `[B,N,1+H+H²,h+1]`). Nauen et al., "TaylorShift:
+  uses the linear form (its state is `[B,N,1+H+H²,h+1]`); `initial_state` needs
+  `return_final_state=True`. Nauen et al., "TaylorShift:
   Shifting the Complexity of Self-Attention from Squared to Linear (and Back) using Taylor-Softmax",
   arXiv:2403.02920.
   """
@@ -428,8 +514,9 @@ def fastmax_attention(q, k, v, *, causal=False, segment_ids=None, q_offset=0, kv
 
   q and k rows are standardized (zero mean, unit variance over the head dim) and scaled by
   `√scale` each, so x is bounded in `[-1, 1]`·`scale·H` and the polynomial stays positive. The
-  weights are never materialized. Gerami et al., "FAST: Factorizable Attention for Speeding up
-  Transformers", arXiv:2402.07901.
+  weights are never materialized. Recurrent decoding carries the `[B,N,1+H+H²,h+1]` state;
+  `initial_state` needs `return_final_state=True`. Gerami et al., "FAST: Factorizable Attention
+  for Speeding up Transformers", arXiv:2402.07901.
   """
   H = q.shape[-1]
   r = (H ** -0.5 if scale is None else scale) ** 0.5
@@ -464,8 +551,9 @@ def refined_gated_linear_attention(q, k, v, *, gate_kernel, gate_bias, refine_ke
   `r = σ(k W_r + b_r)` give `g' = (1 - r) g² + r (1 - (1 - g)²)` per key dimension, which reaches
   values near 0 and 1 without saturating σ. The output is normalized per head (RMS norm, no learned
   scale: the layer's output projection carries it). Gates are computed from the key (the contract
-  gives no layer input). Kernels `[N, H, H]`, biases `[N, H]`. Lu et al., "ReGLA: Refining Gated
-  Linear Attention", arXiv:2502.01578.
+  gives no layer input). Kernels `[N, H, H]`, biases `[N, H]`. Recurrent decoding carries the
+  `[B,N,H,h]` state; `initial_state` needs `return_final_state=True`. Lu et al., "ReGLA: Refining
+  Gated Linear Attention", arXiv:2502.01578.
   """
   B, T, N, H = q.shape
   K = k.shape[2]
@@ -496,10 +584,10 @@ def rank_augmented_linear_attention(q, k, v, *, causal=False, segment_ids=None, 
   """RALA: a KV buffer weighted by a global query, and an element-wise output gate that lifts rank.
 
   `α_j = softmax_j(scale · q̄·k_j)` with q̄ the mean query; `KV = Σ_j α_j S φ(k_j) v_jᵀ`,
-  `z = Σ_j α_j S φ(k_j)`; `o_i = (φ(q_i) KV / φ(q_i) z) ⊙ v_i`, φ = elu + 1. Plain linear attention's
-  output has rank ≤ F; the element-wise product with the token's own projection (here its value
-  vector, the contract's projection of x_i) raises it. Non-causal self-attention (the global query
-  sees all tokens). Fan et al., "Breaking the Low-Rank Dilemma of Linear Attention",
+  `z = Σ_j α_j S φ(k_j)`; `o_i = (φ(q_i) KV / φ(q_i) z) ⊙ v_i`, φ = elu + 1. Plain linear
+  attention's output has rank ≤ F; the element-wise product with the token's own projection (here
+  its value vector, the contract's projection of x_i) raises it. Non-causal self-attention (the
+  global query sees all tokens). Fan et al., "Breaking the Low-Rank Dilemma of Linear Attention",
   arXiv:2411.07635.
   """
   del q_offset
@@ -536,11 +624,14 @@ def latte_attention(q, k, v, *, query_latents, key_latents, causal=True, segment
   `o_t = Σ_l p(l|t) Σ_{s≤t} p(s|l,t) v_s` with `p(l|t) = softmax_l(q_t W_q)` and
   `p(s|l,t) = exp(k_s·w_l) / Σ_{s'≤t} exp(k_{s'}·w_l)` (`W_q = query_latents [N, H, L]`,
   `W_k = key_latents [K, H, L]`). The inner sums are L normalized linear-attention heads with
-  one-dimensional features, so decoding keeps `L · (h + 1)` numbers per head. Key logits are clipped
-  at 60 (exp stays finite in float32). Dolga et al., "Latent Attention for Linear Time
-  Transformers", arXiv:2402.17512.
+  one-dimensional features, so decoding keeps `L · (h + 1)` numbers per head (`initial_state`
+  needs `return_final_state=True`). Key logits are clipped at 60 (exp stays finite in float32).
+  The paper's logits have no `scale` (the latents learn theirs): a `scale` other than None is an
+  error. Dolga et al., "Latent Attention for Linear Time Transformers", arXiv:2402.17512.
   """
-  del scale
+  if scale is not None:
+    raise ValueError(f"latte_attention: the paper has no `scale` (the latent projections learn "
+                     f"the logits' magnitude); got scale={scale}")
   B, T, N, H = q.shape
   S, K, h = k.shape[1], k.shape[2], v.shape[-1]
   L = query_latents.shape[-1]
@@ -585,6 +676,9 @@ def _state_floats(features=lambda H: H, extra=1):
 _UNNORMALIZED = _state_floats(extra=0)
 _TAYLOR = _state_floats(lambda H: 1 + H + H * H)
 
+_FAVOR_PARAMS = (ParamSpec("projection", _favor_projection_shape, orthogonal_features_init,
+                           trainable=False),)
+
 register(Mechanism(
     name="cosine_linear_attention", fn=cosine_linear_attention, family="linear", seeds=(33,),
     paper="Cottention: Linear Transformers With Cosine Attention", arxiv="2409.18747",
@@ -596,7 +690,7 @@ register(Mechanism(
     name="efficient_attention", fn=efficient_attention, family="linear", seeds=(70,),
     paper="Efficient Attention: Attention with Linear Complexities", arxiv="1812.01243",
     patterns=frozenset({"self", "cross"}), decode=False, complexity="O((T+S)·H·h)",
-    implementations=_IMPLS))
+    implementations=_NONCAUSAL_IMPLS))
 register(Mechanism(
     name="lightning_attention_2", fn=lightning_attention_2, family="linear", seeds=(79,),
     paper="Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large "
@@ -606,16 +700,16 @@ register(Mechanism(
 register(Mechanism(
     name="favor_plus_attention", fn=favor_plus_attention, family="linear", seeds=(152,),
     paper="Rethinking Attention with Performers", arxiv="2009.14794", recurrent=True,
-    complexity="O(T·m·h)", implementations=_IMPLS,
-    params=(ParamSpec("projection", _favor_projection_shape, _favor_init),),
-    example=dict(projection=_example_array(7, (32, 8))),
-    state_size=_state_floats(lambda H: 4 * H)))
+    complexity="O(T·m·h)", implementations=_IMPLS, params=_FAVOR_PARAMS,
+    # The draw the layer makes (orthogonal, chi norms), at the conformance sizes.
+    example=lambda: example_params(_FAVOR_PARAMS), state_size=_favor_state_floats))
 register(Mechanism(
     name="linear_lognormal_attention", fn=linear_lognormal_attention, family="linear", seeds=(98,),
     paper="Linear Log-Normal Attention with Unbiased Concentration", arxiv="2311.13541",
     patterns=frozenset({"self", "cross"}), decode=False, complexity="O(T·H·h)",
-    implementations=_IMPLS,
-    # A fixed α, as at evaluation time: the estimated one is a batch statistic (see the docstring).
+    implementations=_NONCAUSAL_IMPLS,
+    # A fixed α = β (a layer's running estimate): the estimated ones are per-example statistics
+    # that a row's packed documents share, so only a fixed one makes packed equal separate.
     example=dict(alpha=np.asarray([0.4, 0.6, 0.8, 1.0], np.float32))))
 register(Mechanism(
     name="taylor_shift_attention", fn=taylor_shift_attention, family="linear", seeds=(177,),
@@ -644,7 +738,7 @@ register(Mechanism(
     name="rank_augmented_linear_attention", fn=rank_augmented_linear_attention, family="linear",
     seeds=(93,), paper="Breaking the Low-Rank Dilemma of Linear Attention", arxiv="2411.07635",
     patterns=frozenset({"self"}), decode=False, packed=False, complexity="O(T·H·h)",
-    implementations=_IMPLS))
+    implementations=_NONCAUSAL_IMPLS))
 register(Mechanism(
     name="latte_attention", fn=latte_attention, family="linear", seeds=(96,),
     paper="Latent Attention for Linear Time Transformers", arxiv="2402.17512",

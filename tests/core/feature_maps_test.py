@@ -1,4 +1,5 @@
-"""Feature maps: each map's defining identity (the kernel its dot product computes) and its range."""
+"""Feature maps: each map's defining identity (the kernel its dot product computes), its range, and
+the exact stabilizers of exponential features."""
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,66 @@ def test_favor_plus_row_stabilizer_cancels_in_normalized_weights():
     s = jnp.einsum("tm,sm->ts", fm.favor_plus(X[0], w, stabilizer=stab), kf[0])
     return s / jnp.sum(s, -1, keepdims=True)
   np.testing.assert_allclose(weights(None), weights(jnp.full((7, 1), 3.0)), rtol=1e-5)
+
+
+def test_orthogonal_random_features_are_orthogonal_within_blocks():
+  w = fm.orthogonal_random_features(jax.random.PRNGKey(0), 20, 8)
+  assert w.shape == (20, 8)
+  for block in (w[:8], w[8:16], w[16:]):
+    gram = block @ block.T
+    np.testing.assert_allclose(gram - jnp.diag(jnp.diag(gram)), 0.0, atol=1e-4)
+  regular = fm.orthogonal_random_features(jax.random.PRNGKey(0), 20, 8, scaling="sqrt_dim")
+  np.testing.assert_allclose(jnp.linalg.norm(regular, axis=-1), 8 ** 0.5, rtol=1e-5)
+
+
+def test_orthogonal_random_features_rows_are_marginally_standard_normal():
+  """Each row is N(0, I) over draws (what makes FAVOR+ unbiased): mean 0, covariance I. An
+  unfixed QR would give every row a negative first entry."""
+  draws = 3000
+  w = jax.vmap(lambda key: fm.orthogonal_random_features(key, 6, 4))(
+      jax.random.split(jax.random.PRNGKey(0), draws))                      # [draws, 6, 4]
+  w = np.asarray(w, np.float64)
+  z = np.abs(w.mean(0)) / (w.std(0) / draws ** 0.5)
+  assert np.all(z < 4.5), z
+  cov = np.einsum("drf,drg->rfg", w, w) / draws
+  np.testing.assert_allclose(cov, np.broadcast_to(np.eye(4), cov.shape), atol=0.15)
+
+
+def test_stabilized_exp_features_are_exact_for_huge_exponents():
+  """`φ_q·φ_k ∝ exp(a + b)` summed over features, normalized over keys, for exponents in the
+  thousands (float64 log-space reference); every row keeps a nonzero sum."""
+  ka, kb = jax.random.split(jax.random.PRNGKey(4))
+  a = 1000.0 * jax.random.normal(ka, (2, 5, 4, 6))                      # [B,T,N,F]
+  b = 1000.0 * jax.random.normal(kb, (2, 7, 2, 6))                      # [B,S,K,F], K=2
+  b_max = fm.feature_max_over_keys(b)
+  qf, kf = fm.stabilized_exp_features(a, b, b_max[:, :1], b_max)
+  weights = jnp.einsum("btnf,bsnf->bnts", qf, jnp.repeat(kf, 2, axis=2))
+  assert bool(jnp.all(jnp.sum(weights, -1) > 0))
+  a64, b64 = np.asarray(a, np.float64), np.repeat(np.asarray(b, np.float64), 2, axis=2)
+  log_w = np.logaddexp.reduce(a64[:, :, None] + b64[:, None], axis=-1)   # [B,T,S,N]
+  want = np.exp(log_w - log_w.max(2, keepdims=True))
+  want = np.transpose(want / want.sum(2, keepdims=True), (0, 3, 1, 2))
+  np.testing.assert_allclose(weights / jnp.sum(weights, -1, keepdims=True), want, atol=1e-5)
+
+
+def test_running_max_gate_keeps_the_stabilized_state_exact():
+  """`S_t = exp(g_t) S_{t-1} + exp(b_t - M_t)` with the running max M (restarting per document)
+  equals `Σ_{s≤t, same document} exp(b_s - M_t)`, checked step by step in float64."""
+  b = 50.0 * jax.random.normal(jax.random.PRNGKey(5), (2, 9, 1, 3))
+  run = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0] * 9])
+  m = fm.running_feature_max(b, run)
+  g = fm.running_max_log_decay(m, run)
+  b64, m64, g64, r = (np.asarray(x, np.float64) for x in (b, m, g, run))
+  for i in range(2):
+    state = np.zeros(3)
+    for t in range(9):
+      same = r[i, :t + 1] == r[i, t]
+      np.testing.assert_allclose(m64[i, t, 0], b64[i, :t + 1][same, 0].max(0), rtol=1e-6)
+      state = np.exp(g64[i, t, 0]) * state * (t > 0 and r[i, t] == r[i, t - 1])
+      state = state + np.exp(b64[i, t, 0] - m64[i, t, 0])
+      want = np.exp(b64[i, :t + 1][same, 0] - m64[i, t, 0]).sum(0)
+      np.testing.assert_allclose(state, want, rtol=1e-6)
+      assert np.all(g64[i, t] <= 0) and np.all(state >= 1.0 - 1e-9)
 
 
 def test_unknown_name_lists_the_choices():
