@@ -8,5 +8,6 @@ from attnjax.ops import linear_attention  # noqa: F401
 from attnjax.ops import low_rank  # noqa: F401
 from attnjax.ops import memory_linear  # noqa: F401
 from attnjax.ops import mixers  # noqa: F401
+from attnjax.ops import ran  # noqa: F401
 from attnjax.ops import recurrent_memory  # noqa: F401
 from attnjax.ops.dot_product import dot_product_attention  # noqa: F401

@@ -1,20 +1,20 @@
-"""Recurrent-memory attention: Mega (#168), the SHA-RNN attention block (#56) and the Recurrent
-Attention Network (#65), each in the head space of the operator contract.
+"""Recurrent-memory attention: Mega (#168) and the SHA-RNN attention (#56), each in the head space of
+the operator contract (the Recurrent Attention Network is in `attnjax.ops.ran`).
 
-All three carry information along the sequence outside the softmax: Mega through a damped exponential
-moving average of the inputs, the SHA-RNN through a memory of past states read by a gated single-head
-attention, and RAN through a Global Perception Cell (GPC) vector passed from window to window. The
-softmax parts reuse `attnjax.core.flex.flex_attention` / `attnjax.ops.dot_product_attention`.
+Both carry information along the sequence beyond one softmax over the current tokens: Mega through a
+damped exponential moving average of the inputs, the SHA-RNN through a memory of past states read by
+a gated single-head attention. The softmax parts reuse `attnjax.core.flex.flex_attention` /
+`attnjax.ops.dot_product_attention`.
 
-Head-space adaptation (the contract gives only q, k, v): what a paper computes from the layer input is
-computed from the head vectors given (per key/value head for the key and value streams, per query head
-for the query stream), and learned arrays are sized by (N, K, H) only, so a paper's per-channel vector
-over the value dimension h becomes one scalar per head (said where it happens).
+Head-space adaptation (the contract gives only q, k, v): what a paper computes from the layer input
+is computed from the head vectors given (per key/value head for the key and value streams, per query
+head for the query stream). A learned array over the value width h has h = H in the layer (its head
+dim, the registry's ParamSpec); an operator called directly takes it at the width of `v`.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 from typing import Optional
 
 import jax
@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from attnjax.core import checks
 from attnjax.core import flex
 from attnjax.core import masks
-from attnjax.core.merge import merge_attention_states
 from attnjax.ops.dot_product import contract_mask, dot_product_attention
 from attnjax.registry import Mechanism, ParamSpec, example_params, register
 
@@ -192,43 +191,71 @@ def _chunked_blocks(q, k, v, *, causal, kv_lengths, chunk_size, scale):
   return out.reshape(B, nc * c, N, -1)[:, :T]
 
 
-_MEGA_PARAMS = ("ema_alpha", "ema_delta", "ema_beta", "ema_eta", "query_kappa", "query_mu",
-                "key_kappa", "key_mu", "reset_gate_weight", "reset_gate_bias", "update_gate_weight",
-                "update_gate_bias")
+def _rotary(x, pos: jax.Array) -> jax.Array:
+  """Mega's rotary map of a learned vector at absolute positions (its rotary relative-position bias):
+  `x: [G, H]` (H even), `pos: [B, L]` → `[B, L, G, H]`, channel pairs (c, c + H/2) rotated by the
+  angle `pos · 10000^(-c / (H/2))`."""
+  half = x.shape[-1] // 2
+  freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * (-math.log(10000.0) / half))
+  angle = pos.astype(jnp.float32)[..., None, None] * freq
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def mega_attention(q, k, v, *, ema_alpha, ema_delta, ema_beta, ema_eta, query_kappa, query_mu,
-                   key_kappa, key_mu, reset_gate_weight, reset_gate_bias, update_gate_weight,
-                   update_gate_bias, chunk_size: Optional[int] = None, causal: bool = False,
+def mega_attention(q, k, v, *, ema_alpha, ema_delta, ema_beta, ema_eta, ema_omega, z_kernel, z_bias,
+                   query_kappa, query_mu, key_kappa, rel_alpha, rel_beta, reset_kernel,
+                   reset_bias, update_kernel, update_bias, candidate_kernel, candidate_attn_kernel,
+                   candidate_bias, chunk_size: Optional[int] = None, causal: bool = False,
                    segment_ids=None, q_offset=0, kv_lengths=None, scale=None,
                    implementation: Optional[str] = None):
-  """Mega: damped-EMA-equipped, single-head-style gated softmax attention, optionally chunked.
+  """Mega: a damped multi-dim EMA of the input feeds one shared Q/K stream and the gates of a
+  single-head softmax attention with a GRU-like output, optionally chunked.
 
-  Paper: Ma et al., "Mega: Moving Average Equipped Gated Attention", arXiv:2209.10655, eqs. (2)-(3)
-  and (6)-(14). Per key/value head g (query head n reads g = n // (N/K)), at absolute positions:
+  Paper: Ma et al., "Mega: Moving Average Equipped Gated Attention", arXiv:2209.10655, section 3
+  (the multi-dimensional damped EMA and the gated attention), and the authors' code
+  (facebookresearch/mega, `MovingAverageGatedAttention`, `MultiHeadEMA`).
+  The layer input X reaches the operator as the key stream k (X W_k: the EMA and all that derives
+  from it) and the value stream v (X W_v: the values and the residual); `q` is NOT read (Mega's
+  queries come from the shared Z; the registry declares `reads={"k", "v"}`, so the layer makes no
+  query projection). Per key/value head g and query head n (g = n // (N/K)), query position
+  p = q_offset + t, key position j:
 
-      x'  = EMA(k)                        multi-dim damped EMA over the key stream, per channel
-      Z   = SiLU(x')                      the shared representation
-      K_j = κ_k ⊙ Z_j + μ_k               Q_t = κ_q ⊙ Z_p + μ_q     (p = q_offset + t)
-      O_t = softmax(scale · Q_t K_jᵀ, masked) SiLU(v_j)
-      γ_t = SiLU(w_γ · x'_p + b_γ)        reset gate       φ_t = σ(w_φ · x'_p + b_φ)  update gate
-      Y_t = φ_t · SiLU(γ_t · O_t) + (1 - φ_t) · v_p
+      X'  = SiLU(EMA(k) + ω ⊙ k)                   [H]  per-channel damped EMA (bidirectional
+                                                         unless causal); ω residual and SiLU as
+                                                         in the authors' code
+      Z   = SiLU(X' W_z + b_z)                      [H]  shared representation
+      Q_p = κ_q ⊙ Z_p + μ_q,    K_j = κ_k ⊙ Z_j,    V_j = SiLU(v_j)
+      O_p = Σ_j softmax_j(scale · Q_p·K_j + rot_p(a)·rot_j(b), masked) V_j        [h]
+      γ_p = SiLU(X'_p W_γ + b_γ)                    [h]  reset gate
+      φ_p = σ(X'_p W_φ + b_φ)                       [h]  update gate
+      Ĥ_p = SiLU(X'_p W_h + (γ_p ⊙ O_p) U_h + b_h)  [h]
+      Y_p = φ_p ⊙ Ĥ_p + (1 - φ_p) ⊙ v_p
 
-  Adaptation to the contract: Mega's single input X is represented by the key stream (for the EMA,
-  Z, Q and K: Q and K share Z, so the query of the token at position p is read from the key stream
-  at p, which makes this self-attention only) and by the value stream (V = SiLU(v), and v_p is the
-  residual X of the update gate). The gates are projected from the token's EMA output x'_p, as in
-  Mega; they are one scalar per head and position because learned arrays are sized by (N, K, H) and
-  cannot span the value dim h. Mega's X' W_h term inside the final SiLU is dropped (W_h would map
-  H to h). Mega's output projections W_h, U_h and its
-  relative-position bias are left to the layer. Non-causal uses the paper's bidirectional EMA.
+  rot_p(a)·rot_j(b) is the rotary relative-position bias of the authors' code (a function of p - j
+  only; `_rotary`), computed as an extra channel block of the dot product ([scale·Q, rot(a)] ·
+  [K, rot(b)]) so every attention path (dense, flex, chunk blocks) carries it. The paper's key
+  offset μ_k (K_j = κ_k ⊙ Z_j + μ_k) is left out: it adds Q_p·μ_k to every logit of row p, which
+  the softmax cancels, so it could never learn anything (it matters only for Mega's laplace /
+  relu² attention, not offered).
+
+  Head-space adaptation: Mega is one head with widths z (Q/K), v (values) and d (model); here each
+  query head is such a head with z = H (X' and Z are read per key/value head from k) and v = d = h
+  (Y_p has the value width; the layer's output projection follows, where Mega has none). The code's
+  other bias, a learned scalar per distance, is sized by the maximum length and cannot be a
+  ParamSpec; its laplace / relu² attention variants are not offered (softmax only). Arrays over
+  the value width h are sized with h = H in the layer (its head dim); called directly, they take
+  the value width of `v`. Apart from μ_k, every term of the paper's gated attention is computed.
 
   Args:
-    q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, h]`.
+    q: `[B, T, N, H]` (shape only: not read); k: `[B, S, K, H]`; v: `[B, S, K, h]`; H even.
     ema_alpha, ema_delta: `[2, K, H, ndim]` logits of α, δ (0: forward EMA, 1: backward EMA).
-    ema_beta, ema_eta: `[2, K, H, ndim]` expansion and readout vectors.
-    query_kappa, query_mu: `[N, H]`; key_kappa, key_mu: `[K, H]` per-channel scale and offset.
-    reset_gate_weight, update_gate_weight: `[N, H]`; reset_gate_bias, update_gate_bias: `[N]`.
+    ema_beta, ema_eta: `[2, K, H, ndim]` expansion and readout vectors; ema_omega: `[K, H]`.
+    z_kernel: `[K, H, H]`, z_bias: `[K, H]` (W_z, b_z).
+    query_kappa, query_mu: `[N, H]` per-channel scale and offset; key_kappa: `[K, H]` scale.
+    rel_alpha: `[N, H]`, rel_beta: `[K, H]` (a, b of the rotary relative-position bias).
+    reset_kernel, update_kernel, candidate_kernel: `[N, H, h]` (W_γ, W_φ, W_h);
+    candidate_attn_kernel: `[N, h, h]` (U_h); reset_bias, update_bias, candidate_bias: `[N, h]`.
     chunk_size: attend only within chunks of this many positions (counted from each packed
       document's start): cost O(T·c). None: full attention.
     causal, segment_ids, q_offset, kv_lengths, scale: the common contract (scale defaults to H^-½).
@@ -236,22 +263,21 @@ def mega_attention(q, k, v, *, ema_alpha, ema_delta, ema_beta, ema_eta, query_ka
       `[c, c]` problems in a full forward, otherwise chunked flex attention).
 
   Returns:
-    `[B, T, N, h]` in q's dtype.
+    `[B, T, N, h]` in q's dtype; zeros at query positions past `kv_lengths`.
   """
   op = "mega_attention"
   B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
   impl = checks.check_implementation(op, implementation)
-  params = dict(zip(_MEGA_PARAMS, (ema_alpha, ema_delta, ema_beta, ema_eta, query_kappa, query_mu,
-                                   key_kappa, key_mu, reset_gate_weight, reset_gate_bias,
-                                   update_gate_weight, update_gate_bias)))
-  ndim = jnp.shape(ema_alpha)[-1]
-  ema_shape = ((2, K, H, ndim), "[2, K, H, ndim]")
-  _check_params(op, {"ema_alpha": ema_shape, "ema_delta": ema_shape, "ema_beta": ema_shape,
-                     "ema_eta": ema_shape, "query_kappa": ((N, H), "[N, H]"),
-                     "query_mu": ((N, H), "[N, H]"), "key_kappa": ((K, H), "[K, H]"),
-                     "key_mu": ((K, H), "[K, H]"), "reset_gate_weight": ((N, H), "[N, H]"),
-                     "update_gate_weight": ((N, H), "[N, H]"), "reset_gate_bias": ((N,), "[N]"),
-                     "update_gate_bias": ((N,), "[N]")}, params)
+  p = dict(ema_alpha=ema_alpha, ema_delta=ema_delta, ema_beta=ema_beta, ema_eta=ema_eta,
+           ema_omega=ema_omega, z_kernel=z_kernel, z_bias=z_bias, query_kappa=query_kappa,
+           query_mu=query_mu, key_kappa=key_kappa, rel_alpha=rel_alpha,
+           rel_beta=rel_beta, reset_kernel=reset_kernel, reset_bias=reset_bias,
+           update_kernel=update_kernel, update_bias=update_bias, candidate_kernel=candidate_kernel,
+           candidate_attn_kernel=candidate_attn_kernel, candidate_bias=candidate_bias)
+  _check_table(op, _MEGA_TABLE, p, N=N, K=K, H=H, h=h, ndim=jnp.shape(ema_alpha)[-1])
+  if H % 2:
+    raise ValueError(f"{op}: the rotary relative-position bias pairs the channels of the key head "
+                     f"dim H, which must be even; got k {k.shape}")
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"{op}: `chunk_size` must be >= 1 or None, got {chunk_size}")
   if segment_ids is not None and (isinstance(segment_ids, (tuple, list)) or T != S
@@ -260,24 +286,28 @@ def mega_attention(q, k, v, *, ema_alpha, ema_delta, ema_beta, ema_eta, query_ka
                      "forward (T == S, q_offset == 0)")
   _check_self(op, T, S, q_offset, kv_lengths)
   scale = H ** -0.5 if scale is None else scale
+  p = {name: jnp.asarray(x, jnp.float32) for name, x in p.items()}
 
   valid = _key_valid(B, S, kv_lengths)[..., None, None]
   # Cache slots past kv_lengths hold garbage: zero them so the (bidirectional) EMA cannot read them.
   kf = jnp.where(valid, k.astype(jnp.float32), 0.0)
   vf = jnp.where(valid, v.astype(jnp.float32), 0.0)
-  ema = multidim_ema(kf, ema_alpha, ema_delta, ema_beta, ema_eta, causal=causal,
-                     segment_ids=segment_ids, implementation=impl)
-  z = jax.nn.silu(ema)
-  keys = key_kappa.astype(jnp.float32) * z + key_mu.astype(jnp.float32)
+  ema = multidim_ema(kf, p["ema_alpha"], p["ema_delta"], p["ema_beta"], p["ema_eta"],
+                     causal=causal, segment_ids=segment_ids, implementation=impl)
+  x_ema = jax.nn.silu(ema + p["ema_omega"] * kf)                                   # X'
+  z = jax.nn.silu(jnp.einsum("bskh,khd->bskd", x_ema, p["z_kernel"]) + p["z_bias"])
   pos = _positions(B, T, q_offset)
-  queries = (query_kappa.astype(jnp.float32) * _to_query_heads(_at_positions(z, pos), N)
-             + query_mu.astype(jnp.float32))
+  key_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (B, S))
+  keys = jnp.concatenate([p["key_kappa"] * z, _rotary(p["rel_beta"], key_pos)], -1)
+  z_q = _to_query_heads(_at_positions(z, pos), N)
+  queries = jnp.concatenate([scale * (p["query_kappa"] * z_q + p["query_mu"]),
+                             _rotary(p["rel_alpha"], pos)], -1)
   values = jax.nn.silu(vf)
 
   if (impl == "xla" and chunk_size is not None and segment_ids is None and T == S
       and checks.is_static_zero(q_offset)):
     o = _chunked_blocks(queries, keys, values, causal=causal, kv_lengths=kv_lengths,
-                        chunk_size=chunk_size, scale=scale)
+                        chunk_size=chunk_size, scale=1.0)
   else:
     mods = [contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset, segment_ids=segment_ids,
                           kv_lengths=kv_lengths, op=op)]
@@ -287,49 +317,62 @@ def mega_attention(q, k, v, *, ema_alpha, ema_delta, ema_beta, ema_eta, query_ka
       else:
         cid = _segment_chunk_ids(segment_ids, S, chunk_size)
         mods.append(lambda b, n, qi, ki: cid[b, qi] == cid[b, ki])
-    o = flex.flex_attention(queries, keys, values, mask_mod=masks.combine_masks(*mods), scale=scale,
+    o = flex.flex_attention(queries, keys, values, mask_mod=masks.combine_masks(*mods), scale=1.0,
                             implementation=impl)
 
-  # Mega computes both gates from the EMA output X' of the token (eqs. (11)-(12)).
-  ema_q = _to_query_heads(_at_positions(ema, pos), N)
-  gate = lambda w, b: (jnp.einsum("btnh,nh->btn", ema_q, w.astype(jnp.float32))
-                       + b.astype(jnp.float32))
-  reset = jax.nn.silu(gate(reset_gate_weight, reset_gate_bias))[..., None]
-  update = jax.nn.sigmoid(gate(update_gate_weight, update_gate_bias))[..., None]
+  # The gates and the candidate read the EMA output X' of the query's own token.
+  x_q = _to_query_heads(_at_positions(x_ema, pos), N)
+  dense = lambda name: (jnp.einsum("btnh,nhd->btnd", x_q, p[name + "_kernel"])
+                        + p[name + "_bias"])
+  reset = jax.nn.silu(dense("reset"))
+  update = jax.nn.sigmoid(dense("update"))
+  candidate = jax.nn.silu(dense("candidate")
+                          + jnp.einsum("btnd,nde->btne", reset * o, p["candidate_attn_kernel"]))
   residual = _to_query_heads(_at_positions(vf, pos), N)
-  out = update * jax.nn.silu(reset * o) + (1.0 - update) * residual
+  out = update * candidate + (1.0 - update) * residual
+  if kv_lengths is not None:
+    # A padding query sees no key (its own slot is hidden): zeros, as every mechanism gives there.
+    out = jnp.where((pos < jnp.asarray(kv_lengths, jnp.int32)[:, None])[..., None, None], out, 0.0)
   return out.astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
-# SHA-RNN: single-headed attention with sigmoid gates and a query-only projection
+# SHA-RNN: the single-headed attention (the block's Boom feed-forward is a separate layer)
 
 
-def sha_rnn_attention(q, k, v, *, query_kernel, query_bias, query_ln_scale, query_ln_bias, q_gate,
-                      k_gate, v_gate, causal: bool = True, segment_ids=None, q_offset=0,
-                      kv_lengths=None, scale=None, implementation: Optional[str] = None,
+def sha_rnn_attention(q, k, v, *, query_ln_scale, query_ln_bias, q_gate, k_gate, v_gate,
+                      v_gate_kernel, v_gate_bias, causal: bool = True, segment_ids=None,
+                      q_offset=0, kv_lengths=None, scale=None, implementation: Optional[str] = None,
                       ln_eps: float = 1e-12):
-  """SHA-RNN attention: causal single-head attention over a memory, gated q/k/v, projected query.
+  """SHA-RNN attention: causal single-head attention over a memory, LayerNorm'd query, vector gates.
 
-  Paper: Merity, "Single Headed Attention RNN: Stop Thinking With Your Head", arXiv:1911.11423
-  (section 3 and its reference code). Per head n (key/value head g = n // (N/K)):
+  Paper: Merity, "Single Headed Attention RNN: Stop Thinking With Your Head", arXiv:1911.11423,
+  section 3 (the SHA attention figure) and the author's code (smerity/sha-rnn: `Attention` with
+  only the query projected). Per query head n (key/value head g = n // (N/K)):
 
-      q' = LayerNorm(q W_n + b_n) ⊙ s_n + c_n           only the query is projected (then normalized)
-      Q = σ(g_q) ⊙ q',   K = σ(g_k) ⊙ k,   V = σ(g_v) · v
-      O = softmax(scale · Q Kᵀ, causal) V
+      Q   = σ(s_q) ⊙ (LayerNorm(q) ⊙ λ + β)      q: the query projection of the input; LN eps 1e-12
+      K   = σ(s_k) ⊙ k
+      [c ‖ f] = σ(s_v) W_v + b_v,   g_v = σ(f) ⊙ tanh(c)    over-parametrized value gate
+      V   = g_v ⊙ v
+      O   = softmax(scale · Q Kᵀ, causal) V
 
-  The memory is the key/value stream: the current tokens plus any earlier ones in front of them
-  (`q_offset`, a KV cache), as the paper's memory of past hidden states. The paper has one head; each
-  of the N heads here is such a head. Adaptation: the value gate σ(g_v) is one scalar per key/value
-  head (learned arrays are sized by (N, K, H), not h), and the paper's overparametrized value gate
-  (sigmoid·tanh of a linear map of σ(g_v)) is folded into that scalar. The gates start at 0
-  (σ = ½), as in the paper's code; `query_kernel` starts at the identity because the layer has
-  already projected q.
+  s_q, s_k ∈ R^H and s_v ∈ R^h are gate vectors, one logit per channel (they start at 0, as in
+  the code); W_v `[h, 2h]`, b_v `[2h]` is the over-parametrization of the value gate (a function of
+  parameters only, so it changes the training dynamics, not the function class). The memory is the
+  key/value stream: the current tokens plus earlier ones in front of them (`q_offset`, a KV cache),
+  as the paper's memory of past states. The SHA-RNN block around this attention (LSTM, LayerNorms,
+  residuals and the Boom feed-forward `GELU(x W) summed over chunks`) is a model's, not the
+  mechanism's.
+
+  Adaptation: the query's linear map is the layer's query projection (the operator normalizes the
+  q it gets); the paper's keys and values are the memory itself, here the layer's k and v. The
+  paper has one head; each of the N heads here is such a head. Arrays over the value width h are
+  sized with h = H in the layer (its head dim); called directly, they take the value width of `v`.
 
   Args:
     q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, h]`.
-    query_kernel: `[N, H, H]`; query_bias, query_ln_scale, query_ln_bias, q_gate: `[N, H]`.
-    k_gate: `[K, H]`; v_gate: `[K]` (gate logits).
+    query_ln_scale, query_ln_bias, q_gate: `[N, H]` (λ, β, s_q); k_gate: `[K, H]` (s_k);
+    v_gate: `[K, h]` (s_v); v_gate_kernel: `[K, h, 2h]`, v_gate_bias: `[K, 2h]` (W_v, b_v).
     causal: must be True (the paper's language-model attention).
     segment_ids, q_offset, kv_lengths, scale, implementation: as `dot_product_attention`.
 
@@ -340,200 +383,19 @@ def sha_rnn_attention(q, k, v, *, query_kernel, query_bias, query_ln_scale, quer
   B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
   if not causal:
     raise ValueError(f"{op}: the SHA-RNN attention is causal; call with causal=True")
-  _check_params(op, {"query_kernel": ((N, H, H), "[N, H, H]"), "query_bias": ((N, H), "[N, H]"),
-                     "query_ln_scale": ((N, H), "[N, H]"), "query_ln_bias": ((N, H), "[N, H]"),
-                     "q_gate": ((N, H), "[N, H]"), "k_gate": ((K, H), "[K, H]"),
-                     "v_gate": ((K,), "[K]")},
-                dict(query_kernel=query_kernel, query_bias=query_bias,
-                     query_ln_scale=query_ln_scale, query_ln_bias=query_ln_bias, q_gate=q_gate,
-                     k_gate=k_gate, v_gate=v_gate))
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  qp = jnp.einsum("btnh,nhd->btnd", f32(q), f32(query_kernel)) + f32(query_bias)
-  qp = _layer_norm(qp, ln_eps) * f32(query_ln_scale) + f32(query_ln_bias)
-  qg = jax.nn.sigmoid(f32(q_gate)) * qp
-  kg = jax.nn.sigmoid(f32(k_gate)) * f32(k)
-  vg = jax.nn.sigmoid(f32(v_gate))[:, None] * f32(v)
-  out = dot_product_attention(qg, kg, vg, causal=True, segment_ids=segment_ids, q_offset=q_offset,
-                              kv_lengths=kv_lengths, scale=scale, implementation=implementation)
+  p = dict(query_ln_scale=query_ln_scale, query_ln_bias=query_ln_bias, q_gate=q_gate,
+           k_gate=k_gate, v_gate=v_gate, v_gate_kernel=v_gate_kernel, v_gate_bias=v_gate_bias)
+  _check_table(op, _SHA_TABLE, p, N=N, K=K, H=H, h=h)
+  p = {name: jnp.asarray(x, jnp.float32) for name, x in p.items()}
+  query = _layer_norm(q.astype(jnp.float32), ln_eps) * p["query_ln_scale"] + p["query_ln_bias"]
+  cf = jnp.einsum("gd,gde->ge", jax.nn.sigmoid(p["v_gate"]), p["v_gate_kernel"]) + p["v_gate_bias"]
+  value_gate = jax.nn.sigmoid(cf[:, h:]) * jnp.tanh(cf[:, :h])                     # [K, h]
+  out = dot_product_attention(jax.nn.sigmoid(p["q_gate"]) * query,
+                              jax.nn.sigmoid(p["k_gate"]) * k.astype(jnp.float32),
+                              value_gate * v.astype(jnp.float32), causal=True,
+                              segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
+                              scale=scale, implementation=implementation)
   return out.astype(q.dtype)
-
-
-def boom_feedforward(x, kernel, bias, *, expansion: int = 4):
-  """The SHA-RNN's Boom layer: `u = GELU(x W + b) ∈ R^{expansion·d}`, split into `expansion`
-  vectors of size d and summed (no down-projection), arXiv:1911.11423 section 3.
-
-  Args:
-    x: `[..., d]`; kernel: `[d, expansion·d]`; bias: `[expansion·d]`.
-  Returns:
-    `[..., d]` in x's dtype.
-  """
-  d = x.shape[-1]
-  checks.check_shape("boom_feedforward", "kernel", kernel, (d, expansion * d), "[d, expansion·d]")
-  checks.check_shape("boom_feedforward", "bias", bias, (expansion * d,), "[expansion·d]")
-  u = jax.nn.gelu(jnp.asarray(x, jnp.float32) @ jnp.asarray(kernel, jnp.float32)
-                  + jnp.asarray(bias, jnp.float32), approximate=False)
-  return jnp.sum(u.reshape(x.shape[:-1] + (expansion, d)), axis=-2).astype(x.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Recurrent Attention Network: window-by-window attention with a carried Global Perception Cell
-
-
-def gpc_states(k, v, *, gpc_query, gpc_key, window: int, kv_lengths=None, scale=None,
-               implementation: Optional[str] = None):
-  """The Global Perception Cell carried across windows (RAN, arXiv:2306.01018), per key/value head.
-
-  The GPC has a key part `g_k ∈ R^H` and a value part `g_v ∈ R^h`, starting at (`gpc_key`, 0). At
-  window i, the GPC reads its slot and the window with the learned query `gpc_query`:
-
-      [ĝ_k ‖ ĝ_v] = softmax(scale · gpc_query [g_k; k_win]ᵀ) [g_k ‖ g_v; k_win ‖ v_win]
-      g^(i) = LayerNorm(ĝ + g^(i-1))          (each part; the paper's residual memory update)
-
-  a `lax.scan` over windows whose step sees only `window + 1` keys. Windows with no valid key (past
-  `kv_lengths`) leave the GPC unchanged.
-
-  Args:
-    k: `[B, S, K, H]`; v: `[B, S, K, h]`; gpc_query, gpc_key: `[K, H]`.
-
-  Returns:
-    `((gk_in [B, nW, K, H], gv_in [B, nW, K, h]), (gk [B, K, H], gv [B, K, h]))`: the GPC each of the
-    nW = ⌈S / window⌉ windows reads (the one carried from the windows before it), and the final,
-    document-level GPC. float32.
-  """
-  B, S, K, H = k.shape
-  h = v.shape[-1]
-  W = window
-  nw = -(-S // W)
-  pad = nw * W - S
-  valid = jnp.pad(_key_valid(B, S, kv_lengths), ((0, 0), (0, pad)))
-  per_window = lambda x: jnp.moveaxis(
-      jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)).reshape((B, nw, W) + x.shape[2:]),
-      1, 0)
-  kw = per_window(jnp.where(valid[:, :S, None, None], jnp.asarray(k, jnp.float32), 0.0))
-  vw = per_window(jnp.where(valid[:, :S, None, None], jnp.asarray(v, jnp.float32), 0.0))
-  validw = jnp.moveaxis(valid.reshape(B, nw, W), 1, 0)
-  query = jnp.broadcast_to(jnp.asarray(gpc_query, jnp.float32), (B, 1, K, H))
-
-  def step(carry, inputs):
-    gk, gv = carry
-    k_win, v_win, valid_win = inputs
-    keys = jnp.concatenate([gk[:, None], k_win], axis=1)
-    values = jnp.concatenate([jnp.concatenate([gk, gv], -1)[:, None],
-                              jnp.concatenate([k_win, v_win], -1)], axis=1)
-    mask = jnp.concatenate([jnp.ones((B, 1), bool), valid_win], axis=1)[:, None, None, :]
-    read = dot_product_attention(query, keys, values, mask=mask, scale=scale,
-                                 implementation=implementation)[:, 0]
-    new_k = _layer_norm(read[..., :H] + gk)
-    new_v = _layer_norm(read[..., H:] + gv)
-    any_valid = jnp.any(valid_win, axis=1)[:, None, None]
-    new = (jnp.where(any_valid, new_k, gk), jnp.where(any_valid, new_v, gv))
-    return new, (gk, gv)
-
-  init = (jnp.broadcast_to(jnp.asarray(gpc_key, jnp.float32), (B, K, H)), jnp.zeros((B, K, h)))
-  final, (gk_in, gv_in) = jax.lax.scan(step, init, (kw, vw, validw))
-  return (jnp.moveaxis(gk_in, 0, 1), jnp.moveaxis(gv_in, 0, 1)), final
-
-
-def _ran_windows(q, k, v, gk_in, gv_in, *, window, causal, kv_lengths, scale):
-  """Full forward (T == S, q_offset 0): each window is one attention over [GPC; its tokens], a batch
-  of `[W, W + 1]` problems."""
-  B, T, N, H = q.shape
-  K, h = k.shape[2], v.shape[-1]
-  W = window
-  nw = gk_in.shape[1]
-  pad = nw * W - T
-  fold = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape((B, nw, W) + x.shape[2:])
-  keys = jnp.concatenate([gk_in[:, :, None], fold(k.astype(jnp.float32))], axis=2)
-  values = jnp.concatenate([gv_in[:, :, None], fold(v.astype(jnp.float32))], axis=2)
-  lengths = jnp.full((B,), T, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-  starts = jnp.arange(nw, dtype=jnp.int32) * W
-  win_lengths = (1 + jnp.clip(lengths[:, None] - starts[None], 0, W)).reshape(B * nw)
-  # q_offset = 1: the GPC sits at slot 0, before the window's first token, visible to all of them.
-  out = dot_product_attention(fold(q.astype(jnp.float32)).reshape(B * nw, W, N, H),
-                              keys.reshape(B * nw, W + 1, K, H), values.reshape(B * nw, W + 1, K, h),
-                              causal=causal, q_offset=1, kv_lengths=win_lengths, scale=scale,
-                              implementation="xla")
-  return out.reshape(B, nw * W, N, h)[:, :T]
-
-
-def _ran_masked(q, k, v, gk_in, gv_in, *, window, causal, q_offset, kv_lengths, scale,
-                implementation):
-  """Any query positions (a cache): attention over the query's window of the key stream, merged with
-  its window's GPC slot as one extra key (`merge_attention_states`)."""
-  B, T, N, H = q.shape
-  S = k.shape[1]
-  pos = _positions(B, T, q_offset)
-  mask = masks.combine_masks(
-      contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset, kv_lengths=kv_lengths,
-                    op="recurrent_attention_network"),
-      masks.chunked(window, offset=pos[:, 0]))
-  kf = jnp.where(_key_valid(B, S, kv_lengths)[..., None, None], k.astype(jnp.float32), 0.0)
-  vf = jnp.where(_key_valid(B, S, kv_lengths)[..., None, None], v.astype(jnp.float32), 0.0)
-  o_tok, lse_tok = flex.flex_attention(q.astype(jnp.float32), kf, vf, mask_mod=mask, scale=scale,
-                                       return_residuals=True, implementation=implementation)
-  win = pos // window
-  gk = _to_query_heads(_at_positions(gk_in, win), N)
-  gv = _to_query_heads(_at_positions(gv_in, win), N)
-  lse_gpc = scale * jnp.sum(q.astype(jnp.float32) * gk, axis=-1)
-  out, _ = merge_attention_states([o_tok, gv], [lse_tok, lse_gpc])
-  return out
-
-
-def recurrent_attention_network(q, k, v, *, gpc_query, gpc_key, window: int = 64,
-                                causal: bool = False, segment_ids=None, q_offset=0,
-                                kv_lengths=None, scale=None, implementation: Optional[str] = None,
-                                return_document: bool = False):
-  """Recurrent Attention Network: window-by-window self-attention with a carried Global Perception
-  Cell (GPC) that joins each window as an extra key/value.
-
-  Paper: Li et al., "Recurrent Attention Networks for Long-text Modeling", arXiv:2306.01018. The
-  sequence is cut into windows of `window` positions; a token at position p in window i = p // W sees
-
-      softmax(scale · q_p [g_k^(i-1); k_win(i)]ᵀ, causal within the window) [g_v^(i-1); v_win(i)]
-
-  where g^(i-1) is the GPC after windows 0..i-1 (`gpc_states`: a scan over windows, each step
-  bounded by the window). Cost O(T·W) plus the O(S·W) GPC scan; causal is exact for language
-  modelling since a window only reads GPCs of earlier windows.
-
-  Head-space adaptation: the GPC vector of the paper lives in the model dimension; here it is a key
-  part (H) and a value part (h) per key/value head, the GPC's read of a window mixes keys and values
-  with the same weights, and the GPC's query is a learned vector per key/value head. Packed sequences
-  are not supported (the GPC would have to restart and windows realign at each document).
-
-  Args:
-    q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, h]`; self-attention (T == S), or a query
-      block over a KV cache (`q_offset`, `kv_lengths`).
-    gpc_query, gpc_key: `[K, H]` learned: the GPC's query, and its initial key (its value starts 0).
-    window: window length W.
-    return_document: also return the document-level GPC output `[B, K, h]` (its value part after
-      the last window with a valid key).
-
-  Returns:
-    `[B, T, N, h]` in q's dtype (and the document output when asked).
-  """
-  op = "recurrent_attention_network"
-  B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
-  impl = checks.check_implementation(op, implementation)
-  if window < 1:
-    raise ValueError(f"{op}: `window` must be >= 1, got {window}")
-  if segment_ids is not None:
-    raise ValueError(f"{op}: packed sequences (`segment_ids`) are not supported: the GPC carries "
-                     "across windows; run documents as separate batch rows")
-  _check_params(op, {"gpc_query": ((K, H), "[K, H]"), "gpc_key": ((K, H), "[K, H]")},
-                dict(gpc_query=gpc_query, gpc_key=gpc_key))
-  _check_self(op, T, S, q_offset, kv_lengths)
-  scale = H ** -0.5 if scale is None else scale
-  (gk_in, gv_in), (_, gv_final) = gpc_states(k, v, gpc_query=gpc_query, gpc_key=gpc_key,
-                                             window=window, kv_lengths=kv_lengths, scale=scale,
-                                             implementation=impl)
-  if impl == "xla" and T == S and checks.is_static_zero(q_offset):
-    out = _ran_windows(q, k, v, gk_in, gv_in, window=window, causal=causal, kv_lengths=kv_lengths,
-                       scale=scale)
-  else:
-    out = _ran_masked(q, k, v, gk_in, gv_in, window=window, causal=causal, q_offset=q_offset,
-                      kv_lengths=kv_lengths, scale=scale, implementation=impl)
-  out = out.astype(q.dtype)
-  return (out, gv_final.astype(q.dtype)) if return_document else out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -551,70 +413,82 @@ def _alternating_beta(key, shape, dtype=jnp.float32):
 
 
 def _fan_in_normal(key, shape, dtype=jnp.float32):
-  # A gate weight reads an H-vector: std H^-½ keeps its logit O(1).
-  return (jax.random.normal(key, shape) * shape[-1] ** -0.5).astype(dtype)
-
-
-def _identity_kernel(key, shape, dtype=jnp.float32):
-  del key
-  return jnp.broadcast_to(jnp.eye(shape[-1]), shape).astype(dtype)
+  # A kernel `[..., in, out]`: std in^-½ keeps each output O(1).
+  return (jax.random.normal(key, shape) * shape[-2] ** -0.5).astype(dtype)
 
 
 _init = jax.nn.initializers
-_MEGA_SPECS = (
-    ParamSpec("ema_alpha", lambda N, K, H: (2, K, H, MEGA_NDIM), _init.normal(0.2)),
-    ParamSpec("ema_delta", lambda N, K, H: (2, K, H, MEGA_NDIM), _init.normal(0.2)),
-    ParamSpec("ema_beta", lambda N, K, H: (2, K, H, MEGA_NDIM), _alternating_beta),
-    ParamSpec("ema_eta", lambda N, K, H: (2, K, H, MEGA_NDIM), _init.normal(MEGA_NDIM ** -0.5)),
-    ParamSpec("query_kappa", lambda N, K, H: (N, H), _init.ones),
-    ParamSpec("query_mu", lambda N, K, H: (N, H), _init.zeros),
-    ParamSpec("key_kappa", lambda N, K, H: (K, H), _init.ones),
-    ParamSpec("key_mu", lambda N, K, H: (K, H), _init.zeros),
-    ParamSpec("reset_gate_weight", lambda N, K, H: (N, H), _fan_in_normal),
-    ParamSpec("reset_gate_bias", lambda N, K, H: (N,), _init.zeros),
-    ParamSpec("update_gate_weight", lambda N, K, H: (N, H), _fan_in_normal),
-    ParamSpec("update_gate_bias", lambda N, K, H: (N,), _init.zeros),
+# (name, shape(N, K, H, h, ndim), shape in letters, init): one table gives the registry's ParamSpecs
+# (h = H, the layer's head dim), the operators' shape checks and examples at any value width h.
+_MEGA_TABLE = (
+    ("ema_alpha", lambda N, K, H, h, n: (2, K, H, n), "[2, K, H, ndim]", _init.normal(0.2)),
+    ("ema_delta", lambda N, K, H, h, n: (2, K, H, n), "[2, K, H, ndim]", _init.normal(0.2)),
+    ("ema_beta", lambda N, K, H, h, n: (2, K, H, n), "[2, K, H, ndim]", _alternating_beta),
+    ("ema_eta", lambda N, K, H, h, n: (2, K, H, n), "[2, K, H, ndim]",
+     _init.normal(MEGA_NDIM ** -0.5)),
+    ("ema_omega", lambda N, K, H, h, n: (K, H), "[K, H]", _init.normal(1.0)),
+    ("z_kernel", lambda N, K, H, h, n: (K, H, H), "[K, H, H]", _fan_in_normal),
+    ("z_bias", lambda N, K, H, h, n: (K, H), "[K, H]", _init.zeros),
+    ("query_kappa", lambda N, K, H, h, n: (N, H), "[N, H]", _init.ones),
+    ("query_mu", lambda N, K, H, h, n: (N, H), "[N, H]", _init.zeros),
+    ("key_kappa", lambda N, K, H, h, n: (K, H), "[K, H]", _init.ones),
+    ("rel_alpha", lambda N, K, H, h, n: (N, H), "[N, H]", _init.normal(0.02)),
+    ("rel_beta", lambda N, K, H, h, n: (K, H), "[K, H]", _init.normal(0.02)),
+    ("reset_kernel", lambda N, K, H, h, n: (N, H, h), "[N, H, h]", _fan_in_normal),
+    ("reset_bias", lambda N, K, H, h, n: (N, h), "[N, h]", _init.zeros),
+    ("update_kernel", lambda N, K, H, h, n: (N, H, h), "[N, H, h]", _fan_in_normal),
+    ("update_bias", lambda N, K, H, h, n: (N, h), "[N, h]", _init.zeros),
+    ("candidate_kernel", lambda N, K, H, h, n: (N, H, h), "[N, H, h]", _fan_in_normal),
+    ("candidate_attn_kernel", lambda N, K, H, h, n: (N, h, h), "[N, h, h]", _fan_in_normal),
+    ("candidate_bias", lambda N, K, H, h, n: (N, h), "[N, h]", _init.zeros),
 )
-_SHA_SPECS = (
-    ParamSpec("query_kernel", lambda N, K, H: (N, H, H), _identity_kernel),
-    ParamSpec("query_bias", lambda N, K, H: (N, H), _init.zeros),
-    ParamSpec("query_ln_scale", lambda N, K, H: (N, H), _init.ones),
-    ParamSpec("query_ln_bias", lambda N, K, H: (N, H), _init.zeros),
-    ParamSpec("q_gate", lambda N, K, H: (N, H), _init.zeros),
-    ParamSpec("k_gate", lambda N, K, H: (K, H), _init.zeros),
-    ParamSpec("v_gate", lambda N, K, H: (K,), _init.zeros),
-)
-_RAN_SPECS = (
-    ParamSpec("gpc_query", lambda N, K, H: (K, H), _init.normal(1.0)),
-    ParamSpec("gpc_key", lambda N, K, H: (K, H), _init.normal(1.0)),
+_SHA_TABLE = (
+    ("query_ln_scale", lambda N, K, H, h, n: (N, H), "[N, H]", _init.ones),
+    ("query_ln_bias", lambda N, K, H, h, n: (N, H), "[N, H]", _init.zeros),
+    ("q_gate", lambda N, K, H, h, n: (N, H), "[N, H]", _init.zeros),
+    ("k_gate", lambda N, K, H, h, n: (K, H), "[K, H]", _init.zeros),
+    ("v_gate", lambda N, K, H, h, n: (K, h), "[K, h]", _init.zeros),
+    ("v_gate_kernel", lambda N, K, H, h, n: (K, h, 2 * h), "[K, h, 2h]", _fan_in_normal),
+    ("v_gate_bias", lambda N, K, H, h, n: (K, 2 * h), "[K, 2h]", _init.zeros),
 )
 
 
-_conformance = functools.partial(example_params, N=4, K=2, H=8)
+def _table_specs(table, *, h=None) -> tuple[ParamSpec, ...]:
+  """ParamSpecs from a table, the value width h = H (the layer's head dim) unless given."""
+  return tuple(ParamSpec(name, lambda N, K, H, f=f: f(N, K, H, H if h is None else h, MEGA_NDIM),
+                         init) for name, f, _, init in table)
+
+
+def _check_table(op: str, table, params: dict, *, N, K, H, h, ndim=MEGA_NDIM):
+  _check_params(op, {name: (f(N, K, H, h, ndim), letters) for name, f, letters, _ in table}, params)
+
+
+def _table_example(table, *, N=4, K=2, H=8, h=6, seed=0, perturb=0.0) -> dict:
+  """Concrete arrays for a table at the given sizes (by default the conformance suite's, whose value
+  width is 6)."""
+  return example_params(_table_specs(table, h=h), N=N, K=K, H=H, seed=seed, perturb=perturb)
+
+
+_MEGA_SPECS = _table_specs(_MEGA_TABLE)
+_SHA_SPECS = _table_specs(_SHA_TABLE)
+
 
 register(Mechanism(
     name="mega_attention", fn=mega_attention, family="recurrent-memory", seeds=(168,),
     paper="Mega: Moving Average Equipped Gated Attention", arxiv="2209.10655",
     patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=True,
+    # Q and K both come from the EMA of the input (the key stream); q is never read.
+    reads=frozenset({"k", "v"}),
     complexity="O(T·S); O(T·c) chunked", implementations=("xla", "reference"),
-    params=_MEGA_SPECS, example=lambda: dict(chunk_size=8, **_conformance(_MEGA_SPECS, perturb=0.3)),
+    params=_MEGA_SPECS,
+    example=lambda: dict(chunk_size=8, **_table_example(_MEGA_TABLE, perturb=0.3)),
     # The EMA state per channel, plus the keys of the current chunk (all keys when unchunked).
     state_size=lambda T, N, K, H, h, kw: (K * H * MEGA_NDIM + min(kw.get("chunk_size") or T, T)
                                           * K * (H + h))))
 
 register(Mechanism(
-    name="sha_rnn_block", fn=sha_rnn_attention, family="recurrent-memory", seeds=(56,),
+    name="sha_rnn_attention", fn=sha_rnn_attention, family="recurrent-memory", seeds=(56,),
     paper="Single Headed Attention RNN: Stop Thinking With Your Head", arxiv="1911.11423",
     patterns=frozenset({"causal_self", "causal_cross"}), gqa=True, decode=True, packed=True,
     complexity="O(T·S)", implementations=("xla", "reference"), params=_SHA_SPECS,
-    example=lambda: _conformance(_SHA_SPECS, perturb=0.5)))
-
-register(Mechanism(
-    name="recurrent_attention_network", fn=recurrent_attention_network, family="recurrent-memory",
-    seeds=(65,), paper="Recurrent Attention Networks for Long-text Modeling", arxiv="2306.01018",
-    patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=False,
-    complexity="O(T·W)", implementations=("xla", "reference"), params=_RAN_SPECS,
-    example=lambda: dict(window=5, **_conformance(_RAN_SPECS)),
-    defaults=dict(window=64),
-    # The carried global cell (one key and value), plus the current window's keys and values.
-    state_size=lambda T, N, K, H, h, kw: (1 + min(kw["window"], T)) * K * (H + h)))
+    example=lambda: _table_example(_SHA_TABLE, perturb=0.5)))

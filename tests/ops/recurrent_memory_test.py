@@ -1,10 +1,11 @@
 """Recurrent-memory mechanisms: the claims of their papers.
 
-Mega (#168): the EMA recurrence equals its convolution form; the chunked variant has no `[T, T]`
-intermediate and with a chunk >= T equals the unchunked one. SHA-RNN (#56): at init with an identity
-query projection it is plain single-head causal attention (up to the ½ gates); the gates scale q/k/v.
-RAN (#65): a window >= T is one attention over [GPC; tokens]; the scan over windows equals a Python
-loop; its intermediates are bounded by the window.
+Mega (#168): its full gated attention (EMA, shared Z, Q/K, rotary bias, reset/update gates,
+candidate with X'W_h) equals a float64 rewrite of the paper's equations; it reads k and v, never q;
+the EMA recurrence equals its convolution form; the chunked variant has no `[T, T]` intermediate and
+with a chunk >= T equals the unchunked one. SHA-RNN (#56): its attention equals a float64 rewrite of
+the author's equations (LayerNorm'd query, vector gates, over-parametrized value gate); with open
+gates it is plain single-head causal attention; its gates act per channel.
 """
 
 import chex
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attnjax as aj
 from attnjax.ops import recurrent_memory as rm
 from attnjax.ops.dot_product import dot_product_attention
 from tests import tolerances
@@ -109,8 +111,96 @@ def test_mega_ema_restarts_at_document_boundaries():
   chex.assert_trees_all_close(both, fwd + bwd, **TOL)
 
 
-def _mega_params(seed=0):
-  return rm.example_params(rm._MEGA_SPECS, seed=seed, perturb=0.3)
+def _mega_params(seed=0, h=6):
+  return rm._table_example(rm._MEGA_TABLE, h=h, seed=seed, perturb=0.3)
+
+
+def _np(x):
+  return np.asarray(x, np.float64)
+
+
+def _np_silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def _np_sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def _np_softmax_rows(logits, mask):
+  logits = np.where(mask, logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  return w / w.sum(-1, keepdims=True)
+
+
+def _np_rotary_bias(a, b, length):
+  """Mega's rotary relative-position bias rot_i(a)·rot_j(b), written with complex numbers: the
+  channel pair (c, c + H/2) is the complex a_c, rotated by θ_c·i, so the bias is
+  Re Σ_c a_c b̄_c e^{iθ_c(i-j)}, a function of i - j only, [length, length]."""
+  half = a.shape[-1] // 2
+  theta = 10000.0 ** (-np.arange(half) / half)
+  ac, bc = a[:half] + 1j * a[half:], b[:half] + 1j * b[half:]
+  rel = np.arange(length)[:, None] - np.arange(length)[None, :]
+  return np.real(np.einsum("c,ijc->ij", ac * np.conj(bc), np.exp(1j * theta * rel[..., None])))
+
+
+def _numpy_mega(k, v, p, key_mu, *, causal, chunk_size):
+  """Mega's gated attention, paper eqs. (6)-(16) with the authors' EMA output (ω residual, SiLU) and
+  rotary bias, in float64 with explicit per-head loops, for a full self-attention forward. `key_mu`
+  `[K, H]` is the paper's key offset μ_k, which the operator leaves out (the softmax cancels it)."""
+  k, v, p = _np(k), _np(v), {name: _np(x) for name, x in p.items()}
+  B, S, K, H = k.shape
+  N = p["query_kappa"].shape[0]
+  ema = _numpy_ema_loop(k, *(p[f"ema_{n}"][0] for n in ("alpha", "delta", "beta", "eta")))
+  if not causal:   # the backward EMA: the same recurrence run from the end, with its own parameters
+    ema = ema + _numpy_ema_loop(k[:, ::-1], *(p[f"ema_{n}"][1] for n in
+                                              ("alpha", "delta", "beta", "eta")))[:, ::-1]
+  xp = _np_silu(ema + p["ema_omega"] * k)                                         # X'
+  z = _np_silu(np.einsum("bskh,khd->bskd", xp, p["z_kernel"]) + p["z_bias"])      # Z
+  i, j = np.arange(S)[:, None], np.arange(S)[None, :]
+  mask = (j <= i) if causal else np.ones((S, S), bool)
+  if chunk_size is not None:
+    mask = mask & (i // chunk_size == j // chunk_size)
+  out = np.zeros(v.shape[:2] + (N, v.shape[-1]))
+  for n in range(N):
+    g = n // (N // K)
+    queries = p["query_kappa"][n] * z[:, :, g] + p["query_mu"][n]
+    keys = p["key_kappa"][g] * z[:, :, g] + key_mu[g]
+    logits = (H ** -0.5 * np.einsum("bih,bjh->bij", queries, keys)
+              + _np_rotary_bias(p["rel_alpha"][n], p["rel_beta"][g], S))
+    o = np.einsum("bij,bjd->bid", _np_softmax_rows(logits, mask), _np_silu(v[:, :, g]))
+    x = xp[:, :, g]
+    gamma = _np_silu(x @ p["reset_kernel"][n] + p["reset_bias"][n])
+    phi = _np_sigmoid(x @ p["update_kernel"][n] + p["update_bias"][n])
+    cand = _np_silu(x @ p["candidate_kernel"][n] + (gamma * o) @ p["candidate_attn_kernel"][n]
+                    + p["candidate_bias"][n])
+    out[:, :, n] = phi * cand + (1.0 - phi) * v[:, :, g]
+  return out
+
+
+@pytest.mark.parametrize("causal,chunk_size,impl", [(False, None, "xla"), (True, 5, "xla"),
+                                                     (False, 4, "reference")])
+def test_mega_gated_attention_matches_float64_paper_equations(causal, chunk_size, impl):
+  q, k, v = _qkv(13, T=11)
+  p = _mega_params(3)
+  out = rm.mega_attention(q, k, v, causal=causal, chunk_size=chunk_size, implementation=impl, **p)
+  key_mu = np.random.default_rng(0).standard_normal(p["key_kappa"].shape)
+  expected = _numpy_mega(k, v, p, key_mu, causal=causal, chunk_size=chunk_size)
+  chex.assert_trees_all_close(out, expected, **TOL)
+
+
+def test_mega_reads_k_and_v_never_q():
+  """Q and K both derive from the EMA of the input (the key stream): q is declared unread and
+  changing it changes nothing; k and v each change the output."""
+  assert aj.get_mechanism("mega_attention").reads == frozenset({"k", "v"})
+  q, k, v = _qkv(14)
+  q2, k2, v2 = _qkv(15)
+  p = _mega_params(4)
+  mega = jax.jit(lambda q, k, v: rm.mega_attention(q, k, v, causal=True, **p))
+  base = mega(q, k, v)
+  chex.assert_trees_all_equal(mega(q2, k, v), base)
+  for out in (mega(q, k2, v), mega(q, k, v2)):
+    assert tolerances.rel_rms(out, base) > 1e-2
 
 
 @pytest.mark.slow
@@ -177,168 +267,91 @@ def test_mega_rejects_cross_attention_and_bad_params():
     rm.mega_attention(q, k, v, **_mega_params())
   q, k, v = _qkv(4)
   params = _mega_params()
-  params["key_mu"] = params["key_mu"][:1]
-  with pytest.raises(ValueError, match="key_mu"):
+  params["key_kappa"] = params["key_kappa"][:1]
+  with pytest.raises(ValueError, match="key_kappa"):
     rm.mega_attention(q, k, v, **params)
+  with pytest.raises(ValueError, match=r"reset_kernel.*\[N, H, h\]"):
+    rm.mega_attention(q, k, v[..., :5], **_mega_params())   # arrays sized for h = 6, v has h = 5
 
 
 # ----------------------------------------------------------------------------------------------------
 # SHA-RNN
 
 
-def _sha_params(seed=None):
-  params = rm.example_params(rm._SHA_SPECS)
-  if seed is not None:
-    params = rm.example_params(rm._SHA_SPECS, seed=seed, perturb=1.0)
-  return params
+def _sha_params(seed=0, h=6, perturb=1.0):
+  return rm._table_example(rm._SHA_TABLE, h=h, seed=seed, perturb=perturb)
 
 
-def test_sha_rnn_at_init_is_single_head_causal_attention():
-  q, k, v = _qkv(5)
-  params = _sha_params()            # zero gate logits (σ = ½), identity query kernel
-  out = rm.sha_rnn_attention(q, k, v, **params)
-  ln_q = rm._layer_norm(q, 1e-12)
-  scale = 8 ** -0.5
-  # σ(0) = ½ on q and k scales the logits by ¼; on v it halves the output.
-  expected = 0.5 * dot_product_attention(ln_q, k, v, causal=True, scale=scale / 4)
-  chex.assert_trees_all_close(out, expected, **TOL)
-  # Gates fully open: exactly plain causal softmax attention over the layer-normalized queries.
-  open_gates = {**params, **{g: jnp.full_like(params[g], 40.0) for g in ("q_gate", "k_gate",
-                                                                         "v_gate")}}
-  chex.assert_trees_all_close(rm.sha_rnn_attention(q, k, v, **open_gates),
-                              dot_product_attention(ln_q, k, v, causal=True), **TOL)
+def _numpy_sha(q, k, v, p, *, q_offset=0, eps=1e-12):
+  """The SHA attention in float64 (the author's `Attention`, only the query projected), per head."""
+  q, k, v, p = _np(q), _np(k), _np(v), {name: _np(x) for name, x in p.items()}
+  N, K, H, h = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+  mean = q.mean(-1, keepdims=True)
+  ln = (q - mean) / np.sqrt(((q - mean) ** 2).mean(-1, keepdims=True) + eps)
+  queries = _np_sigmoid(p["q_gate"]) * (ln * p["query_ln_scale"] + p["query_ln_bias"])
+  keys = _np_sigmoid(p["k_gate"]) * k
+  out = np.zeros(q.shape[:3] + (h,))
+  for g in range(K):
+    # The over-parametrized value gate: one linear map of σ(s_v) to [c ‖ f], gate σ(f)·tanh(c).
+    cf = _np_sigmoid(p["v_gate"][g]) @ p["v_gate_kernel"][g] + p["v_gate_bias"][g]
+    values = _np_sigmoid(cf[h:]) * np.tanh(cf[:h]) * v[:, :, g]
+    for n in range(g * (N // K), (g + 1) * (N // K)):
+      logits = H ** -0.5 * np.einsum("bth,bsh->bts", queries[:, :, n], keys[:, :, g])
+      t, s = np.arange(q.shape[1])[:, None] + q_offset, np.arange(k.shape[1])[None, :]
+      out[:, :, n] = np.einsum("bts,bsd->btd", _np_softmax_rows(logits, s <= t), values)
+  return out
 
 
-def test_sha_rnn_gates_scale_q_k_v_per_channel():
+def test_sha_rnn_attention_matches_float64_paper_equations():
+  q, k, v = _qkv(5, T=15)
+  p = _sha_params(1)
+  chex.assert_trees_all_close(rm.sha_rnn_attention(q, k, v, **p), _numpy_sha(q, k, v, p), **TOL)
+  # Queries for the last 6 positions over a memory of all 15 states.
+  chex.assert_trees_all_close(rm.sha_rnn_attention(q[:, 9:], k, v, q_offset=9, **p),
+                              _numpy_sha(q[:, 9:], k, v, p, q_offset=9), **TOL)
+
+
+def test_sha_rnn_with_open_gates_is_single_head_causal_attention_over_normalized_queries():
   q, k, v = _qkv(6)
-  p = _sha_params(seed=1)
+  p = _sha_params(perturb=0.0)       # the layer's init: λ = 1, β = 0
+  h = v.shape[-1]
+  p.update(q_gate=np.full_like(p["q_gate"], 40.0), k_gate=np.full_like(p["k_gate"], 40.0),
+           v_gate_kernel=np.zeros_like(p["v_gate_kernel"]),
+           v_gate_bias=np.full_like(p["v_gate_bias"], 40.0))   # σ(40)·tanh(40) = 1 on every channel
+  assert p["v_gate_bias"].shape[-1] == 2 * h
+  chex.assert_trees_all_close(rm.sha_rnn_attention(q, k, v, **p),
+                              dot_product_attention(rm._layer_norm(q, 1e-12), k, v, causal=True),
+                              **TOL)
+
+
+def test_sha_rnn_gates_are_per_channel_vectors():
+  q, k, v = _qkv(7)
+  p = _sha_params(2)
+  sha = jax.jit(lambda q, k, v, p: rm.sha_rnn_attention(q, k, v, **p))
+  base = sha(q, k, v, p)
+  # Key gate of head 0, channel 3: the same as scaling that one channel of that head's keys.
+  bumped = np.array(p["k_gate"])
+  bumped[0, 3] += 2.0
   sig = jax.nn.sigmoid
-  qp = jnp.einsum("btnh,nhd->btnd", q, p["query_kernel"]) + p["query_bias"]
-  qp = rm._layer_norm(qp, 1e-12) * p["query_ln_scale"] + p["query_ln_bias"]
-  expected = dot_product_attention(sig(p["q_gate"]) * qp, sig(p["k_gate"]) * k,
-                                   sig(p["v_gate"])[:, None] * v, causal=True)
-  chex.assert_trees_all_close(rm.sha_rnn_attention(q, k, v, **p), expected, **TOL)
-  # One key channel's gate changes the result (the gate is per channel, not per head).
-  p2 = {**p, "k_gate": jnp.asarray(p["k_gate"]).at[0, 3].add(3.0)}
-  assert not np.allclose(rm.sha_rnn_attention(q, k, v, **p2), rm.sha_rnn_attention(q, k, v, **p))
+  ratio = sig(bumped[0, 3]) / sig(p["k_gate"][0, 3])
+  chex.assert_trees_all_close(sha(q, k, v, {**p, "k_gate": bumped}),
+                              sha(q, k.at[:, :, 0, 3].multiply(ratio), v, p), **TOL)
+  assert tolerances.rel_rms(sha(q, k, v, {**p, "k_gate": bumped}), base) > 1e-3
+  # Value gate of head 0, channel 2 (its f logit): only channel 2 of the query heads reading head 0
+  # changes.
+  h = v.shape[-1]
+  bias = np.array(p["v_gate_bias"])
+  bias[0, h + 2] += 2.0
+  out = sha(q, k, v, {**p, "v_gate_bias": bias})
+  changed = np.abs(np.asarray(out - base)).max(axis=(0, 1)) > 1e-6         # [N, h]
+  expected = np.zeros_like(changed)
+  expected[:2, 2] = True                                                    # heads 0, 1 read head 0
+  np.testing.assert_array_equal(changed, expected)
 
 
-def test_sha_rnn_reads_a_memory_of_earlier_states():
-  """Queries for the last T positions over a memory of S states (q_offset = S - T) equal the last
-  rows of attention over the whole sequence."""
-  q, k, v = _qkv(7, T=15)
-  p = _sha_params(seed=2)
-  full = rm.sha_rnn_attention(q, k, v, **p)
-  tail = rm.sha_rnn_attention(q[:, 9:], k, v, q_offset=9, **p)
-  chex.assert_trees_all_close(tail, full[:, 9:], **TOL)
+def test_sha_rnn_is_causal_only():
+  q, k, v = _qkv(8)
   with pytest.raises(ValueError, match="causal"):
-    rm.sha_rnn_attention(q, k, v, causal=False, **p)
-
-
-def test_boom_sums_the_expanded_chunks():
-  kx, kw, kb = jax.random.split(jax.random.PRNGKey(8), 3)
-  x = jax.random.normal(kx, (3, 5, 6))
-  w = jax.random.normal(kw, (6, 24)) * 0.3
-  b = jax.random.normal(kb, (24,))
-  u = jax.nn.gelu(x @ w + b, approximate=False)
-  expected = u[..., :6] + u[..., 6:12] + u[..., 12:18] + u[..., 18:]
-  chex.assert_trees_all_close(rm.boom_feedforward(x, w, b), expected, **TOL)
-  with pytest.raises(ValueError, match="kernel"):
-    rm.boom_feedforward(x, w[:, :20], b)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Recurrent Attention Network
-
-
-def _ran_params(seed=0, K=2, H=8):
-  return rm.example_params(rm._RAN_SPECS, K=K, H=H, seed=seed)
-
-
-def _ln(x):
-  return rm._layer_norm(jnp.asarray(x, jnp.float32))
-
-
-def _ran_loop(q, k, v, gpc_query, gpc_key, *, window, causal):
-  """RAN written as an explicit Python loop over windows (float32)."""
-  B, T, N, H = q.shape
-  K, h = k.shape[2], v.shape[-1]
-  gk = jnp.broadcast_to(gpc_key, (B, K, H))
-  gv = jnp.zeros((B, K, h))
-  outs = []
-  for start in range(0, T, window):
-    sl = slice(start, min(start + window, T))
-    keys = jnp.concatenate([gk[:, None], k[:, sl]], 1)
-    values = jnp.concatenate([gv[:, None], v[:, sl]], 1)
-    n = keys.shape[1] - 1
-    # The GPC (slot 0) is visible to every token; tokens are causal among themselves when asked.
-    mask = np.tril(np.ones((n, n + 1), bool), 1) if causal else np.ones((n, n + 1), bool)
-    outs.append(dot_product_attention(q[:, sl], keys, values, mask=mask[None, None],
-                                      implementation="reference"))
-    read = dot_product_attention(jnp.broadcast_to(gpc_query, (B, 1, K, H)), keys,
-                                 jnp.concatenate([keys, values], -1), implementation="reference")[:, 0]
-    gk, gv = _ln(read[..., :H] + gk), _ln(read[..., H:] + gv)
-  return jnp.concatenate(outs, 1), gv
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("impl", ["xla", "reference"])
-def test_ran_window_at_least_length_is_one_attention_over_gpc_and_tokens(causal, impl):
-  q, k, v = _qkv(9, T=11)
-  p = _ran_params()
-  B, T, K, H, h = 2, 11, 2, 8, 6
-  keys = jnp.concatenate([jnp.broadcast_to(p["gpc_key"], (B, 1, K, H)), k], 1)
-  values = jnp.concatenate([jnp.zeros((B, 1, K, h)), v], 1)
-  expected = dot_product_attention(q, keys, values, causal=causal, q_offset=1 if causal else 0)
-  for window in (11, 16):
-    out, doc = rm.recurrent_attention_network(q, k, v, window=window, causal=causal,
-                                              implementation=impl, return_document=True, **p)
-    chex.assert_trees_all_close(out, expected, **TOL)
-    read = dot_product_attention(jnp.broadcast_to(p["gpc_query"], (B, 1, K, H)), keys,
-                                 jnp.concatenate([keys, values], -1))[:, 0]
-    chex.assert_trees_all_close(doc, _ln(read[..., H:]), **TOL)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("impl", ["xla", "reference"])
-def test_ran_scan_over_windows_equals_python_loop(causal, impl):
-  q, k, v = _qkv(10, T=23)
-  p = _ran_params(1)
-  out, doc = rm.recurrent_attention_network(q, k, v, window=5, causal=causal, implementation=impl,
-                                            return_document=True, **p)
-  loop_out, loop_doc = _ran_loop(q, k, v, p["gpc_query"], p["gpc_key"], window=5, causal=causal)
-  chex.assert_trees_all_close(out, loop_out, **TOL)
-  chex.assert_trees_all_close(doc, loop_doc, **TOL)
-
-
-def test_ran_memory_per_step_is_bounded_by_the_window():
-  T, W = 256, 16
-  q, k, v = _qkv(11, B=1, T=T, N=1, K=1, H=4, h=4)
-  p = _ran_params(2, K=1, H=4)
-
-  def loss(q, k, v, window):
-    return jnp.sum(rm.recurrent_attention_network(q, k, v, window=window, causal=True, **p))
-
-  windowed = _largest_intermediate(jax.value_and_grad(lambda *a: loss(*a, W), argnums=(0, 1, 2)),
-                                   q, k, v)
-  whole = _largest_intermediate(lambda *a: loss(*a, T), q, k, v)
-  assert whole >= T * T
-  assert windowed < T * T // 4
-
-
-@pytest.mark.slow
-def test_ran_padding_does_not_move_the_gpc():
-  q, k, v = _qkv(12, T=17)
-  p = _ran_params(3)
-  garbage = lambda x: x.at[:, 12:].set(1e4)
-  out, doc = rm.recurrent_attention_network(q, garbage(k), garbage(v), window=4, causal=False,
-                                            kv_lengths=jnp.array([12, 12]), return_document=True,
-                                            **p)
-  ref, ref_doc = rm.recurrent_attention_network(q[:, :12], k[:, :12], v[:, :12], window=4,
-                                                causal=False, return_document=True, **p)
-  chex.assert_trees_all_close(out[:, :12], ref, **TOL)
-  chex.assert_trees_all_close(doc, ref_doc, **TOL)
-  with pytest.raises(ValueError, match="segment_ids"):
-    rm.recurrent_attention_network(q, k, v, segment_ids=jnp.zeros((2, 17), jnp.int32), **p)
+    rm.sha_rnn_attention(q, k, v, causal=False, **_sha_params())
+  with pytest.raises(ValueError, match=r"v_gate.*\[K, h\]"):
+    rm.sha_rnn_attention(q, k, v[..., :5], **_sha_params())   # arrays sized for h = 6
