@@ -8,8 +8,8 @@ softmax parts on `attnjax.core.flex.flex_attention` / `attnjax.ops.dot_product_a
 softmaxes over several parts are merged with `attnjax.core.merge.merge_attention_states`.
 
 Decoding over a KV cache: the cache holds every key, so a query at absolute position p reads the
-state its recurrence would have at p. The key stream is processed as in the full forward (slots at or
-past `kv_lengths` zeroed first, so cache garbage reaches nothing) and each query is placed on the
+state its recurrence would have at p. The key stream is processed as in the full forward (slots at
+or past `kv_lengths` zeroed first, so cache garbage reaches nothing) and each query is placed on the
 stream at its position (`_to_stream` / `_from_stream`); the cost per call is linear in S, as softmax
 decoding over the same cache.
 """
@@ -37,7 +37,7 @@ _F32 = jnp.float32
 
 
 def _check_call(op: str, T: int, S: int, q_offset, kv_lengths, segment_ids) -> bool:
-  """Validates the self-attention call and says whether it is a full forward (T == S, q_offset 0)."""
+  """Validates the self-attention call; True for a full forward (T == S, q_offset 0)."""
   full = T == S and checks.is_static_zero(q_offset)
   if T != S and checks.is_static_zero(q_offset) and kv_lengths is None:
     raise ValueError(f"{op}: self-attention only (T == S, or T < S over a KV cache with `q_offset` "
@@ -46,7 +46,8 @@ def _check_call(op: str, T: int, S: int, q_offset, kv_lengths, segment_ids) -> b
     raise ValueError(f"{op}: `segment_ids` must be one [B, T] array for a full self-attention "
                      "forward (T == S, q_offset == 0)")
   if jnp.ndim(q_offset) not in (0, 1):
-    raise ValueError(f"{op}: `q_offset` must be an int or have shape [B], got {jnp.shape(q_offset)}")
+    raise ValueError(f"{op}: `q_offset` must be an int or have shape [B], got "
+                     f"{jnp.shape(q_offset)}")
   return full
 
 
@@ -243,7 +244,8 @@ def _local_blocks(q, k, v, *, length: int, kv_lengths, scale):
   pad = ns * length - T
   fold = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
       (B * ns, length) + x.shape[2:])
-  lengths = jnp.full((B,), T, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+  lengths = (jnp.full((B,), T, jnp.int32) if kv_lengths is None
+             else jnp.asarray(kv_lengths, jnp.int32))
   seg_len = jnp.clip(lengths[:, None] - jnp.arange(ns, dtype=jnp.int32)[None] * length, 0, length)
   out = dot_product_attention(fold(q), fold(k), fold(v), causal=True,
                               kv_lengths=seg_len.reshape(B * ns), scale=scale, implementation="xla")
@@ -501,28 +503,33 @@ def chela_attention(q, k, v, *, short_kernel, long_kernel, long_decay, query_kap
   """CHELA: short-long convolutions feed a tiled (divide-and-conquer) linear attention.
 
   Paper: Liu et al., "Short-Long Convolutions Help Hardware-Efficient Linear Attention to Focus on
-  Long Sequences", arXiv:2406.08128 (section 4). Per key/value head, on the key stream x = k:
+  Long Sequences", arXiv:2406.08128 (section 4). Per key/value head, on the stream x = k (the
+  layer's input X, projected):
 
       Z   = LongConv(SiLU(ShortConv(x)))     short: 3 taps; long: stabilized kernel (see
                                              `stabilized_long_kernel`); both causal, depthwise
       Q_t = φ(κ_q ⊙ Z_p + μ_q),  K_j = φ(κ_k ⊙ Z_j + μ_k),  V = v     φ = ELU + 1
       O_t = Σ_j Q_t·K_j v_j / Σ_j Q_t·K_j    (j ≤ p when causal)     gated_linear_attention
-      Y_t = σ(w_g · q_t + b_g) ⊙ O_t         output gate
+      Y_t = σ(w_g · x_p + b_g) ⊙ O_t         output gate from the token's own input
 
-  The linear attention runs as `gated_linear_attention`'s "xla" form: intra-chunk quadratic,
-  inter-chunk recurrent state (the paper's tiling), O(T·C) time and memory.
-  Adaptation to the contract (as Mega, whose structure CHELA keeps): the paper's single input X is
-  the key stream, so Q and K share Z and the query of position p is read from Z at p (self-attention
-  only; decoding reads the cache); V is v; the output gate, which the paper computes from X, is one
-  scalar per head from the query vector q_t. The normalization by Q·ΣK keeps the output's scale
-  independent of T. Output projections are the layer's.
+  (p = q_offset + t.) The linear attention runs as `gated_linear_attention`'s "xla" form:
+  intra-chunk quadratic, inter-chunk recurrent state (the paper's tiling), O(T·C) time and memory.
+
+  Adaptation to the contract (as Mega, whose structure CHELA keeps): the paper derives queries and
+  keys from one shared stream, the convolution output Z of its single input X, and has no query
+  projection. X is represented by the key stream, so Q_t is read from Z at the query's position p
+  (self-attention only; decoding reads the cache) and the output gate, which the paper computes
+  from X, from x_p. The operator therefore does not read `q` (registered `reads={"k", "v"}`: the
+  layer creates no query projection and passes zeros; `q` gives only the shape [B, T, N, H] and
+  the output dtype). V is v. The normalization by Q·ΣK keeps the output's scale independent of T,
+  and it cancels any logit scale, so `scale` must be None. Output projections are the layer's.
 
   Args:
-    q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, h]`.
+    q: `[B, T, N, H]` (not read); k: `[B, S, K, H]`; v: `[B, S, K, h]`.
     short_kernel: `[K, H, 3]`; long_kernel: `[K, H, L]` raw weights; long_decay: `[K, H]`.
     query_kappa, query_mu: `[N, H]`; key_kappa, key_mu: `[K, H]`.
-    gate_weight: `[N, H]`; gate_bias: `[N]`.
-    causal, segment_ids, q_offset, kv_lengths, scale: the common contract.
+    gate_weight: `[N, H]` (query head n reads key head n // (N/K)); gate_bias: `[N]`.
+    causal, segment_ids, q_offset, kv_lengths: the common contract. scale: must be None.
     implementation: "xla" (FFT long convolution, chunked linear attention) or "reference" (direct
       convolution, scanned recurrence).
     chunk_size: C of the chunked linear attention.
@@ -541,6 +548,9 @@ def chela_attention(q, k, v, *, short_kernel, long_kernel, long_decay, query_kap
                 dict(short_kernel=short_kernel, long_kernel=long_kernel, long_decay=long_decay,
                      query_kappa=query_kappa, query_mu=query_mu, key_kappa=key_kappa,
                      key_mu=key_mu, gate_weight=gate_weight, gate_bias=gate_bias))
+  if scale is not None:
+    raise ValueError(f"{op}: `scale` must be None: the normalized linear attention divides by "
+                     f"Q·ΣK, which cancels any logit scale (got scale={scale!r})")
   impl = checks.check_implementation(op, implementation)
   full = _check_call(op, T, S, q_offset, kv_lengths, segment_ids)
   pos = _positions(B, T, q_offset)
@@ -554,11 +564,13 @@ def chela_attention(q, k, v, *, short_kernel, long_kernel, long_decay, query_kap
                   segment_ids=segment_ids)
   keys = _elu1(f32(key_kappa) * z + f32(key_mu))
   queries = _elu1(f32(query_kappa) * jnp.repeat(z, N // K, axis=2) + f32(query_mu))
-  o = gated_linear_attention(queries, keys, v, normalize=True, causal=causal, scale=scale,
+  o = gated_linear_attention(queries, keys, v, normalize=True, causal=causal, scale=1.0,
                              segment_ids=segment_ids, kv_lengths=kv_lengths, chunk_size=chunk_size,
                              implementation="xla" if impl == "xla" else "reference")
+  # The gate of the token at p reads its own input x_p (query head n: key head n // (N/K)).
+  x_q = _from_stream(jnp.repeat(x, N // K, axis=2), pos, full)
+  gate = jax.nn.sigmoid(jnp.einsum("btnh,nh->btn", x_q, f32(gate_weight)) + f32(gate_bias))
   o = _from_stream(o.astype(_F32), pos, full)
-  gate = jax.nn.sigmoid(jnp.einsum("btnh,nh->btn", f32(q), f32(gate_weight)) + f32(gate_bias))
   return (gate[..., None] * o).astype(q.dtype)
 
 
@@ -630,7 +642,8 @@ register(Mechanism(
           "Sequences", arxiv="2406.08128",
     patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=True,
     complexity="O(T·(C + log T)) (chunk C)", implementations=("xla", "reference"),
-    params=_CHELA_SPECS,
+    # Queries and keys come from one shared convolution stream of the keys: q is not read.
+    reads=frozenset({"k", "v"}), params=_CHELA_SPECS,
     example=lambda: dict(chunk_size=8, **example_params(_CHELA_SPECS, perturb=0.3)),
     # The linear-attention state and normaliser per kv head, plus the convolutions' input buffers.
     state_size=lambda T, N, K, H, h, kw: K * H * (h + 1) + (LONG_KERNEL + SHORT_KERNEL) * K * H))
