@@ -1,22 +1,27 @@
 """Attention-free token mixers that papers offer as drop-in replacements for self-attention.
 
-Each mixes the value vectors `v` along the sequence without a softmax over query-key scores, with the
-common call contract of `attnjax.registry` (self-attention only: the keys are the queries' own
-tokens, T == S, or a KV cache of them when decoding). `q` and `k` are used only where the paper has
-an analogue (a content gate, a global context vector); the adaptation is written in each docstring.
-Learned arrays are explicit keyword arguments (`Mechanism.params`; `attnjax.nn.MultiHeadAttention`
-creates them, with the value width h equal to the head dim H as in that layer). Arrays indexed by
-position have a fixed maximum length L (their first dimension); a longer sequence is a clear error.
+Each paper's mixer reads one stream, the layer input x, with no query-key scores. Here that stream
+is each head's values `v` (the head-space image of x): every mixer here declares
+`reads=frozenset({"v"})`, never depends on `q` or `k` (it takes them only for their shapes and the
+common call contract of `attnjax.registry`), and `attnjax.nn.MultiHeadAttention` creates no query
+or key projection for it. Self-attention only: the keys are the queries' own tokens, T == S, or a
+KV cache of them when decoding. There are no scores, so `scale` must stay None (anything else is a
+ValueError). Learned arrays are explicit keyword arguments (`Mechanism.params`; the layer creates
+them, with the value width h equal to the head dim H as in that layer). Arrays indexed by position
+have a fixed maximum length L (their first dimension); a longer sequence is a clear error.
 
   fftnet_spectral_filter     FFT along the sequence, adaptive spectral filter, modReLU, inverse FFT
                              (Fein-Ashley, "The FFT Strikes Back", arXiv:2502.18394).
-  causal_pairwise_mixer      a learned function of each token and its predecessor, plus a running
-                             mean (Hilsenbek, "Breaking the Attention Bottleneck", arXiv:2406.10906).
-  ffn_attention_replacement  a shallow FFN over the flattened, padded sequence, trained by distilling
-                             attention (Bozic et al., "Rethinking Attention", arXiv:2311.10768).
+  causal_pairwise_mixer      a learned function of each token and its predecessor, plus a
+                             running mean (Hilsenbek, "Breaking the Attention Bottleneck",
+                             arXiv:2406.10906).
+  ffn_attention_replacement  a shallow FFN over the flattened, padded sequence (Bozic et al.,
+                             "Rethinking Attention", arXiv:2311.10642), trained end to end here
+                             (the paper's distillation from attention is not implemented).
 
 Packed sequences (`segment_ids`) are taken as contiguous runs: a token mixes only tokens of its own
-run, and positions (for position-indexed weights) restart at each run's first token.
+run, and positions (for position-indexed weights) restart at each run's first token. Every
+statistic (context means, running sums) is per example: no example of a batch affects another.
 """
 
 from __future__ import annotations
@@ -51,14 +56,13 @@ def _einsum(spec, *arrays):
 
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
-  """Float32 inputs in query-head layout and the sequence bookkeeping shared by the mixers.
+  """Float32 values in query-head layout and the sequence bookkeeping shared by the mixers.
 
-  k, v: `[B, S, N, H]`, `[B, S, N, h]`, zero at hidden slots (at or past `kv_lengths`).
+  v: `[B, S, N, h]`, zero at hidden slots (at or past `kv_lengths`); q and k are never read.
   valid: `[B, S]` slots below `kv_lengths`. starts: `[B, S]` run start flags; start: `[B, S]` index
   of each slot's run start; pos: `[B, S]` position within the run. rows: `[B, T]` the slot of each
   query (`q_offset + i`); full_rows: True when rows are exactly `0 … S-1` (no gather needed).
   """
-  k: jax.Array
   v: jax.Array
   valid: jax.Array
   starts: jax.Array
@@ -70,8 +74,10 @@ class _Prepared:
   dims: tuple[int, ...]
 
 
-def _prepare(op: str, q, k, v, *, segment_ids, q_offset, kv_lengths, decode: bool) -> _Prepared:
+def _prepare(op: str, q, k, v, *, segment_ids, q_offset, kv_lengths, scale,
+             decode: bool) -> _Prepared:
   B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
+  _no_scale(op, scale)
   if jnp.ndim(q_offset) not in (0, 1) or (jnp.ndim(q_offset) == 1 and jnp.shape(q_offset) != (B,)):
     raise ValueError(f"{op}: `q_offset` must be an int or have shape [B] = [{B}], "
                      f"got shape {jnp.shape(q_offset)}")
@@ -106,10 +112,9 @@ def _prepare(op: str, q, k, v, *, segment_ids, q_offset, kv_lengths, decode: boo
   full_rows = T == S and isinstance(q_offset, (int, np.integer)) and q_offset == 0
   rows = jnp.broadcast_to(jnp.reshape(jnp.asarray(q_offset), (-1, 1)) + jnp.arange(T), (B, T))
   rows = jnp.clip(rows, 0, S - 1)
-  groups = N // K
   # jnp.where (not a product) keeps cache garbage such as 1e4 or inf out of every sum.
-  hide = lambda x: jnp.where(valid[:, :, None, None], jnp.repeat(x.astype(_F32), groups, axis=2), 0)
-  return _Prepared(k=hide(k), v=hide(v), valid=valid, starts=starts, start=start, pos=pos,
+  hidden_v = jnp.where(valid[:, :, None, None], jnp.repeat(v.astype(_F32), N // K, axis=2), 0.0)
+  return _Prepared(v=hidden_v, valid=valid, starts=starts, start=start, pos=pos,
                    rows=rows, full_rows=full_rows, segmented=segment_ids is not None,
                    dims=(B, T, S, N, K, H, h))
 
@@ -173,19 +178,21 @@ def _visible_prefix(p: _Prepared, row):
   return (slots[None] <= row[:, None]) & (slots[None] >= run_start) & p.valid
 
 
-def _dispatch(op: str, table, implementation, *args, **kwargs):
-  return implementations.dispatch(op, table, implementation, *args, **kwargs)
+def _no_scale(op: str, scale):
+  if scale is not None:
+    raise ValueError(f"{op}: `scale` must be None: the mixer computes no query-key scores, so a "
+                     f"logit scale has no meaning (got scale={scale!r})")
 
 
 def _example(seed: int, shapes: dict[str, tuple[tuple[int, ...], float, float]]) -> dict[str, Any]:
-  """Concrete arrays `mean + std · normal` for the conformance sizes (numpy: no device at import)."""
+  """Concrete arrays `mean + std · normal` at the conformance sizes (numpy: no device at import)."""
   rng = np.random.default_rng(seed)
   return {name: (mean + std * rng.standard_normal(shape)).astype(np.float32)
           for name, (shape, mean, std) in shapes.items()}
 
 
-# Conformance sizes (tests/conformance): N = 4 query heads, H = 8, h = 6; maximum length 32.
-_EX_N, _EX_H, _EX_HV, _EX_L = 4, 8, 6, 32
+# Conformance sizes (tests/conformance): N = 4 query heads, h = 6; maximum length 32.
+_EX_N, _EX_HV, _EX_L = 4, 6, 32
 
 # --------------------------------------------------------------------------------------------------
 # #122 FFTNet: adaptive spectral filtering.
@@ -248,31 +255,32 @@ def fftnet_spectral_filter(q, k, v, *, fft_filter, fft_context_in, fft_context_i
                            implementation=None):
   """FFTNet: FFT the values along the sequence, multiply by a context-adapted filter, modReLU, iFFT.
 
-      c = mean_j k_j                                      global context           [B, N, H]
-      ΔW = GELU(c W_1 + b_1) W_2                          context MLP              [B, F, N, h]
+      c = (1/T) Σ_j v_j                                   global context           [B, N, h]
+      ΔW = GELU(c W_1 + b_1) W_2                          context MLP (erf GELU)   [B, F, N, h]
       y = irfft(modReLU(rfft(v, n=L) ⊙ (W + ΔW), b), n=L)[:T]
 
   per head, over the F = L/2 + 1 rfft bins of the filter's maximum length L (a shorter sequence is
   zero-padded to L, so the same learned filter serves every length); O(L log L), no [T, T] matrix.
 
   Paper: Fein-Ashley, "The FFT Strikes Back: An Efficient Alternative to Self-Attention",
-  arXiv:2502.18394. Head-space adaptation: the paper filters the layer input x and takes its
-  context as the mean of x; here the mixed signal is each head's values v and the context is the
-  mean of the keys k (the head-space vectors that describe the tokens). rfft/irfft of the real
-  signal with a real filter is the paper's FFT → filter → modReLU → iFFT → real part, with the
-  spectrum kept Hermitian.
+  arXiv:2502.18394. The paper filters the layer input x and takes its context as the mean of that
+  same x: one stream. Here that stream is each head's values v (`reads={"v"}`: q and k are not
+  read, and the layer creates no projection for them); the context is the per-head mean of v (the
+  authors' code feeds the mean of all of x to one MLP). rfft/irfft of the real signal with a real
+  filter is the paper's FFT → filter → modReLU → iFFT → real part, with the spectrum Hermitian.
 
   Args:
-    q: `[B, T, N, H]` (unused: the filter has no per-query part); k: `[B, S, K, H]`;
-      v: `[B, S, K, h]`; T == S (non-causal self-attention).
+    q: `[B, T, N, H]`, k: `[B, S, K, H]`: not read (shapes only). v: `[B, S, K, h]`; T == S
+      (non-causal self-attention).
     fft_filter: base filter W, `[F, N, h]` (L = 2 (F - 1) is the maximum length).
-    fft_context_in: `[N, H, M]`, fft_context_in_bias: `[N, M]`: first MLP layer on the context.
+    fft_context_in: `[N, h, M]`, fft_context_in_bias: `[N, M]`: first MLP layer on the context.
     fft_context_out: `[N, M, F, h]`: second MLP layer, giving ΔW.
     fft_modrelu_bias: `[N, h]` modReLU bias b.
     activation: apply modReLU (False: a linear, context-adapted filter).
     causal, segment_ids, q_offset: must be the defaults (non-causal, unpacked, no cache).
     kv_lengths: `[B]`: tokens at or past the length are padding (zeroed; left out of the context).
-    scale: unused (no scores). implementation: "xla" (jnp.fft) or "reference" (explicit DFT).
+    scale: must be None (no scores). implementation: "xla" (jnp.fft) or "reference" (explicit
+      DFT sums).
 
   Returns:
     `[B, T, N, h]` in q's dtype.
@@ -283,8 +291,8 @@ def fftnet_spectral_filter(q, k, v, *, fft_filter, fft_context_in, fft_context_i
     raise ValueError(f"{op}: packed sequences (`segment_ids`) are not supported: the spectral "
                      "filter mixes the whole padded sequence")
   p = _prepare(op, q, k, v, segment_ids=None, q_offset=q_offset, kv_lengths=kv_lengths,
-               decode=False)
-  B, T, S, N, _, H, h = p.dims
+               scale=scale, decode=False)
+  _, T, S, N, _, _, h = p.dims
   if jnp.ndim(fft_filter) != 3 or fft_filter.shape[0] < 2:
     raise ValueError(f"{op}: `fft_filter` must have shape [F, N, h] with F >= 2 rfft bins, got "
                      f"{jnp.shape(fft_filter)}")
@@ -292,7 +300,7 @@ def fftnet_spectral_filter(q, k, v, *, fft_filter, fft_context_in, fft_context_i
   L = 2 * (F - 1)
   M = jnp.shape(fft_context_in)[-1]
   base = _check_param(op, "fft_filter", fft_filter, (F, N, h), "[F, N, h]")
-  w1 = _check_param(op, "fft_context_in", fft_context_in, (N, H, M), "[N, H, M]")
+  w1 = _check_param(op, "fft_context_in", fft_context_in, (N, h, M), "[N, h, M]")
   b1 = _check_param(op, "fft_context_in_bias", fft_context_in_bias, (N, M), "[N, M]")
   w2 = _check_param(op, "fft_context_out", fft_context_out, (N, M, F, h), "[N, M, F, h]")
   bias = _check_param(op, "fft_modrelu_bias", fft_modrelu_bias, (N, h), "[N, h]")
@@ -301,17 +309,18 @@ def fftnet_spectral_filter(q, k, v, *, fft_filter, fft_context_in, fft_context_i
                      f"of `fft_filter` [F, N, h]; create it with more bins (default "
                      f"{DEFAULT_MAX_LENGTH} in attnjax.nn)")
 
+  # Per example: the mean over that example's own valid tokens (padding is zero in p.v).
   count = jnp.sum(p.valid, axis=1).astype(_F32)[:, None, None]
-  context = jnp.sum(p.k, axis=1) / jnp.maximum(count, 1.0)
-  hidden = jax.nn.gelu(_einsum("bnd,ndm->bnm", context, w1) + b1)
+  context = jnp.sum(p.v, axis=1) / jnp.maximum(count, 1.0)
+  hidden = jax.nn.gelu(_einsum("bnc,ncm->bnm", context, w1) + b1, approximate=False)
   filt = base[None] + _einsum("bnm,nmfc->bfnc", hidden, w2)
 
   def run(impl):
     return lambda: spectral_filter(p.v, filt, length=L, modrelu_bias=bias if activation else None,
                                    implementation=impl)
 
-  out = _dispatch(op, (("xla", run("xla"), ()), ("reference", run("reference"), ())),
-                  implementation)
+  table = (("xla", run("xla"), ()), ("reference", run("reference"), ()))
+  out = implementations.dispatch(op, table, implementation)
   return out[:, :T].astype(q.dtype)
 
 
@@ -319,6 +328,7 @@ register(Mechanism(
     name="fftnet_spectral_filter", fn=fftnet_spectral_filter, family="alternative-mixer",
     seeds=(122,), paper="The FFT Strikes Back: An Efficient Alternative to Self-Attention",
     arxiv="2502.18394", patterns=frozenset({"self"}), gqa=True, decode=False, packed=False,
+    reads=frozenset({"v"}),  # the paper mixes one stream: filter and context both come from x
     complexity="O(L log L), L = maximum length >= T", implementations=("xla", "reference"),
     params=(
         ParamSpec("fft_filter", lambda n, kv, hd: (DEFAULT_MAX_LENGTH // 2 + 1, n, hd),
@@ -336,7 +346,7 @@ register(Mechanism(
     ),
     example=_example(122, {
         "fft_filter": ((_EX_L // 2 + 1, _EX_N, _EX_HV), 1.0, 0.3),
-        "fft_context_in": ((_EX_N, _EX_H, 8), 0.0, 0.3),
+        "fft_context_in": ((_EX_N, _EX_HV, 8), 0.0, 0.3),
         "fft_context_in_bias": ((_EX_N, 8), 0.0, 0.1),
         "fft_context_out": ((_EX_N, 8, _EX_L // 2 + 1, _EX_HV), 0.0, 0.1),
         "fft_modrelu_bias": ((_EX_N, _EX_HV), -0.2, 0.1),
@@ -352,25 +362,26 @@ def causal_pairwise_mixer(q, k, v, *, pairwise_current, pairwise_previous, pairw
                           initial_state=None, return_final_state=False):
   """Causal pairwise mixer: a learned function of each token and its predecessor (+ running mean).
 
-      y_t = GELU(v_t A + v_{t-1} B + m_t C + b),      m_t = (1/t) Σ_{j<=t} v_j
+      y_t = GELU(v_t A + v_{t-1} B + m_t C + b),      m_t = (1/t) Σ_{j<=t} v_j   (tanh GELU)
 
   per head (v_{t-1} = 0 at a sequence's first token; the m_t C term only with `use_context`). The
   output at t depends on tokens t and t - 1 only, and on earlier tokens only through the mean.
 
-  Paper: Hilsenbek, "Breaking the Attention Bottleneck", arXiv:2406.10906. Head-space
-  adaptation: the paper combines consecutive layer inputs x_t, x_{t-1} (and their running average);
-  here the combined tokens are each head's values v. q and k have no analogue and are unused.
+  Paper: Hilsenbek, "Breaking the Attention Bottleneck", arXiv:2406.10906. The paper combines
+  consecutive layer inputs x_t, x_{t-1} (and their running average): one stream. Here that stream
+  is each head's values v (`reads={"v"}`: q and k are not read, and the layer creates no
+  projection for them).
 
   Args:
-    q: `[B, T, N, H]`, k: `[B, S, K, H]` (unused); v: `[B, S, K, h]`.
+    q: `[B, T, N, H]`, k: `[B, S, K, H]`: not read (shapes only). v: `[B, S, K, h]`.
     pairwise_current (A), pairwise_previous (B), pairwise_context (C): `[N, h, h]`;
       pairwise_bias (b): `[N, h]`.
     use_context: add the running-mean context term.
     causal: must be True.
     segment_ids, q_offset, kv_lengths: the common contract (a KV cache gives the same rows as the
       full forward; the first token of each packed run has no predecessor).
-    scale: unused. implementation: "xla" (shifts and a cumulative sum, O(T)) or "reference" (an
-      explicit loop over query rows).
+    scale: must be None (no scores). implementation: "xla" (shifts and a cumulative sum, O(T)) or
+      "reference" (an explicit loop over query rows).
     initial_state, return_final_state: recurrent decoding (`Mechanism.recurrent`): q, k, v are the
       new tokens; the state `{"previous": [B,K,h], "sum": [B,K,h], "count": [B]}` (the last value,
       the running sum and count of values; None before the first token) replaces the cache.
@@ -381,6 +392,7 @@ def causal_pairwise_mixer(q, k, v, *, pairwise_current, pairwise_previous, pairw
   """
   op = "causal_pairwise_mixer"
   _self_only(op, causal, allowed=(True,))
+  _no_scale(op, scale)
   if return_final_state:
     return _pairwise_recurrent(op, q, k, v, initial_state, pairwise_current, pairwise_previous,
                                pairwise_context, pairwise_bias, use_context,
@@ -388,14 +400,14 @@ def causal_pairwise_mixer(q, k, v, *, pairwise_current, pairwise_previous, pairw
   if initial_state is not None:
     raise ValueError(f"{op}: `initial_state` needs `return_final_state=True` (recurrent decoding)")
   p = _prepare(op, q, k, v, segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
-               decode=True)
+               scale=scale, decode=True)
   _, _, _, N, _, _, h = p.dims
   mats = [_check_param(op, name, x, (N, h, h), "[N, h, h]") for name, x in (
       ("pairwise_current", pairwise_current), ("pairwise_previous", pairwise_previous),
       ("pairwise_context", pairwise_context))]
   bias = _check_param(op, "pairwise_bias", pairwise_bias, (N, h), "[N, h]")
   table = (("xla", _pairwise_xla, ()), ("reference", _pairwise_reference, ()))
-  out = _dispatch(op, table, implementation, p, *mats, bias, use_context)
+  out = implementations.dispatch(op, table, implementation, p, *mats, bias, use_context)
   return out.astype(q.dtype)
 
 
@@ -467,6 +479,7 @@ register(Mechanism(
     name="causal_pairwise_mixer", fn=causal_pairwise_mixer, family="alternative-mixer",
     seeds=(134,), paper="Breaking the Attention Bottleneck", arxiv="2406.10906",
     patterns=frozenset({"causal_self"}), gqa=True, decode=True, recurrent=True, packed=True,
+    reads=frozenset({"v"}),  # the paper mixes one stream: each token and its predecessor
     complexity="O(T)",
     implementations=("xla", "reference"),
     params=(
@@ -493,8 +506,8 @@ def ffn_attention_replacement(q, k, v, *, ffn_in, ffn_in_bias, ffn_out, ffn_out_
                               implementation=None):
   """Shallow FFN over the flattened, zero-padded sequence, in place of attention (per head).
 
-      z = ReLU(flatten(v_1 … v_L) W_1 + b_1)           W_1: [L·h, M]     (padding and masked tokens = 0)
-      y = z W_2 + b_2,  read at the query's row          W_2: [M, L·h]
+      z = ReLU(flatten(v_1 … v_L) W_1 + b_1)      W_1: [L·h, M]   (padding, masked tokens = 0)
+      y = z W_2 + b_2,  read at the query's row     W_2: [M, L·h]
 
   with L the fixed maximum length. Causal (the decoder form): the output at t is row t of the FFN
   applied to the sequence with tokens after t masked to zero. Since the first layer is linear in the
@@ -503,26 +516,30 @@ def ffn_attention_replacement(q, k, v, *, ffn_in, ffn_in_bias, ffn_out, ffn_out_
   flattened input explicitly and applies the FFN to it.
 
   Paper: Bozic et al., "Rethinking Attention: Exploring Shallow Feed-Forward Neural Networks as an
-  Alternative to Attention Layers in Transformers", arXiv:2311.10768 (the per-head replacement).
-  Head-space adaptation: the paper's FFN reads the layer input x and is trained by distilling the
-  replaced attention layer's output (`distill_loss`); here it reads each head's values v. q and k
-  are unused (their role is learned by the FFN during distillation).
+  Alternative to Attention Layers in Transformers", arXiv:2311.10642 (the separate-heads
+  replacement: one FFN per head). The paper's FFN reads the layer input x, one stream; here that
+  stream is each head's values v (`reads={"v"}`: q and k are not read, and the layer creates no
+  projection for them). Trained end to end here, as any learned mixer: the paper's procedure of
+  distilling each FFN from a trained attention layer's outputs is not implemented. The authors'
+  code also puts a LayerNorm before each linear layer, uses LeakyReLU, and in the decoder shares
+  one output layer across rows; here the FFN is the plain two-layer ReLU network above.
 
   Args:
-    q: `[B, T, N, H]`, k: `[B, S, K, H]` (unused); v: `[B, S, K, h]`.
+    q: `[B, T, N, H]`, k: `[B, S, K, H]`: not read (shapes only). v: `[B, S, K, h]`.
     ffn_in: `[L, N, h, M]` W_1 (rows of the flattened input by position), ffn_in_bias: `[N, M]`.
     ffn_out: `[L, N, M, h]` W_2 (output columns by position), ffn_out_bias: `[L, N, h]`.
     causal: mask tokens after each query.
     segment_ids, q_offset, kv_lengths: the common contract (packed runs are each placed at position
       0 of their own padded input; a KV cache gives the rows of the full forward).
-    scale: unused. implementation: "xla" or "reference".
+    scale: must be None (no scores). implementation: "xla" (cumulative sums) or "reference" (the
+      FFN on each query's explicitly masked, flattened input).
 
   Returns:
     `[B, T, N, h]` in q's dtype; a row with no visible token is zero.
   """
   op = "ffn_attention_replacement"
   p = _prepare(op, q, k, v, segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
-               decode=causal)
+               scale=scale, decode=causal)
   _, _, S, N, _, _, h = p.dims
   if jnp.ndim(ffn_in) != 4:
     raise ValueError(f"{op}: `ffn_in` must have shape [L, N, h, M], got {jnp.shape(ffn_in)}")
@@ -533,7 +550,8 @@ def ffn_attention_replacement(q, k, v, *, ffn_in, ffn_in_bias, ffn_out, ffn_out_
   b2 = _check_param(op, "ffn_out_bias", ffn_out_bias, (L, N, h), "[L, N, h]")
   _check_max_length(op, "ffn_in", w1, S)
   table = (("xla", _ffn_xla, ()), ("reference", _ffn_reference, ()))
-  return _dispatch(op, table, implementation, p, w1, b1, w2, b2, causal).astype(q.dtype)
+  out = implementations.dispatch(op, table, implementation, p, w1, b1, w2, b2, causal)
+  return out.astype(q.dtype)
 
 
 def _ffn_xla(p: _Prepared, w1, b1, w2, b2, causal):
@@ -582,24 +600,14 @@ def _ffn_reference(p: _Prepared, w1, b1, w2, b2, causal):
   return jnp.moveaxis(lax.map(one_row, p.rows.T), 0, 1)
 
 
-def distill_loss(student_out, teacher_out):
-  """Distillation loss of the paper: mean squared error to the teacher (attention) output.
-
-  The teacher is held fixed (`stop_gradient`); computed in float32. Bozic et al., arXiv:2311.10768.
-  """
-  student = jnp.asarray(student_out, _F32)
-  teacher = lax.stop_gradient(jnp.asarray(teacher_out, _F32))
-  if student.shape != teacher.shape:
-    raise ValueError(f"distill_loss: student output {student.shape} and teacher output "
-                     f"{teacher.shape} must have the same shape")
-  return jnp.mean((student - teacher) ** 2)
-
-
 register(Mechanism(
     name="ffn_attention_replacement", fn=ffn_attention_replacement, family="alternative-mixer",
     seeds=(80,), paper="Rethinking Attention: Exploring Shallow Feed-Forward Neural Networks as an "
-                       "Alternative to Attention Layers in Transformers", arxiv="2311.10768",
+                       "Alternative to Attention Layers in Transformers", arxiv="2311.10642",
     patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=True,
+    # The paper's FFN reads one stream (x). Trained end to end: the paper's distillation from a
+    # trained attention layer is not implemented.
+    reads=frozenset({"v"}),
     complexity="O(T·h·M) (weights O(L·h·M), L = maximum length)",
     implementations=("xla", "reference"),
     params=(
