@@ -1,10 +1,11 @@
 """Additive attention with one pooled global query per head: SwiftFormer and Ladaformer.
 
-Both score each token with a learned vector, softmax the scores over the tokens, pool one global
-query `g = Σ_t α_t q_t` per head and combine it element-wise with every token's key: no `[T, S]`
-matrix, O(T·H) per head.
+Both score each token with a learned vector, turn the scores into token weights α (SwiftFormer:
+L2-normalised over the tokens; Ladaformer: a softmax over the tokens), pool one global query
+`g = Σ_t α_t q_t` per head and combine it element-wise with every token's key: no `[T, S]` matrix,
+O(T·H) per head.
 
-  efficient_additive_attention   o_t = (g ⊙ k_t) W_T + b_T + v_t        (SwiftFormer)
+  efficient_additive_attention   o_t = (g ⊙ k̂_t) W_T + b_T + v̂_t       (SwiftFormer, unit q̂ k̂ v̂)
   linear_additive_attention      o_t = v_t ⊙ k_t ⊙ g                     (Ladaformer)
 
 Pooling is over the tokens of each packed sequence (`segment_ids`) and skips padding
@@ -50,22 +51,37 @@ def token_groups(op: str, segment_ids, kv_lengths, B: int, T: int):
   return labels
 
 
-def pooled_query(logits, x, labels):
-  """`g_t = Σ_{u: label_u = label_t} softmax_u(logits) x_u` for every token t (per head).
+def pooled_query(scores, x, labels, *, pooling: str = "softmax", eps: float = 1e-12):
+  """`g_t = Σ_{u: label_u = label_t} α_u x_u` for every token t (per head), α over each group:
 
-  logits: `[B, T, N]` float32; x: `[B, T, N, H]` float32; labels: `[B, T]` from `token_groups`.
+      pooling="softmax":  α_u = softmax_u(scores)               (weights sum to 1)
+      pooling="l2":       α_u = scores_u / max(‖scores‖_2, eps)  (unit L2 norm, signs kept)
+
+  scores: `[B, T, N]` float32; x: `[B, T, N, H]` float32; labels: `[B, T]` from `token_groups`.
   Returns `[B, T, N, H]`. Linear: segment reductions over B·(T + 1) groups, no `[T, T]` array.
   """
-  B, T, N = logits.shape
+  B, T, N = scores.shape
   flat = (labels + jnp.arange(B)[:, None] * (T + 1)).reshape(-1)
   groups = B * (T + 1)
-  logits = logits.reshape(B * T, N)
+  scores = scores.reshape(B * T, N)
+  xs = x.reshape(B * T, N, -1)
+  if pooling == "l2":
+    sumsq = jax.ops.segment_sum(scores * scores, flat, num_segments=groups)
+    num = jax.ops.segment_sum(scores[..., None] * xs, flat, num_segments=groups)
+    # rsqrt of the clamped square: F.normalize's max(‖α‖, eps), with a finite gradient at 0.
+    return (num[flat] * jax.lax.rsqrt(jnp.maximum(sumsq, eps * eps))[flat][..., None]).reshape(
+        x.shape)
   # The max only shifts the exponent (it cancels), so it carries no gradient.
-  top = jax.lax.stop_gradient(jax.ops.segment_max(logits, flat, num_segments=groups))
-  e = jnp.exp(logits - top[flat])
+  top = jax.lax.stop_gradient(jax.ops.segment_max(scores, flat, num_segments=groups))
+  e = jnp.exp(scores - top[flat])
   den = jax.ops.segment_sum(e, flat, num_segments=groups)
-  num = jax.ops.segment_sum(e[..., None] * x.reshape(B * T, N, -1), flat, num_segments=groups)
+  num = jax.ops.segment_sum(e[..., None] * xs, flat, num_segments=groups)
   return (num[flat] / den[flat][..., None]).reshape(x.shape)
+
+
+def _unit(x, eps: float = 1e-12):
+  """x / max(‖x‖, eps) along the last axis (PyTorch `F.normalize`), finite gradient at 0."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps * eps))
 
 
 def _prepare(op, q, k, v, *, causal, segment_ids, kv_lengths, implementation):
@@ -84,21 +100,31 @@ def _prepare(op, q, k, v, *, causal, segment_ids, kv_lengths, implementation):
   return prep(q), prep(k), prep(v), labels, valid
 
 
-def efficient_additive_attention(q, k, v, *, score_vector, proj, proj_bias, causal=False,
-                                 segment_ids=None, q_offset=0, kv_lengths=None, scale=None,
-                                 implementation: Optional[str] = None):
-  """SwiftFormer efficient additive attention: a softmax-pooled global query gates every key.
+def efficient_additive_attention(q, k, v, *, score_vector, proj, proj_bias, pooling: str = "l2",
+                                 causal=False, segment_ids=None, q_offset=0, kv_lengths=None,
+                                 scale=None, implementation: Optional[str] = None):
+  """SwiftFormer efficient additive attention: an L2-pooled global query gates every key.
 
-      α = softmax_t(s · q_t·w_a)                  [T]       per head, over the tokens
-      g = Σ_t α_t q_t                              [H]       global query
-      o_t = (g ⊙ k_t) W_T + b_T + v_t              [h]       linear transform T plus residual
+  The paper's form (default, `pooling="l2"`), per head, over the tokens of each sequence:
 
-  No `[T, S]` matrix is formed; cost O(T·H·h). The paper's residual adds the token's own (query)
-  projection Q̂, which has width H; the operator contract returns the value width h, so the residual
-  is the token's value vector v_t and W_T maps H -> h. Calling with `v = q` (h = H) gives the
-  paper's `Q̂ + T(g ⊙ K)` exactly. The token weights are a softmax over the tokens (the catalog's
-  reading of the paper; the released code instead L2-normalises q, k and the raw scores over the
-  tokens), so g is a convex combination of the queries. `q_offset` is unused.
+      q̂_t = q_t / ‖q_t‖,  k̂_t = k_t / ‖k_t‖,  v̂_t = v_t / ‖v_t‖        unit vectors per token
+      α_t = q̂_t·w_a / √H,  α ← α / ‖α‖_2                  [T]   scores, L2-normalised over tokens
+      g = Σ_t α_t q̂_t                                     [H]   global query (no softmax)
+      o_t = (g ⊙ k̂_t) W_T + b_T + v̂_t                     [h]   linear transform T plus residual
+
+  No `[T, S]` matrix is formed; cost O(T·H·h). This follows the paper's equations (α = Q·w_a/√d,
+  q = Σ α_i Q_i, x̂ = Q̂ + T(K ⊙ q)) with the normalisations of the authors' released code
+  (`Amshaker/SwiftFormer`: F.normalize of query and key per token and of α over the tokens),
+  applied per head (the released model has one head). The residual is the paper's normalised
+  query Q̂, which has width H; the operator contract returns the value width h, so the residual is
+  the token's value vector, normalised the same way, and W_T maps H -> h: calling with `v = q`
+  gives the paper's `Q̂ + T(g ⊙ K̂)` exactly.
+
+  `pooling="softmax"` is another reading (not the paper's): raw q, k, v, α = softmax_t(s · q_t·w_a)
+  so g is a convex combination of the queries, and `o_t = (g ⊙ k_t) W_T + b_T + v_t`.
+
+  `scale`: with the L2 pooling a positive scale cancels in α / ‖α‖, so only None (the paper's
+  1/√H, which cancels too) is accepted; the softmax pooling honours it. `q_offset` is unused.
 
   Paper: Shaker et al., "SwiftFormer: Efficient Additive Attention for Transformer-based Real-time
   Mobile Vision Applications", arXiv:2303.15446.
@@ -106,23 +132,33 @@ def efficient_additive_attention(q, k, v, *, score_vector, proj, proj_bias, caus
   Args:
     q: `[B, T, N, H]`; k: `[B, T, K, H]`; v: `[B, T, K, h]`, K dividing N (self-attention).
     score_vector: w_a, `[N, H]`. proj: W_T, `[N, H, h]`. proj_bias: b_T, `[N, h]`.
+    pooling: "l2" (the paper) or "softmax".
     segment_ids: `[B, T]`: pool within each packed sequence. kv_lengths: `[B]`: padding tokens
       are left out of the pool and return zeros.
-    scale: defaults to `H ** -0.5`. implementation: "reference" or None.
+    scale: None with "l2"; defaults to `H ** -0.5` with "softmax". implementation: "reference" or
+      None.
 
   Returns:
     `[B, T, N, h]` in q's dtype.
   """
   op = "efficient_additive_attention"
   N, H, h = q.shape[2], q.shape[3], v.shape[3]
+  if pooling not in ("l2", "softmax"):
+    raise ValueError(f"{op}: unknown pooling {pooling!r}; choose 'l2' (the paper) or 'softmax'")
+  if pooling == "l2" and scale is not None:
+    raise ValueError(f"{op}: `scale` has no effect with pooling='l2' (the L2 normalisation of the "
+                     f"scores over the tokens cancels it), got scale={scale}; leave it None or use "
+                     "pooling='softmax'")
   qf, kf, vf, labels, valid = _prepare(op, q, k, v, causal=causal, segment_ids=segment_ids,
                                        kv_lengths=kv_lengths, implementation=implementation)
   checks.check_shape(op, "score_vector", score_vector, (N, H), "[N, H]")
   checks.check_shape(op, "proj", proj, (N, H, h), "[N, H, h]")
   checks.check_shape(op, "proj_bias", proj_bias, (N, h), "[N, h]")
+  if pooling == "l2":
+    qf, kf, vf = _unit(qf), _unit(kf), _unit(vf)
   scale = H ** -0.5 if scale is None else scale
-  logits = jnp.einsum("btnh,nh->btn", qf, score_vector.astype(_F32)) * scale
-  g = pooled_query(logits, qf, labels)
+  scores = jnp.einsum("btnh,nh->btn", qf, score_vector.astype(_F32)) * scale
+  g = pooled_query(scores, qf, labels, pooling=pooling)
   out = jnp.einsum("btnh,nhd->btnd", g * kf, proj.astype(_F32)) + proj_bias.astype(_F32) + vf
   return jnp.where(valid, out, 0.0).astype(q.dtype)
 
@@ -165,7 +201,7 @@ def linear_additive_attention(q, k, v, *, score_proj, value_map=None, causal=Fal
                      "`value_map` [N, H, h] to map the key gate to width h")
   scale = H ** -0.5 if scale is None else scale
   logits = jnp.einsum("btnh,nhm->btm", qf, score_proj.astype(_F32)) * scale
-  gate = kf * pooled_query(logits, qf, labels)
+  gate = kf * pooled_query(logits, qf, labels, pooling="softmax")
   if value_map is not None:
     checks.check_shape(op, "value_map", value_map, (N, H, h), "[N, H, h]")
     gate = jnp.einsum("btnh,nhd->btnd", gate, value_map.astype(_F32))

@@ -57,7 +57,7 @@ def _no_causal_or_packing(op: str, *, causal: bool, segment_ids, why: str):
     raise ValueError(f"{op}: packed sequences (`segment_ids`) are not supported ({why})")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Linformer
 
 
@@ -112,7 +112,7 @@ _linformer_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", 
                                                        out_axis=1, batch_axis=0)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Agent attention
 
 
@@ -216,7 +216,7 @@ def _depthwise_conv(x, kernel, bias):
   return out + bias.astype(_F32)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # RITA group attention
 
 
@@ -262,16 +262,19 @@ def group_attention(q, k, v, *, num_groups: int = 64, num_iters: int = 10, causa
       o_i = Σ_g n_g exp(s · q_i·c_g) V̄_g / Σ_g n_g exp(s · q_i·c_g)
           = softmax_g(s · q_i·c_g + log n_g) V̄_g
 
-  i.e. softmax attention in which every key of a group is replaced by the group's centroid. With
-  G = S (each key its own group) this is exactly softmax attention; the error shrinks as G grows
-  on clustered keys. Groups come from `num_iters` Lloyd iterations per (batch, kv head) with a
-  deterministic init (`kmeans_groups`); assignments carry no gradient, centroids and group values
-  do. Cost O((num_iters + T)·S·G) → linear in S for fixed G. RITA adapts G to an error bound; here G
-  is fixed. Groups mix positions, so there is no causal or packed form; keys past `kv_lengths`
-  join no group.
+  i.e. softmax attention in which every key of a group is replaced by the group's centroid:
+  `o_i = Σ_j Ã_ij v_j` with `Ã_ij = exp(s q_i·c_g(j)) / Σ_l exp(s q_i·c_g(l))`. The paper's
+  guarantee: if every key lies within distance d of its group's centroid, each weight Ã_ij is
+  within a factor `exp(±2 s ‖q_i‖ d)` of softmax attention's A_ij, so
+  `‖o_i - softmax_i‖ <= (exp(2 s ‖q_i‖ d) - 1) max_j ‖v_j‖`. With G = S (each key its own group)
+  this is exactly softmax attention. Groups come from `num_iters` Lloyd iterations per example and
+  kv head with a deterministic init (`kmeans_groups`); assignments carry no gradient, centroids
+  and group values do. Cost O((num_iters + T)·S·G) → linear in S for fixed G. RITA's scheduler
+  adapts G to meet the bound during training; here G is fixed. Groups mix positions, so there is
+  no causal or packed form; keys past `kv_lengths` join no group.
 
   Paper: Liang et al., "RITA: Group Attention is All You Need for Timeseries Analytics",
-  arXiv:2306.08325.
+  arXiv:2306.01926.
 
   Args:
     q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, h]`, K dividing N.
@@ -302,7 +305,7 @@ def group_attention(q, k, v, *, num_groups: int = 64, num_iters: int = 10, causa
   return out.astype(q.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # YOSO
 
 
@@ -373,10 +376,15 @@ def yoso_attention(q, k, v, *, hash_bits: int = 8, num_hashes: int = 32, rng=Non
   `rng=None` gives the exact expectation (the reference, O(T·S), honouring every mask of the
   contract: causal, packed, padding, decode over a cache). With a PRNG key `rng`, c is the paper's
   linear-cost Bernoulli-sampling estimate (`yoso_lsh`: m hashes of τ hyperplanes, averaged), whose
-  mean over hash draws is the expectation; it supports `kv_lengths` (padded keys are dropped) but
-  not causal or packed masks. The output normalisation is the authors' (their code L2-normalises
-  each output row; a row with no visible key stays zero). q and k are normalised to unit length,
-  so `scale` has no effect. Set `normalize_output=False` for the raw cumulation c.
+  mean over hash draws is the expectation; it supports `kv_lengths` (padded keys are dropped). The
+  sampled estimator has no causal or packed form (one hash table pools all keys), so a causal or
+  packed call computes the exact expectation whether or not `rng` is given: a causal YOSO model
+  trains and decodes with it. The output normalisation is the authors' (their code L2-normalises
+  each output row; a row with no visible key stays zero). Set `normalize_output=False` for the
+  raw cumulation c. q and k are normalised to unit length and the kernel has no temperature, so a
+  `scale` other than None is an error. In `attnjax.nn.MultiHeadAttention` the key comes from the
+  'sample' rng stream when `apply` is given one (`rngs={'sample': key}`), else the expectation
+  runs.
 
   Paper: Zeng et al., "You Only Sample (Almost) Once: Linear Cost Self-Attention Via Bernoulli
   Sampling", arXiv:2111.09714.
@@ -384,14 +392,18 @@ def yoso_attention(q, k, v, *, hash_bits: int = 8, num_hashes: int = 32, rng=Non
   Args:
     q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, h]`, K dividing N.
     hash_bits: τ, hyperplanes per hash (kernel exponent). num_hashes: m, hashes averaged.
-    rng: None (exact expectation) or a `jax.random` key (sampled estimate).
-    implementation: "reference" or None.
+    rng: None (exact expectation) or a `jax.random` key (sampled estimate, non-causal and unpacked
+      calls only; see above).
+    scale: must be None (unit q, k: a scale has no meaning). implementation: "reference" or None.
 
   Returns:
     `[B, T, N, h]` in q's dtype.
   """
   op = "yoso_attention"
-  del scale
+  if scale is not None:
+    raise ValueError(f"{op}: `scale` must be None, got {scale}: q and k are normalised to unit "
+                     "length and the collision kernel (1 - arccos(q̂·k̂)/π)^τ has no temperature "
+                     "(`hash_bits` τ sets its sharpness)")
   B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
   _only_reference(op, implementation)
   if hash_bits < 1 or num_hashes < 1:
@@ -400,15 +412,12 @@ def yoso_attention(q, k, v, *, hash_bits: int = 8, num_hashes: int = 32, rng=Non
   qn = _unit(q.astype(_F32))
   kn = jnp.repeat(_unit(k.astype(_F32)), N // K, axis=2)
   vf = jnp.repeat(v.astype(_F32), N // K, axis=2)
-  if rng is None:
+  if rng is None or causal or segment_ids is not None:
     mask_mod = contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset,
                              segment_ids=segment_ids, kv_lengths=kv_lengths, op=op)
     visible = None if mask_mod is None else masks.evaluate_mask(mask_mod, B, N, T, S)
     out = yoso_expectation(qn, kn, vf, visible, hash_bits)
   else:
-    if causal or segment_ids is not None:
-      raise ValueError(f"{op}: the sampled estimator (rng given) is non-causal and unpacked; use "
-                       "rng=None for the exact expectation form with causal or segment masks")
     valid = jnp.arange(S)[None] < _lengths(op, kv_lengths, B, S)[:, None]
     vf = jnp.where(valid[:, :, None, None], vf, 0.0)
     out = yoso_lsh(qn, kn, vf, rng, hash_bits=hash_bits, num_hashes=num_hashes)
@@ -417,7 +426,7 @@ def yoso_attention(q, k, v, *, hash_bits: int = 8, num_hashes: int = 32, rng=Non
   return out.astype(q.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Registration
 
 
@@ -459,13 +468,13 @@ register(Mechanism(
 
 register(Mechanism(
     name="group_attention", fn=group_attention, seeds=(101,), **_LINEAR,
-    paper="RITA: Group Attention is All You Need for Timeseries Analytics", arxiv="2306.08325",
+    paper="RITA: Group Attention is All You Need for Timeseries Analytics", arxiv="2306.01926",
     patterns=frozenset({"self", "cross"}), complexity="O((T + S)·G)",
     example=dict(num_groups=6, num_iters=4)))
 
 register(Mechanism(
     name="yoso_attention", fn=yoso_attention, seeds=(105,), family="linear",
     paper="You Only Sample (Almost) Once: Linear Cost Self-Attention Via Bernoulli Sampling",
-    arxiv="2111.09714", implementations=("reference",),
+    arxiv="2111.09714", implementations=("reference",), rng="rng",
     complexity="O(T·S) exact expectation; O((T + S)·m) sampled (rng given)",
     example=dict(hash_bits=4)))

@@ -2,8 +2,9 @@
 
 Both papers claim a cost linear in the number of tokens (no `[T, T]` query-key matrix): checked on
 the traced program. Each operator is tied to its paper's formula written out in float64 numpy
-(softmax-pooled global query; SwiftFormer: `Q̂ + T(g ⊙ K)` with `v = q`; Ladaformer: `v ⊙ k ⊙ g`);
-packed sequences pool within their own run and padding neither enters the pool nor gets an output.
+(SwiftFormer: unit q, k, scores L2-normalised over the tokens, `Q̂ + T(g ⊙ K̂)` with `v = q`, and the
+softmax reading as an option; Ladaformer: softmax-pooled global query, `v ⊙ k ⊙ g`); packed
+sequences pool within their own run and padding neither enters the pool nor gets an output.
 """
 
 import chex
@@ -61,25 +62,75 @@ def _max_square_axes(fn, T, *args):
   return most
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # SwiftFormer (#89)
 
 
-def test_swiftformer_equals_its_formula_and_with_v_eq_q_the_papers_residual():
+def _unit64(x):
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _swift_paper(q, k, v, p):
+  """The paper's equations in float64, per head: Q̂, K̂ (and the residual V̂) unit per token,
+  α = Q̂ w_a / √d L2-normalised over the tokens, g = Σ α_i Q̂_i, x̂ = V̂ + T(g ⊙ K̂)."""
+  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+  G = qn.shape[2] // kn.shape[2]
+  qn, kn, vn = _unit64(qn), _unit64(kn.repeat(G, axis=2)), _unit64(vn.repeat(G, axis=2))
+  w, W, b = (np.asarray(p[n], np.float64) for n in ("score_vector", "proj", "proj_bias"))
+  alpha = np.einsum("btnh,nh->btn", qn, w) / np.sqrt(qn.shape[-1])
+  alpha = alpha / np.linalg.norm(alpha, axis=1, keepdims=True)
+  g = np.einsum("btn,btnh->bnh", alpha, qn)
+  return np.einsum("btnh,nhd->btnd", g[:, None] * kn, W) + b + vn
+
+
+def test_swiftformer_default_is_the_papers_l2_pooled_form():
   q, k, v = _qkv()
   p = _swift_params()
   out = additive.efficient_additive_attention(q, k, v, **p)
+  chex.assert_trees_all_close(out, _swift_paper(q, k, v, p).astype(np.float32), **F32)
+  # Paper: x̂ = Q̂ + T(g ⊙ K̂): the residual is the token's own normalised query when v = q.
+  k_full = jnp.repeat(k, 2, axis=2)
+  paper = additive.efficient_additive_attention(q, k_full, q, **p)
+  chex.assert_trees_all_close(paper, _swift_paper(q, k_full, q, p).astype(np.float32), **F32)
+
+
+def test_swiftformer_l2_pooling_has_no_softmax_and_ignores_query_length_and_score_scale():
+  """α / ‖α‖ cancels a positive scale of w_a, and unit queries ignore each token's length (a
+  softmax pool would change with both); negating w_a flips g, which a softmax cannot do."""
+  q, k, v = _qkv(T=9)
+  p = _swift_params()
+  out = additive.efficient_additive_attention(q, k, v, **p)
+  lengths = jnp.exp(_rand(4, 2, 9, 4, 1))
+  scaled = {**p, "score_vector": 7.0 * p["score_vector"]}
+  chex.assert_trees_all_close(
+      additive.efficient_additive_attention(q * lengths, k, v, **scaled), out, **F32)
+  negated = {**p, "score_vector": -p["score_vector"]}
+  flipped = additive.efficient_additive_attention(q, k, v, **negated)
+  # o(-w) - b - v̂ = -(o(w) - b - v̂): the transform term is linear in g.
+  residual = p["proj_bias"] + jnp.repeat(v / jnp.linalg.norm(v, axis=-1, keepdims=True), 2, 2)
+  chex.assert_trees_all_close(flipped - residual, -(out - residual), **F32)
+  softmax = additive.efficient_additive_attention(q, k, v, pooling="softmax", **p)
+  assert tolerances.rel_rms(softmax, out) > 0.1
+
+
+def test_swiftformer_softmax_option_equals_its_formula():
+  q, k, v = _qkv()
+  p = _swift_params()
+  out = additive.efficient_additive_attention(q, k, v, pooling="softmax", scale=0.3, **p)
   qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
   kn, vn = kn.repeat(2, axis=2), vn.repeat(2, axis=2)
   w, W, b = (np.asarray(p[n], np.float64) for n in ("score_vector", "proj", "proj_bias"))
-  g = _softmax_pool(qn, np.einsum("btnh,nh->btn", qn, w) * 8 ** -0.5)              # [B, N, H]
+  g = _softmax_pool(qn, np.einsum("btnh,nh->btn", qn, w) * 0.3)                    # [B, N, H]
   want = np.einsum("btnh,nhd->btnd", g[:, None] * kn, W) + b + vn
   chex.assert_trees_all_close(out, want.astype(np.float32), **F32)
-  # Paper: x̂ = Q̂ + T(g ⊙ K): the residual is the token's own query when v = q.
-  k_full = jnp.repeat(k, 2, axis=2)
-  paper = additive.efficient_additive_attention(q, k_full, q, **p)
-  want = np.einsum("btnh,nhd->btnd", g[:, None] * kn, W) + b + qn
-  chex.assert_trees_all_close(paper, want.astype(np.float32), **F32)
+
+
+def test_swiftformer_scale_with_l2_pooling_and_unknown_pooling_are_errors():
+  q, k, v = _qkv(T=6)
+  with pytest.raises(ValueError, match="`scale` has no effect with pooling='l2'"):
+    additive.efficient_additive_attention(q, k, v, scale=0.5, **_swift_params())
+  with pytest.raises(ValueError, match="unknown pooling 'max'"):
+    additive.efficient_additive_attention(q, k, v, pooling="max", **_swift_params())
 
 
 def test_swiftformer_has_no_token_by_token_matrix():
@@ -90,19 +141,19 @@ def test_swiftformer_has_no_token_by_token_matrix():
   assert _max_square_axes(fn, T, q, k, v) == 1
 
 
-def test_swiftformer_global_query_is_a_convex_combination_of_queries():
-  """α = softmax over tokens: with all-equal queries the pool returns that query, whatever w_a."""
+def test_swiftformer_softmax_global_query_is_a_convex_combination_of_queries():
+  """pooling="softmax": with all-equal queries the pool returns that query, whatever w_a."""
   q0 = _rand(3, 1, 1, 4, 8)
   q = jnp.broadcast_to(q0, (1, 9, 4, 8))
   _, k, v = _qkv(T=9, B=1)
   p = _swift_params()
-  out = additive.efficient_additive_attention(q, k, v, **p)
+  out = additive.efficient_additive_attention(q, k, v, pooling="softmax", **p)
   kn = jnp.repeat(k, 2, axis=2)
   want = jnp.einsum("btnh,nhd->btnd", q0 * kn, p["proj"]) + p["proj_bias"] + jnp.repeat(v, 2, 2)
   chex.assert_trees_all_close(out, want, **F32)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Ladaformer (#219)
 
 
@@ -137,7 +188,7 @@ def test_ladaformer_value_map_identity_is_the_paper_and_width_mismatch_is_an_err
     additive.linear_additive_attention(q, k, v[..., :6], score_proj=W)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Shared: packing, padding, errors, the Flax layer.
 
 
