@@ -45,14 +45,14 @@ def _decode(m: registry.Mechanism) -> str:
 
 def mechanism_table() -> str:
   """One markdown row per registered mechanism."""
-  rows = ["| name | family | catalog # | paper | patterns | GQA | decode | packed | complexity | "
-          "decode state | implementations |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+  rows = ["| name | family | catalog # | paper | patterns | reads | GQA | decode | packed | "
+          "complexity | decode state | implementations |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   yes = lambda flag: "yes" if flag else "no"
   for m in registry.list_mechanisms():
     seeds = " ".join(f"#{s}" for s in m.seeds)
     rows.append(f"| `{m.name}` | {m.family} | {seeds} | {m.paper} (arXiv:{m.arxiv}) | {_patterns(m)} "
-                f"| {yes(m.gqa)} | {_decode(m)} | {yes(m.packed)} | {m.complexity} | "
+                f"| {' '.join(x for x in registry.INPUTS if x in m.reads)} | {yes(m.gqa)} | {_decode(m)} | {yes(m.packed)} | {m.complexity} | "
                 f"{_state(m)} | {', '.join(m.implementations)} |")
   return "\n".join(rows) + "\n"
 
@@ -66,7 +66,9 @@ def mechanisms_md() -> str:
            "per sequence to produce the next token after T=4096 tokens with N=K=8 heads, H=h=64 "
            "(the whole KV cache unless the mechanism needs less). Decode: how "
            "`attnjax.nn.MultiHeadAttention` decodes: `state` carries that fixed-size recurrent "
-           "state, `KV cache` attends over the cached keys and values.", "",
+           "state, `KV cache` attends over the cached keys and values. Reads: the inputs the operator reads; the layer creates projections "
+           "only for those (a mechanism whose paper derives queries and keys from one stream reads "
+           "fewer).", "",
            mechanism_table(), "## Summaries", ""]
   for m in registry.list_mechanisms():
     lines.append(f"- `{m.name}`: {m.summary}")

@@ -5,9 +5,14 @@ finite forward and gradients; jit equals eager; causal rows unaffected by future
 pattern works and each unsupported one raises; every implementation agrees with the reference in
 outputs and gradients; prefill followed by step-by-step decode equals the full forward (over a KV
 cache, and with the carried state of recurrent mechanisms); packed sequences
-equal separate ones; bf16 close to fp32. Each mechanism is called with its `example` keywords, which
-exercise it at these small sizes.
+equal separate ones; bf16 close to fp32; each example of a batch independent of the others; every
+input and learned array the mechanism declares changes its output, and an input it declares unread
+does not. Each mechanism is called with its `example` keywords, which exercise it at these small
+sizes. Compiled programs are shared between checks of the same mechanism and arguments (the suite
+is compile-bound).
 """
+
+import functools
 
 import chex
 import jax
@@ -47,14 +52,25 @@ def _call_eager(m, q, k, v, **kwargs):
   return m(q, k, v, **{**m.example_kwargs, **kwargs})
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(name, static_items):
+  m, static = aj.get_mechanism(name), dict(static_items)
+  return jax.jit(lambda q, k, v, arrays: m(q, k, v, **static, **arrays))
+
+
 def _call(m, q, k, v, **kwargs):
   """The mechanism with its example keywords, compiled as one program, as a model runs it (eager
   op-by-op dispatch compiles every primitive separately: 3-6x slower to test). Array keywords are
-  traced arguments; the rest (flags, ints, names) stay Python values, as in a model."""
+  traced arguments; the rest (flags, ints, names) stay Python values, as in a model, and key the
+  cache of compiled functions."""
   kwargs = {**m.example_kwargs, **kwargs}
   arrays = {key: x for key, x in kwargs.items() if isinstance(x, (jax.Array, np.ndarray))}
-  static = {key: x for key, x in kwargs.items() if key not in arrays}
-  return jax.jit(lambda q, k, v, arrays: m(q, k, v, **static, **arrays))(q, k, v, arrays)
+  static = tuple(sorted((key, x) for key, x in kwargs.items() if key not in arrays))
+  try:
+    fn = _compiled(m.name, static)
+  except TypeError:  # an unhashable setting: compile for this call only
+    fn = jax.jit(lambda q, k, v, arrays: m(q, k, v, **dict(static), **arrays))
+  return fn(q, k, v, arrays)
 
 
 def _some_pattern(m):
@@ -231,6 +247,42 @@ def test_bf16_close_to_fp32(mech):
   out32 = _call(mech, q, k, v, causal=causal, cross=cross)
   out16 = _call(mech, *(x.astype(jnp.bfloat16) for x in (q, k, v)), causal=causal, cross=cross)
   assert tolerances.rel_rms(out16, out32) < tolerances.BF16_VS_FP32_REL_RMS
+
+
+def test_examples_of_a_batch_are_independent(mech):
+  causal, cross, s = _pattern_args(_some_pattern(mech))
+  q, k, v = _inputs(mech, s=s)
+  out = _call(mech, q, k, v, causal=causal, cross=cross)
+  other = _inputs(mech, s=s, seed=5)
+  changed = [x.at[1].set(3 * y[1]) for x, y in zip((q, k, v), other, strict=True)]
+  out2 = _call(mech, *changed, causal=causal, cross=cross)
+  chex.assert_trees_all_close(out2[0], out[0], **tolerances.output(jnp.float32))
+  assert tolerances.rel_rms(out2[1], out[1]) > 1e-3  # the change reached example 1
+
+
+def test_reads_exactly_the_inputs_it_declares(mech):
+  """q, k, v in `reads` and every learned array change the output; an unread input does not (the
+  layer creates no projection for it)."""
+  causal, cross, s = _pattern_args(_some_pattern(mech))
+  qkv = _inputs(mech, s=s)
+  base = _call(mech, *qkv, causal=causal, cross=cross)
+  other = _inputs(mech, s=s, seed=5)
+  for i, name in enumerate("qkv"):
+    args = list(qkv)
+    args[i] = other[i]
+    out = _call(mech, *args, causal=causal, cross=cross)
+    if name in mech.reads:
+      assert tolerances.rel_rms(out, base) > 1e-3, f"{name} is declared read but does not matter"
+    else:
+      chex.assert_trees_all_equal(out, base)
+  example = mech.example_kwargs
+  rng = np.random.default_rng(0)
+  for spec in mech.params:
+    value = np.asarray(example[spec.name], np.float32)
+    bumped = value + (0.5 * float(np.std(value)) + 0.1) * rng.standard_normal(value.shape)
+    out = _call(mech, *qkv, causal=causal, cross=cross,
+                **{spec.name: bumped.astype(np.float32)})
+    assert tolerances.rel_rms(out, base) > 1e-4, f"learned array {spec.name} does not matter"
 
 
 def test_unknown_mechanism_is_a_clear_error():

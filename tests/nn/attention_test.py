@@ -251,6 +251,41 @@ def test_every_registered_mechanism_runs_in_the_layer(name):
   params, out = _init_apply(layer, x)
   chex.assert_shape(out, (B, T, width))
   chex.assert_tree_all_finite(out)
+  # Projections exist only for the inputs the mechanism reads, and the arrays its paper keeps
+  # fixed are buffers, out of the optimizer's reach.
+  for letter, projection in (("q", "query"), ("k", "key"), ("v", "value")):
+    assert (projection in params["params"]) == (letter in mech.reads), (letter, mech.reads)
+  for spec in mech.params:
+    collection = "params" if spec.trainable else "buffers"
+    assert spec.name in params.get(collection, {}), (spec.name, collection)
+    assert spec.name not in params.get("buffers" if spec.trainable else "params", {}), spec.name
   if decodes:
     # The prefill covers prefix_lm's bidirectional prefix (example prefix_length=5).
     np.testing.assert_allclose(_decode_all(layer, params, x, prefill=6), out, **TOL)
+
+
+def test_decoding_past_the_cache_raises_eagerly_and_under_jit():
+  layer = _our_layer(causal=True)
+  x = _x((B, 8, D))
+  variables = layer.init(jax.random.PRNGKey(0), x, decode=True)
+  params, cache = {"params": variables["params"]}, variables["cache"]
+  step = jax.jit(lambda cache, xs: layer.apply({**params, "cache": cache}, xs, decode=True,
+                                               mutable=["cache"]))
+  _, mutated = step(cache, x)                                       # fills all 8 slots
+  with pytest.raises(Exception, match="overruns the KV cache of length 8"):
+    jax.block_until_ready(step(mutated["cache"], x[:, :1]))        # traced index: runtime error
+  with pytest.raises(ValueError, match="overruns the KV cache of length 8"):
+    layer.apply({**params, "cache": mutated["cache"]}, x[:, :1], decode=True, mutable=["cache"])
+
+
+def test_sampling_mechanism_gets_a_key_from_the_sample_stream():
+  # YOSO samples its hashes when the layer is given a 'sample' key; without one it runs the exact
+  # expectation (deterministic), as dropout does without a 'dropout' key.
+  layer = _our_layer(mechanism="yoso_attention", head_dim=8)
+  x = _x((B, T, D))
+  variables = layer.init(jax.random.PRNGKey(0), x)
+  exact = layer.apply(variables, x)
+  sampled = [layer.apply(variables, x, rngs={"sample": jax.random.PRNGKey(i)}) for i in (1, 2)]
+  assert not np.allclose(sampled[0], exact) and not np.allclose(sampled[0], sampled[1])
+  chex.assert_trees_all_close(layer.apply(variables, x, rngs={"sample": jax.random.PRNGKey(1)}),
+                              sampled[0])
