@@ -19,6 +19,7 @@ once, and `tests/conformance` tests it the moment it is registered.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Optional
 
 import jax
@@ -96,7 +97,8 @@ class Mechanism:
     example: keyword arguments that exercise the mechanism at test sizes (T, S ~ 16-64), used by the
       conformance suite (e.g. a window smaller than the sequence): a dict of Python / numpy values,
       or a function returning one when the values need JAX to build (importing attnjax must not run
-      JAX computations). Read it through `example_kwargs`.
+      JAX computations); a function that takes keywords N, K, H, h builds arrays at the sizes it is
+      asked for. Read it through `example_kwargs_for(N=, K=, H=, h=)`.
     state_size: `(T, N, K, H, h, kwargs) -> int`, the numbers per sequence the mechanism must keep
       to produce the next token after T tokens (its recurrent state, or the part of the cache it
       reads), given its keyword arguments (defaults applied); None means the whole KV cache,
@@ -130,13 +132,21 @@ class Mechanism:
       return T * K * (H + h)
     return int(self.state_size(T, N, K, H, h, {**self.defaults, **(kwargs or {})}))
 
-  @property
-  def example_kwargs(self) -> dict[str, Any]:
-    """`example`, built (eagerly, even under a jit trace) if it is a function."""
+  def example_kwargs_for(self, *, N: int = 4, K: int = 2, H: int = 8, h: int = 6) -> dict[str, Any]:
+    """`example` at the given sizes, built eagerly (even under a jit trace) if it is a function. A
+    function that takes keywords N, K, H, h gets them, so a suite can pick its shapes without
+    touching library files; one that takes none returns size-free settings."""
     if not callable(self.example):
       return dict(self.example)
+    wanted = inspect.signature(self.example).parameters
+    sizes = {name: value for name, value in dict(N=N, K=K, H=H, h=h).items() if name in wanted}
     with jax.ensure_compile_time_eval():
-      return dict(self.example())
+      return dict(self.example(**sizes))
+
+  @property
+  def example_kwargs(self) -> dict[str, Any]:
+    """`example_kwargs_for` at the default sizes (N, K, H, h) = (4, 2, 8, 6)."""
+    return self.example_kwargs_for()
 
   @property
   def summary(self) -> str:

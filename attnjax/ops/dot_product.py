@@ -18,39 +18,8 @@ import numpy as np
 from attnjax.core import checks
 from attnjax.core import flex
 from attnjax.core import masks
+from attnjax.core.contract import contract_mask
 from attnjax.registry import Mechanism, register
-
-
-def contract_mask(*, B: int, T: int, S: int, causal: bool = False, q_offset=0, segment_ids=None,
-                  kv_lengths=None, q_lengths=None, op: str = "attention"):
-  """The mask_mod of the common call contract (see `attnjax.registry`), or None when nothing is masked.
-
-  Validates shapes: `segment_ids` `[B,T]` (self, T == S) or a pair (`[B,T]`, `[B,S]`), lengths `[B]`,
-  `q_offset` an int or `[B]`.
-  """
-  mods = []
-  if jnp.ndim(q_offset) not in (0, 1) or (jnp.ndim(q_offset) == 1 and jnp.shape(q_offset) != (B,)):
-    raise ValueError(f"{op}: `q_offset` must be an int or have shape [B] = [{B}], "
-                     f"got shape {jnp.shape(q_offset)}")
-  if causal:
-    mods.append(masks.causal(q_offset))
-  if segment_ids is not None:
-    if isinstance(segment_ids, (tuple, list)):
-      q_seg, kv_seg = segment_ids
-    else:
-      if T != S:
-        raise ValueError(f"{op}: a single `segment_ids` array is for self-attention (T == S); "
-                         f"got T={T}, S={S}: pass (q_segment_ids [B,T], kv_segment_ids [B,S])")
-      q_seg = kv_seg = segment_ids
-    checks.check_shape(op, "segment_ids (query)", q_seg, (B, T), "[B, T]")
-    checks.check_shape(op, "segment_ids (key)", kv_seg, (B, S), "[B, S]")
-    mods.append(masks.document(q_seg, kv_seg))
-  for name, lengths in (("kv_lengths", kv_lengths), ("q_lengths", q_lengths)):
-    if lengths is not None:
-      checks.check_shape(op, name, lengths, (B,), "[B]")
-  if kv_lengths is not None or q_lengths is not None:
-    mods.append(masks.padding(kv_lengths=kv_lengths, q_lengths=q_lengths))
-  return masks.combine_masks(*mods)
 
 
 def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False,
