@@ -1,7 +1,8 @@
-"""attnjax: attention mechanisms from the literature as pure JAX operators, fast kernels and Flax layers.
+"""attnjax: attention mechanisms from the literature as pure JAX operators, fast kernels and Flax
+layers.
 
-Table of contents (re-exports only). See DESIGN.md for the operator contract and `aj.list_mechanisms()`
-for what is registered.
+Table of contents (re-exports only). See docs/DESIGN.md for the operator contract and
+`aj.list_mechanisms()` for what is registered.
 """
 
 from attnjax import nn
@@ -11,7 +12,7 @@ from attnjax.core.flex import attention_weights, flex_attention
 from attnjax.core.merge import merge_attention_states
 from attnjax.core.linear import gated_linear_attention, gated_linear_attention_step
 from attnjax.core.normalizers import Normalizer, get_normalizer, register_normalizer
-from attnjax.ops.dot_product import dot_product_attention
+from attnjax.ops.softmax import dot_product_attention
 from attnjax.registry import Mechanism, attention, list_mechanisms
 from attnjax.registry import get as get_mechanism
 

@@ -51,8 +51,9 @@ def mechanism_table() -> str:
   yes = lambda flag: "yes" if flag else "no"
   for m in registry.list_mechanisms():
     seeds = " ".join(f"#{s}" for s in m.seeds)
+    reads = " ".join(x for x in registry.INPUTS if x in m.reads)
     rows.append(f"| `{m.name}` | {m.family} | {seeds} | {m.paper} (arXiv:{m.arxiv}) | {_patterns(m)} "
-                f"| {' '.join(x for x in registry.INPUTS if x in m.reads)} | {yes(m.gqa)} | {_decode(m)} | {yes(m.packed)} | {m.complexity} | "
+                f"| {reads} | {yes(m.gqa)} | {_decode(m)} | {yes(m.packed)} | {m.complexity} | "
                 f"{_state(m)} | {', '.join(m.implementations)} |")
   return "\n".join(rows) + "\n"
 
@@ -66,9 +67,9 @@ def mechanisms_md() -> str:
            "per sequence to produce the next token after T=4096 tokens with N=K=8 heads, H=h=64 "
            "(the whole KV cache unless the mechanism needs less). Decode: how "
            "`attnjax.nn.MultiHeadAttention` decodes: `state` carries that fixed-size recurrent "
-           "state, `KV cache` attends over the cached keys and values. Reads: the inputs the operator reads; the layer creates projections "
-           "only for those (a mechanism whose paper derives queries and keys from one stream reads "
-           "fewer).", "",
+           "state, `KV cache` attends over the cached keys and values. Reads: the inputs the "
+           "operator reads; the layer creates projections only for those (a mechanism whose "
+           "paper derives queries and keys from one stream reads fewer).", "",
            mechanism_table(), "## Summaries", ""]
   for m in registry.list_mechanisms():
     lines.append(f"- `{m.name}`: {m.summary}")
@@ -85,6 +86,7 @@ def readme_with_table(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+  """Rewrites the generated docs; with `--check`, lists the stale ones and returns 1 instead."""
   check = "--check" in argv
   wanted = {MECHANISMS_MD: mechanisms_md(), README: readme_with_table(README.read_text())}
   stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]

@@ -65,6 +65,17 @@ def example_params(specs, *, N: int = 4, K: int = 2, H: int = 8, seed: int = 0,
   return out
 
 
+def example_arrays(seed: int, shapes: dict[str, tuple[tuple[int, ...], float, float]]
+                   ) -> dict[str, Any]:
+  """`{name: mean + std · normal(shape)}` float32 numpy arrays (no device work at import), drawn in
+  the order of `shapes` from one generator seeded with `seed`. For `Mechanism.example` functions of
+  arrays that have no `ParamSpec` init to start from."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  return {name: (mean + std * rng.standard_normal(shape)).astype(np.float32)
+          for name, (shape, mean, std) in shapes.items()}
+
+
 # eq=False: records compare and hash by identity (their dict fields are unhashable), so a record can
 # be a static argument under jit.
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -7,10 +7,10 @@ Letters follow `jax.nn.dot_product_attention`:
   H  query/key head dim          h  value head dim
 
 Operators take `q: [B, T, N, H]`, `k: [B, S, K, H]`, `v: [B, S, K, h]` and return `[B, T, N, h]`.
-Recurrent states are `[B, N, H, h]`. Annotations use jaxtyping so shapes read in the signature.
+Recurrent states are `[B, N, H, h]` (`State`). Annotations use jaxtyping so shapes read in the signature.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jaxtyping import Array, Bool, Float, Int
@@ -20,6 +20,14 @@ Key = Float[Array, "B S K H"]
 Value = Float[Array, "B S K h"]
 Output = Float[Array, "B T N h"]
 LogSumExp = Float[Array, "B T N"]
+# One decoding step's token (no time axis).
+TokenQuery = Float[Array, "B N H"]
+TokenKey = Float[Array, "B K H"]
+TokenValue = Float[Array, "B K h"]
+TokenOutput = Float[Array, "B N h"]
+# A linear-attention state [B, N, H, h] (h + 1 columns when it carries the normalizer: `_hv` is named
+# for the reader and not checked).
+State = Float[Array, "B N H _hv"]
 SegmentIds = Int[Array, "B L"]
 Lengths = Int[Array, "B"]
 
@@ -28,5 +36,6 @@ MaskMod = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 # score_mod(score, b, n, q_idx, kv_idx) -> score, elementwise on the scaled logits.
 ScoreMod = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
-__all__ = ["Array", "Bool", "Float", "Int", "Query", "Key", "Value", "Output", "LogSumExp",
+__all__ = ["Array", "Bool", "Float", "Int", "Query", "Key", "Value", "Output", "LogSumExp", "State",
+           "TokenQuery", "TokenKey", "TokenValue", "TokenOutput",
            "SegmentIds", "Lengths", "MaskMod", "ScoreMod"]

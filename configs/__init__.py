@@ -1,0 +1,1 @@
+"""Experiment configs: each module's docstring is the command that runs it."""

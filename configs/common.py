@@ -7,14 +7,14 @@ Imports nothing of attnjax: a config is loaded while flags are parsed, before
 Every training config has the sections
 
   task       the data config (attnjax.data.make_task): name, seed and task fields
-  model      the model config (attnjax.models.build_model)
+  model      the model config (attnjax.models.build_model; schema attnjax.models.ModelConfig)
   optimizer  name ("adamw"), learning_rate, warmup_steps, decay ("cosine" | "constant"),
              weight_decay, b1, b2, eps, clip_norm, grad_accum_steps
   train      num_steps, batch_size, eval_batch_size, eval_every, eval_batches, log_every,
              checkpoint_every, keep_checkpoints, best_metric, seed, mixed_precision,
              async_checkpoints
   mesh       data, fsdp, tensor, context: axis sizes (data -1: every device not used by the others)
-  logical_axis_rules  None (attnjax.models.DEFAULT_LOGICAL_AXIS_RULES) or (logical, mesh) pairs
+  logical_axis_rules  None (attnjax.parallel.DEFAULT_LOGICAL_AXIS_RULES) or (logical, mesh) pairs
 
 `optimizer.warmup_steps`, `train.eval_every` and `train.checkpoint_every` are None: they follow
 `train.num_steps` at the start of the run (attnjax.train.validate.resolve_config: warm-up
@@ -68,28 +68,68 @@ def base_config() -> ml_collections.ConfigDict:
   typed placeholders (overridable from the command line); the schedule fields follow num_steps."""
   placeholder = ml_collections.config_dict.placeholder
   config = ml_collections.ConfigDict()
-  config.task = ml_collections.ConfigDict({"name": "mqar", "seed": 0})
-  config.model = ml_collections.ConfigDict({
-      "arch": "decoder_lm", "width": 64, "depth": 2, "num_heads": 2,
-      "num_kv_heads": placeholder(int), "mlp_dim": 128, "mlp": "gelu", "norm": "rmsnorm",
-      "mechanism": "softmax", "mechanism_kwargs": {},
-      # A list of names or a schedule string "every <n>: <name>".
-      "layer_mechanisms": placeholder(object), "rope_base": placeholder(float),
-      "position_embedding": "learned", "tie_embeddings": False, "pooling": "mean",
-      "dropout": 0.0, "dtype": "float32", "param_dtype": "float32"})
-  config.optimizer = ml_collections.ConfigDict({
-      "name": "adamw", "learning_rate": 1e-3, "warmup_steps": placeholder(int),
-      "decay": "cosine", "weight_decay": 0.1, "b1": 0.9, "b2": 0.98, "eps": 1e-8,
-      "clip_norm": 1.0, "grad_accum_steps": 1})
-  config.train = ml_collections.ConfigDict({
-      "num_steps": 1000, "batch_size": 64, "eval_batch_size": 256,
-      "eval_every": placeholder(int), "eval_batches": 4, "log_every": 50,
-      "checkpoint_every": placeholder(int), "keep_checkpoints": 2,
-      "best_metric": "eval_accuracy", "seed": 0, "mixed_precision": False,
-      "async_checkpoints": True,
-      # Redraw fixed random arrays (the 'buffers', e.g. FAVOR+'s features) every n steps; 0: never.
-      "redraw_buffers_every": 0})
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "context": 1})
+
+  config.task = ml_collections.ConfigDict()
+  config.task.name = "mqar"  # attnjax.data task name
+  config.task.seed = 0  # data seed
+
+  # The fields of attnjax.models.ModelConfig (attnjax/models/config.py documents each).
+  config.model = ml_collections.ConfigDict()
+  config.model.arch = "decoder_lm"  # "decoder_lm" | "encoder_classifier" | "vit"
+  config.model.width = 64  # residual width D
+  config.model.depth = 2  # number of blocks
+  config.model.num_heads = 2  # query heads N (divides width)
+  config.model.num_kv_heads = placeholder(int)  # key/value heads K (None: N; divides N)
+  config.model.mlp_dim = 128  # MLP hidden width
+  config.model.mlp = "gelu"  # "gelu" | "swiglu"
+  config.model.norm = "rmsnorm"  # "rmsnorm" | "layernorm"
+  config.model.mechanism = "softmax"  # registry name of every layer's attention
+  config.model.mechanism_kwargs = {}  # the mechanism's keyword arguments (e.g. window)
+  # None, a list of names (one per layer) or a schedule string "every <n>: <name>".
+  config.model.layer_mechanisms = placeholder(object)
+  config.model.rope_base = placeholder(float)  # None: no RoPE
+  config.model.position_embedding = "learned"  # "learned" | "none"
+  config.model.tie_embeddings = False  # decoder_lm: logits through the input embedding
+  config.model.pooling = "mean"  # classifiers: "mean" | "cls"
+  config.model.dropout = 0.0  # residual / embedding dropout rate
+  config.model.dtype = "float32"  # compute dtype ("float32" | "bfloat16")
+  config.model.param_dtype = "float32"  # parameter dtype
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"  # attnjax.train.optim.OPTIMIZERS
+  config.optimizer.learning_rate = 1e-3  # peak learning rate
+  config.optimizer.warmup_steps = placeholder(int)  # None: min(100, updates // 10)
+  config.optimizer.decay = "cosine"  # "cosine" | "constant" after the warm-up
+  config.optimizer.weight_decay = 0.1  # decoupled weight decay
+  config.optimizer.b1 = 0.9  # Adam beta1
+  config.optimizer.b2 = 0.98  # Adam beta2
+  config.optimizer.eps = 1e-8  # Adam epsilon
+  config.optimizer.clip_norm = 1.0  # global gradient-norm clip
+  config.optimizer.grad_accum_steps = 1  # micro-batches per update
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 1000  # training steps
+  config.train.batch_size = 64  # global batch size
+  config.train.eval_batch_size = 256  # global eval batch size
+  config.train.eval_every = placeholder(int)  # None: num_steps // 5
+  config.train.eval_batches = 4  # batches per evaluation
+  config.train.log_every = 50  # steps between metric logs
+  config.train.checkpoint_every = placeholder(int)  # None: num_steps // 5
+  config.train.keep_checkpoints = 2  # latest checkpoints kept (plus the best one)
+  config.train.best_metric = "eval_accuracy"  # ranks checkpoints to keep the best one
+  config.train.seed = 0  # parameter init and step RNG seed
+  config.train.mixed_precision = False  # bfloat16 compute, float32 parameters
+  config.train.async_checkpoints = True  # save checkpoints in the background
+  # Redraw fixed random arrays (the 'buffers', e.g. FAVOR+'s features) every n steps; 0: never.
+  config.train.redraw_buffers_every = 0
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # data-parallel axis (-1: every device not used by the others)
+  config.mesh.fsdp = 1  # parameter-sharding axis
+  config.mesh.tensor = 1  # tensor-parallel axis
+  config.mesh.context = 1  # sequence axis
+
+  # None: attnjax.parallel.DEFAULT_LOGICAL_AXIS_RULES; else (logical axis, mesh axes) pairs.
   config.logical_axis_rules = placeholder(tuple)
   return config
 

@@ -25,18 +25,21 @@ def get_config(arg: str = ""):
   args = common.parse_arg(arg, {"mechanism": "softmax", "size": "small", "window": 0})
   size = common.pick_size(SIZES, args["size"])
   config = common.base_config()
-  config.task = ml_collections.ConfigDict({
-      "name": "digits", "seed": 0, "representation": "image", "valid_fraction": 0.2,
-      "split_seed": 0})
+  config.task = ml_collections.ConfigDict()
+  config.task.name = "digits"  # attnjax.data task
+  config.task.seed = 0  # data seed
+  config.task.representation = "image"  # [8, 8, 1] float images (a ViT's input)
+  config.task.valid_fraction = 0.2  # fraction of the examples held out
+  config.task.split_seed = 0  # seed of the held-out choice
   common.set_model(config, args, width=size["width"], arch="vit")
-  config.model.num_heads = 4
-  config.model.patch_size = 2
-  config.model.pooling = "cls"
-  config.model.dropout = 0.1
+  config.model.num_heads = 4  # query heads
+  config.model.patch_size = 2  # 2x2 patches: 16 tokens per 8x8 image
+  config.model.pooling = "cls"  # classify from a learned CLS token
+  config.model.dropout = 0.1  # residual / embedding dropout (a small training set)
   common.set_schedule(config, num_steps=size["num_steps"], batch_size=size["batch_size"],
                       learning_rate=1e-3)
   # 256 of the 359 held-out images per eval batch (a power of two: divisible by any mesh); two
   # batches cover the split (the second wraps into a fresh epoch order).
-  config.train.eval_batch_size = 256
-  config.train.eval_batches = 2
+  config.train.eval_batch_size = 256  # held-out images per eval batch
+  config.train.eval_batches = 2  # eval batches (cover the split)
   return config

@@ -29,8 +29,11 @@ def get_config(arg: str = ""):
   args = common.parse_arg(arg, {"mechanism": "softmax", "size": "small", "window": 0})
   size = common.pick_size(SIZES, args["size"])
   config = common.base_config()
-  config.task = ml_collections.ConfigDict({
-      "name": "induction", "seed": 0, "vocab_size": 16, "seq_len": size["seq_len"]})
+  config.task = ml_collections.ConfigDict()
+  config.task.name = "induction"  # attnjax.data task
+  config.task.seed = 0  # data seed
+  config.task.vocab_size = 16  # token vocabulary
+  config.task.seq_len = size["seq_len"]  # T
   common.set_model(config, args, width=size["width"])
   common.set_schedule(config, num_steps=size["num_steps"], batch_size=size["batch_size"],
                       learning_rate=3e-3)

@@ -28,11 +28,15 @@ def get_config(arg: str = ""):
   args = common.parse_arg(arg, {"mechanism": "softmax", "size": "small", "window": 0})
   size = common.pick_size(SIZES, args["size"])
   config = common.base_config()
-  config.task = ml_collections.ConfigDict({
-      "name": "listops", "seed": 0, "seq_len": size["seq_len"], "max_depth": size["max_depth"],
-      "max_args": 5, "min_length": size["seq_len"] // 4})
+  config.task = ml_collections.ConfigDict()
+  config.task.name = "listops"  # attnjax.data task
+  config.task.seed = 0  # data seed
+  config.task.seq_len = size["seq_len"]  # T (padded)
+  config.task.max_depth = size["max_depth"]  # deepest operator nesting
+  config.task.max_args = 5  # most arguments of an operator
+  config.task.min_length = size["seq_len"] // 4  # shortest expression (tokens)
   common.set_model(config, args, width=size["width"], arch="encoder_classifier")
-  config.model.pooling = "mean"
+  config.model.pooling = "mean"  # classify from the mean over the tokens
   common.set_schedule(config, num_steps=size["num_steps"], batch_size=size["batch_size"],
                       learning_rate=1e-3)
   return config

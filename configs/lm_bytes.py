@@ -26,15 +26,18 @@ def get_config(arg: str = ""):
   args = common.parse_arg(arg, {"mechanism": "softmax", "size": "small", "window": 0})
   size = common.pick_size(SIZES, args["size"])
   config = common.base_config()
-  config.task = ml_collections.ConfigDict({
-      "name": "lm_bytes", "seed": 0, "seq_len": size["seq_len"],
-      "data_dir": ml_collections.config_dict.placeholder(str),  # None: the standard library
-      "suffix": ".py", "valid_fraction": 0.05})
+  config.task = ml_collections.ConfigDict()
+  config.task.name = "lm_bytes"  # attnjax.data task
+  config.task.seed = 0  # data seed
+  config.task.seq_len = size["seq_len"]  # T (bytes)
+  config.task.data_dir = ml_collections.config_dict.placeholder(str)  # None: the standard library
+  config.task.suffix = ".py"  # files read: names ending with this
+  config.task.valid_fraction = 0.05  # fraction of the files held out
   common.set_model(config, args, width=size["width"])
-  config.model.depth = size["depth"]
-  config.model.num_heads = size["heads"]
-  config.model.tie_embeddings = True
+  config.model.depth = size["depth"]  # blocks
+  config.model.num_heads = size["heads"]  # query heads
+  config.model.tie_embeddings = True  # logits through the byte embedding
   common.set_schedule(config, num_steps=size["num_steps"], batch_size=size["batch_size"],
                       learning_rate=2e-3)
-  config.train.best_metric = "eval_loss"
+  config.train.best_metric = "eval_loss"  # keep the checkpoint of lowest eval loss
   return config

@@ -32,14 +32,15 @@ def get_config(arg: str = ""):
   args = config_lib.parse_arg(arg, {"mechanism": "softmax", "size": "small", "window": 0})
   size = config_lib.pick_size(SIZES, args["size"])
   config = config_lib.base_config()
-  config.task = ml_collections.ConfigDict({
-      "name": "mqar", "seed": 0, "vocab_size": 256, "seq_len": size["seq_len"],
-      "num_kv_pairs": size["num_kv_pairs"], "power_a": 0.01, "random_non_queries": True})
-  config.model.width = size["width"]
-  config.model.mlp_dim = 2 * size["width"]
-  config.model.mechanism = args["mechanism"]
-  if args["window"]:
-    config.model.mechanism_kwargs = {"window": args["window"]}
+  config.task = ml_collections.ConfigDict()
+  config.task.name = "mqar"  # attnjax.data task
+  config.task.seed = 0  # data seed
+  config.task.vocab_size = 256  # token vocabulary
+  config.task.seq_len = size["seq_len"]  # T
+  config.task.num_kv_pairs = size["num_kv_pairs"]  # key-value pairs to recall
+  config.task.power_a = 0.01  # query gap distribution p(g) ∝ a (g + 1)^(a - 1)
+  config.task.random_non_queries = True  # non-query positions hold random tokens (Zoology)
+  config_lib.set_model(config, args, width=size["width"])
   config_lib.set_schedule(config, num_steps=size["num_steps"], batch_size=size["batch_size"],
                           learning_rate=3e-3)
   return config

@@ -26,9 +26,13 @@ def get_config(arg: str = ""):
   args = common.parse_arg(arg, {"mechanism": "softmax", "size": "small", "window": 0})
   size = common.pick_size(SIZES, args["size"])
   config = common.base_config()
-  config.task = ml_collections.ConfigDict({
-      "name": "selective_copy", "seed": 0, "vocab_size": 16, "seq_len": size["seq_len"],
-      "num_tokens": size["num_tokens"], "num_noise_tokens": 0})
+  config.task = ml_collections.ConfigDict()
+  config.task.name = "selective_copy"  # attnjax.data task
+  config.task.seed = 0  # data seed
+  config.task.vocab_size = 16  # token vocabulary
+  config.task.seq_len = size["seq_len"]  # T
+  config.task.num_tokens = size["num_tokens"]  # data tokens to copy
+  config.task.num_noise_tokens = 0  # 0: blanks between the data tokens
   common.set_model(config, args, width=size["width"])
   common.set_schedule(config, num_steps=size["num_steps"], batch_size=size["batch_size"],
                       learning_rate=3e-3)

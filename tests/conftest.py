@@ -7,6 +7,7 @@ and does not change what a program computes (no fast-math; that is a separate fl
 yourself to override it.
 """
 
+import gc
 import os
 
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
@@ -27,3 +28,30 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip)
+
+
+# Half the kernel's default per-process limit on memory mappings (`vm.max_map_count`, 65530).
+_MAX_MAPPINGS = 32000
+
+
+def _mapping_count() -> int:
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return f.read().count(b"\n")
+  except OSError:   # not Linux: no such limit to stay under
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+  """Drops JAX's compiled programs once this process holds many memory mappings.
+
+  A worker process keeps every executable it compiled, and each holds mappings for its code: the
+  conformance module alone took one worker past 50,000, and near the end of the suite XLA aborted or
+  segfaulted inside `backend_compile` once the limit was hit. Clearing only past a threshold keeps
+  the programs that consecutive checks share (the suite is compile-bound).
+  """
+  yield
+  if _mapping_count() > _MAX_MAPPINGS:
+    jax.clear_caches()
+    gc.collect()

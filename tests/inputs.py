@@ -1,5 +1,5 @@
-"""Shared test inputs and probes: one q, k, v builder with one argument order, and the largest
-intermediate array of a program (for memory-scaling tests)."""
+"""Shared test inputs and probes: one q, k, v builder with one argument order, and the shapes of a
+program's intermediate arrays (for memory-scaling tests)."""
 
 import functools
 
@@ -23,18 +23,24 @@ def jit_with(fn, **static):
   return jax.jit(functools.partial(fn, **static))
 
 
-def largest_intermediate(fn, *args) -> int:
-  """Element count of the largest array in `fn`'s jaxpr, sub-jaxprs included."""
+def intermediate_shapes(fn, *args) -> list[tuple[int, ...]]:
+  """The shape of every array in `fn(*args)`'s jaxpr, sub-jaxprs (scan, pjit, ...) included."""
+  shapes = []
+
   def walk(jaxpr):
-    best = 0
     for eqn in jaxpr.eqns:
-      for var in eqn.outvars:
-        best = max(best, int(np.prod(getattr(var.aval, "shape", ()))))
+      shapes.extend(tuple(getattr(var.aval, "shape", ())) for var in eqn.outvars)
       for param in eqn.params.values():
         for sub in param if isinstance(param, (tuple, list)) else (param,):
           if isinstance(sub, jax_core.ClosedJaxpr):
-            best = max(best, walk(sub.jaxpr))
+            walk(sub.jaxpr)
           elif isinstance(sub, jax_core.Jaxpr):
-            best = max(best, walk(sub))
-    return best
-  return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return shapes
+
+
+def largest_intermediate(fn, *args) -> int:
+  """Element count of the largest array in `fn`'s jaxpr, sub-jaxprs included."""
+  return max((int(np.prod(shape)) for shape in intermediate_shapes(fn, *args)), default=0)

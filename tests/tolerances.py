@@ -1,5 +1,10 @@
-"""Every numerical tolerance of the suite, by dtype. Gradients are looser than outputs (they sum over
-more terms); relative-RMS bounds are for long reductions whose max error grows with length."""
+"""Every numerical tolerance of the suite, by dtype. Gradients are looser than outputs (they sum
+over more terms); relative-RMS bounds are for long reductions whose max error grows with length.
+
+Tables map a dtype to the keywords of `np.testing.assert_allclose` / `chex.assert_trees_all_close`
+(`**tolerances.output(jnp.float32)`, `**tolerances.ELEMENTWISE[jnp.float32]`); scalars are bounds
+for one kind of check, named by what it measures.
+"""
 
 import jax.numpy as jnp
 
@@ -11,6 +16,112 @@ REL_RMS = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}
 GRAD_REL_RMS = {jnp.float32: 5e-5, jnp.bfloat16: 3e-2}
 # bf16 inputs against the same computation on fp32 inputs (input rounding dominates).
 BF16_VS_FP32_REL_RMS = 3e-2
+# Linear attention through second-order Taylor features (H² per head) against the direct form: a
+# longer sum than first-order features, a little more rounding.
+SECOND_ORDER_FEATURES_REL_RMS = {jnp.float32: 5e-5}
+# Token-by-token decoding (a running sum of unstabilized exp features over tens of steps) against
+# the parallel form: rounding accumulates with every step.
+STEPWISE_DECODE_REL_RMS = {jnp.float32: 1e-4}
+
+# Small computations against their closed form (float64 or Python floats): rounding only.
+# Values float32 holds exactly (powers of two): only the conversion of the expected values.
+EXACT_VALUES = {jnp.float32: dict(rtol=1e-7)}
+# A few elementwise operations (exp, max, a product of constants) on O(1) nonzero values.
+ELEMENTWISE = {jnp.float32: dict(rtol=1e-6)}
+# |derivative - closed form| for the derivative of a few elementwise operations, O(1): rounding only.
+ELEMENTWISE_DERIVATIVE_ABS = 1e-6
+# Gate values in [0, 1] from a few elementwise operations against their closed form: float32
+# rounding at the scale of 1 (also the slack of the bounds a gate must stay between).
+GATE_VALUES = {jnp.float32: dict(atol=1e-7)}
+# A sum or norm over a few features, or a ratio of such sums.
+FEATURE_SUM = {jnp.float32: dict(rtol=1e-5)}
+# A polynomial kernel's value `1 + x + x²/2` (x a dot product): a short sum, values near 0 possible.
+KERNEL_VALUE = {jnp.float32: dict(atol=1e-5, rtol=1e-5)}
+# Cosine similarities in [-1, 1]: relative near ±1, absolute near 0.
+COSINE = {jnp.float32: dict(atol=1e-6, rtol=1e-5)}
+# Attention weights in [0, 1] from exponents in the thousands, against a float64 log-space
+# reference.
+STABILIZED_WEIGHTS = {jnp.float32: dict(atol=1e-5)}
+# Off-diagonal of the Gram matrix of float32 QR factors (zero in exact arithmetic).
+ORTHOGONALITY = {jnp.float32: dict(atol=1e-4)}
+# Gram matrix of a closed-form orthonormal basis (DCT rows computed in float64, stored in float32)
+# against the identity: the storage rounding only.
+ORTHONORMAL_ROWS = {jnp.float32: dict(atol=1e-6)}
+# Numerical rank of a float32 matrix of O(1) entries: singular values below this are rounding
+# (which leaves them near 1e-6), not rank.
+RANK_SINGULAR_VALUE_MIN = 1e-4
+# A float64 quantity that is >= 1 in exact arithmetic, after float64 rounding.
+FLOAT64_ROUNDING = 1e-9
+# Sum of softmax-normalized weights computed in float64 (a product of two row-stochastic matrices)
+# against 1: float64 rounding only.
+FLOAT64_WEIGHT_SUM = dict(rtol=1e-12)
+
+# Approximations and estimates against what they approximate (bounds set by the approximation, see
+# each test).
+# Temperatures the bisection finds on one random draw against the authors' regression fit (an
+# empirical formula, not an identity).
+LOGNORMAL_TEMPERATURE_FIT = dict(rtol=0.15)
+# Entropies (nats) of attention rows over T = 128 keys across four temperatures: attention that
+# cannot concentrate stays this close to log T; softmax's entropy spans more than this fraction of
+# log T; an estimate that tracks it correlates above ENTROPY_CORRELATION_MIN and never strays by
+# more than ENTROPY_GAP_MAX_FRACTION of that span.
+UNIFORM_ENTROPY_GAP = 0.05
+ENTROPY_SPAN_MIN_FRACTION = 0.4
+ENTROPY_CORRELATION_MIN = 0.98
+ENTROPY_GAP_MAX_FRACTION = 0.4
+# Group attention with one group per cluster of keys (noise 0.05 around each centre) against
+# softmax attention: relative RMS from the within-cluster spread.
+CLUSTER_GROUPS_REL_RMS = 0.05
+# The exponent 2 s ‖q‖ d of RITA's grouping bound exp(±·) on the test's clustered keys: below this
+# the bound is tight enough to mean something.
+GROUPING_SLACK_MAX = 0.5
+# Monte-Carlo convergence of random-feature attention over eight draws: the error ratio for 8x and
+# 64x the features (1/√m predicts 2.8 and 8; eight draws leave room for noise), and the relative
+# error left with 256 features (scores scaled by 0.5).
+MC_ERROR_RATIO_8X_MIN = 1.8
+MC_ERROR_RATIO_64X_MIN = 4.0
+RANDOM_FEATURES_256_REL_ERROR_MAX = 0.15
+# Standard deviation of the row norms of a projection drawn with chi-distributed norms (about 0.7
+# for H = 8): rows all normalized to √H would give 0.
+RANDOM_NORM_SPREAD_MIN = 0.1
+# A trained FFN's held-out error over the best token-wise map's (measured 0.53 and 0.38): a map
+# that does not mix tokens cannot go below 1.
+LEARNED_MIXING_ERROR_RATIO_MAX = 0.7
+
+# Memory growth of compiled forward+backward passes (XLA's sizes, bounded by the expected growth).
+# Largest intermediate at 2T over that at T: 2 for linear growth, plus tiling slack; a `[T, T]`
+# intermediate makes it 4.
+MEMORY_DOUBLING_RATIO_MAX = 2.5
+# Temporary bytes at 8T over 8x those at T: linear growth plus allocation slack (quadratic gives 8).
+MEMORY_LINEAR_SLACK = 1.25
+
+# Statistics of random draws (bounds set by the number of draws, see each test).
+# |mean| / standard error of a zero-mean quantity: exceeded with probability below 1e-5 per entry.
+Z_SCORE_MAX = 4.5
+# Sample covariance of 3000 draws against the identity (each entry's standard error is ~0.026).
+SAMPLE_COVARIANCE = dict(atol=0.15)
+# Empirical frequencies of 20000 draws against their probabilities (standard error below 0.0036).
+SAMPLED_FREQUENCY = dict(atol=0.015)
+# Absolute slack of a sample-mean bound: float32 rounding of O(1) draws, for entries whose draws
+# barely vary (their standard error is ~0).
+SAMPLE_MEAN_SLACK = 1e-6
+
+# Lower bounds: a change that should reach an output moves it by more than this (far above float32
+# rounding, far below what a real dependence does), so a test of "unchanged elsewhere" also checks
+# that the change was felt.
+CHANGED_REL_RMS = 1e-3           # an input the operator reads (relative RMS of the output change)
+PARAM_CHANGED_REL_RMS = 1e-4     # one learned array of a mechanism moved
+CHANGED_MAX_ABS = 1e-3           # activations or logits after a change of what they see (tokens,
+                                 # positions, a random key, an update rule, a mixing filter)
+CHANGED_POOLED_MAX_ABS = 1e-4    # a pooled summary after a change of a single token
+CHANGED_MAX_REL = 1e-3           # approximate attention weights against exact ones (max |ratio - 1|)
+DISTINCT_MIN_ABS = 1e-3          # per-head estimates from inputs of different spread (smallest gap)
+STRONG_CHANGE_REL_RMS = 1e-2     # an O(1) change of keys or values (a new draw, k·(-2), v + 3)
+STATE_CHANGED_MAX_ABS = 1e-2     # a memory state after an O(1) write that the other rule skips
+OTHER_FORMULA_REL_RMS = 0.1      # another formula on the same inputs (softmax for α/‖α‖ pooling)
+# Per-element |change| that tells the entries a change reached from those it did not: rounding of
+# O(1) outputs stays below it, a real change goes far above.
+REACHED_ABS = 1e-6
 
 
 def key(dtype):

@@ -84,6 +84,7 @@ def memory_budget_bytes(fraction: float = 0.75, reserve_gb: float = 2.0) -> int:
 
 
 def fits(need_bytes: Optional[int], budget_bytes: int) -> bool:
+  """Whether a case needing `need_bytes` (None: unknown) fits the memory budget."""
   return need_bytes is None or need_bytes <= budget_bytes
 
 

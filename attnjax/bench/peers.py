@@ -190,6 +190,7 @@ def build_jax(case: Case) -> tuple[Callable, tuple]:
 
 
 def torch_available() -> bool:
+  """Whether PyTorch (the optional `bench` extra) can be imported."""
   try:
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError:

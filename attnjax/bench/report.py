@@ -19,6 +19,7 @@ BASELINE = "jax_nn"
 
 
 def cpu_model() -> str:
+  """The CPU's model name, for the environment line of a report."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
@@ -74,6 +75,7 @@ def rows(results) -> list[dict]:
 
 
 def write_csv(results, path: str) -> None:
+  """Writes one row per result with the columns `CSV_FIELDS`."""
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
     writer.writeheader()
@@ -83,6 +85,7 @@ def write_csv(results, path: str) -> None:
 
 
 def format_bytes(n: Optional[int]) -> str:
+  """`n` bytes in kB, MB or GB (decimal units); "n/a" for None."""
   if n is None:
     return "n/a"
   if n >= 1e9:
@@ -93,6 +96,7 @@ def format_bytes(n: Optional[int]) -> str:
 
 
 def format_ms(ms: float) -> str:
+  """A duration in ms, or in s from 10 s on."""
   return f"{ms / 1e3:.2f} s" if ms >= 1e4 else f"{ms:.1f} ms"
 
 
@@ -167,6 +171,7 @@ def markdown(results: Sequence, env: Optional[str] = None) -> str:
 
 
 def write_markdown(results, path: str, env: Optional[str] = None) -> None:
+  """Writes `markdown(results, env=env)` to `path`."""
   with open(path, "w") as f:
     f.write(markdown(results, env=env))
 

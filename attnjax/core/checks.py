@@ -1,5 +1,5 @@
-"""Input validation shared by the operators: clear errors at entry, naming the argument and the shape
-it should have (letters as in `attnjax.typing`)."""
+"""Input validation shared by the operators: clear errors at entry, naming the argument and the
+shape it should have (letters as in `attnjax.typing`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 
 
 def check_qkv(op: str, q, k, v) -> tuple[int, int, int, int, int, int, int]:
-  """Checks `q: [B,T,N,H]`, `k: [B,S,K,H]`, `v: [B,S,K,h]` with K dividing N; returns (B,T,S,N,K,H,h)."""
+  """Checks `q: [B,T,N,H]`, `k: [B,S,K,H]`, `v: [B,S,K,h]` with K dividing N; returns
+  (B,T,S,N,K,H,h)."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     if jnp.ndim(x) != 4:
       letters = {"q": "[B, T, N, H]", "k": "[B, S, K, H]", "v": "[B, S, K, h]"}[name]
@@ -36,7 +37,8 @@ def check_qkv(op: str, q, k, v) -> tuple[int, int, int, int, int, int, int]:
 def check_shape(op: str, name: str, x, expected: tuple, letters: str):
   """Raises unless `x.shape == expected` (entries None are free)."""
   shape = jnp.shape(x)
-  if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape, strict=True)):
+  if len(shape) != len(expected) or any(e is not None and e != s
+                                        for e, s in zip(expected, shape, strict=True)):
     want = ", ".join("?" if e is None else str(e) for e in expected)
     raise ValueError(f"{op}: `{name}` must have shape {letters} = [{want}], got {shape}")
 
@@ -62,3 +64,10 @@ def check_implementation(op: str, implementation: Optional[str],
     raise ValueError(f"{op}: unknown implementation {implementation!r}; choose from "
                      f"{list(choices)}")
   return impl
+
+
+def check_param_shapes(op: str, shapes: dict, params: dict):
+  """Raises unless each `params[name]` has shape `shapes[name] = (expected, letters)` (see
+  `check_shape`): one check for all the learned arrays an operator takes."""
+  for name, (expected, letters) in shapes.items():
+    check_shape(op, name, params[name], expected, letters)

@@ -5,6 +5,10 @@
   zero_padded       keys/values in float32 with the slots at or past `kv_lengths` zeroed
   lengths_or_full   `kv_lengths` validated as `[B]` int32, or S for every row
   query_positions   `[B, T]` absolute query positions `q_offset + t`
+  check_self_attention  validates a call whose queries are read from the key stream
+  reject_causal_or_packing  the error of a mechanism whose summary mixes every key position
+  document_bounds   each token's packed document as (start, end)
+  gather_positions / scatter_positions  a per-position stream read at / written from query positions
 """
 
 from __future__ import annotations
@@ -79,3 +83,60 @@ def query_positions(B: int, T: int, q_offset=0) -> jax.Array:
   off = jnp.asarray(q_offset, jnp.int32)
   off = off[:, None] if off.ndim == 1 else off
   return jnp.broadcast_to(off + jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+
+
+def check_self_attention(op: str, *, T: int, S: int, q_offset=0, kv_lengths=None,
+                         segment_ids=None) -> bool:
+  """Validates a call of a mechanism whose queries are read from the key stream (self-attention:
+  T == S, or a query block over a KV cache given by `q_offset` / `kv_lengths`); `segment_ids` only
+  as one `[B, T]` array in a full forward. Returns whether the call is a full forward (T == S,
+  `q_offset` a static 0)."""
+  full = T == S and checks.is_static_zero(q_offset)
+  if T != S and checks.is_static_zero(q_offset) and kv_lengths is None:
+    raise ValueError(f"{op}: self-attention only (T == S, or T < S over a KV cache with `q_offset` "
+                     f"and `kv_lengths`); got T={T}, S={S}")
+  if segment_ids is not None and (not full or isinstance(segment_ids, (tuple, list))):
+    raise ValueError(f"{op}: `segment_ids` must be one [B, T] array for a full self-attention "
+                     "forward (T == S, q_offset == 0)")
+  if jnp.ndim(q_offset) not in (0, 1):
+    raise ValueError(f"{op}: `q_offset` must be an int or have shape [B], got "
+                     f"{jnp.shape(q_offset)}")
+  return full
+
+
+def document_bounds(segment_ids, B: int, S: int) -> tuple[jax.Array, jax.Array]:
+  """(first position, one past the last position) of each token's packed document, `[B, S]` int32
+  each (the whole row without `segment_ids`)."""
+  idx = jnp.arange(S, dtype=jnp.int32)[None]
+  if segment_ids is None:
+    return jnp.zeros((B, S), jnp.int32), jnp.full((B, S), S, jnp.int32)
+  seg = jnp.asarray(segment_ids)
+  change = seg[:, 1:] != seg[:, :-1]
+  first = jnp.concatenate([jnp.ones((B, 1), bool), change], axis=1)
+  last = jnp.concatenate([change, jnp.ones((B, 1), bool)], axis=1)
+  start = jax.lax.cummax(jnp.where(first, idx, 0), axis=1)
+  end = jax.lax.cummin(jnp.where(last, idx + 1, S), axis=1, reverse=True)
+  return start, end
+
+
+def gather_positions(x: jax.Array, pos: jax.Array) -> jax.Array:
+  """`x[b, pos[b, t]]` for a stream `x: [B, S, ...]` and positions `pos: [B, T]` (clipped into
+  range) -> `[B, T, ...]`: what the queries of a block read from a per-position stream."""
+  return jax.vmap(lambda xb, pb: xb[jnp.clip(pb, 0, xb.shape[0] - 1)])(x, pos)
+
+
+def scatter_positions(x: jax.Array, pos: jax.Array, S: int) -> jax.Array:
+  """Places `x: [B, T, ...]` on a stream of S positions at `pos: [B, T]` -> `[B, S, ...]` (zeros
+  where nothing sits; positions past S are dropped): the inverse of `gather_positions`."""
+  return jax.vmap(lambda xb, pb: jnp.zeros((S,) + xb.shape[1:], xb.dtype).at[pb].set(
+      xb, mode="drop"))(x, pos)
+
+
+def reject_causal_or_packing(op: str, *, causal: bool, segment_ids, why: str) -> None:
+  """Raises ValueError when `causal` or `segment_ids` is asked of a mechanism that mixes every key
+  position into one summary (`why` says how)."""
+  # Mechanism.__call__ checks patterns; direct calls of the function get the same clear error.
+  if causal:
+    raise ValueError(f"{op}: causal attention is not defined for this mechanism ({why})")
+  if segment_ids is not None:
+    raise ValueError(f"{op}: packed sequences (`segment_ids`) are not supported ({why})")

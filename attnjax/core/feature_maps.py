@@ -26,10 +26,17 @@ import jax.numpy as jnp
 
 from attnjax.core import linear
 
+__all__ = ["FEATURE_MAPS", "bounded_exp", "elu_plus_one", "favor_plus", "favor_plus_logits",
+           "feature_max_over_keys", "get", "identity", "l2_normalize", "lognormal",
+           "lognormal_temperatures", "orthogonal_random_features", "relu", "running_feature_max",
+           "running_max_log_decay", "softmax_features", "stabilized_exp_features", "taylor2",
+           "unit_rows"]
+
 _F32 = jnp.float32
 
 
 def identity(x):
+  """`x` itself, in float32: plain linear attention on the raw queries and keys."""
   return x.astype(_F32)
 
 
@@ -39,6 +46,7 @@ def elu_plus_one(x):
 
 
 def relu(x):
+  """`max(x, 0)`: a nonnegative map, zero for negative coordinates."""
   return jax.nn.relu(x.astype(_F32))
 
 
@@ -46,6 +54,13 @@ def l2_normalize(x, eps: float = 1e-6):
   """`x / max(‖x‖, eps)`: dot products of normalized rows are cosine similarities."""
   x = x.astype(_F32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def unit_rows(x, eps: float = 1e-12):
+  """`x / max(‖x‖, eps)` along the last axis in `x`'s dtype (PyTorch's `F.normalize`), with a finite
+  gradient at x = 0 (the norm's own gradient there is NaN, so this goes through rsqrt of the
+  clamped squared norm)."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps * eps))
 
 
 def softmax_features(x):

@@ -10,6 +10,7 @@ import jax
 
 
 def current_platform() -> str:
+  """The default JAX backend, e.g. "cpu" or "gpu"."""
   return jax.default_backend()
 
 

@@ -27,6 +27,7 @@ from attnjax.core import checks
 from attnjax.core import flex
 from attnjax.core import masks
 from attnjax.core.merge import merge_attention_states
+from attnjax.typing import Key, Output, Query, Value
 
 # Keys per split when neither `num_splits` nor `split_size` is given.
 DEFAULT_SPLIT_SIZE = 512
@@ -79,9 +80,9 @@ class KVCache:
                    self.lengths + T)
 
 
-def decode_attention(q, cache: KVCache, *, num_splits: Optional[int] = None,
+def decode_attention(q: Query, cache: KVCache, *, num_splits: Optional[int] = None,
                      split_size: Optional[int] = None, scale=None, causal: bool = True,
-                     implementation: Optional[str] = None):
+                     implementation: Optional[str] = None) -> Output:
   """Attention of the T newest tokens' queries over the cache, by split-K with an exact merge.
 
   Query t of row b sits at position p = lengths[b] - T + t and sees keys j < lengths[b] (and j <= p
@@ -122,8 +123,9 @@ def decode_attention(q, cache: KVCache, *, num_splits: Optional[int] = None,
                            implementation=implementation)
 
 
-def split_k_attention(q, k, v, *, split_size: int, q_offset=0, kv_lengths=None, causal=False,
-                      extra_mask=None, scale=None, implementation=None):
+def split_k_attention(q: Query, k: Key, v: Value, *, split_size: int, q_offset=0, kv_lengths=None,
+                      causal: bool = False, extra_mask=None, scale=None,
+                      implementation: Optional[str] = None) -> Output:
   """Softmax attention computed over key chunks of `split_size` and merged by log-sum-exp.
 
   The chunks are a batched axis (not a Python loop): keys are padded to a whole number of chunks and

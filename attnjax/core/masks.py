@@ -325,7 +325,10 @@ def relative_position_bucket(relative_position, *, bidirectional: bool = True, n
 
 def relative_position_bias(table: jax.Array, *, bidirectional: bool = True, max_distance: int = 128,
                            offset=0) -> ScoreMod:
-  """T5-style learned relative bias: adds `table[bucket(kv_idx - q_pos), n]`, `table: [num_buckets, N]`."""
+  """T5-style learned relative bias: adds `table[bucket(kv_idx - q_pos), n]`.
+
+  `table: [num_buckets, N]`.
+  """
   table = jnp.asarray(table)
   num_buckets = table.shape[0]
 
@@ -339,7 +342,10 @@ def relative_position_bias(table: jax.Array, *, bidirectional: bool = True, max_
 
 
 def evaluate_mask(mask_mod: Optional[MaskMod], B: int, N: int, T: int, S: int) -> jax.Array:
-  """The dense boolean `[B, N, T, S]` mask of `mask_mod` (all True for `None`). For tests and analysis."""
+  """The dense boolean `[B, N, T, S]` mask of `mask_mod` (all True for `None`).
+
+  For tests and analysis.
+  """
   b, n, q, kv = index_grid((B, N, T, S))
   if mask_mod is None:
     return jnp.ones((B, N, T, S), bool)

@@ -24,7 +24,8 @@ def merge_attention_states(outs: Sequence[jax.Array] | jax.Array, lses: Sequence
   """Merges partial attention states.
 
   Args:
-    outs: m arrays `[..., h]` (e.g. `[B, T, N, h]`), or one array stacked on a leading axis `[m, ..., h]`.
+    outs: m arrays `[..., h]` (e.g. `[B, T, N, h]`), or one array stacked on a leading axis
+      `[m, ..., h]`.
     lses: m matching arrays `[...]` (e.g. `[B, T, N]`), or stacked `[m, ...]`.
 
   Returns:

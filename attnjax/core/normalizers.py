@@ -121,4 +121,5 @@ def get_normalizer(normalizer: Union[str, Normalizer]) -> Normalizer:
 
 
 def list_normalizers() -> list[str]:
+  """The registered normalizer names (what `get_normalizer` accepts), sorted."""
   return sorted(_NORMALIZERS)

@@ -101,6 +101,7 @@ def check_float(field: str, value: Any, *, low: float, high: float, low_open: bo
 
 
 def check_bool(field: str, value: Any) -> None:
+  """Raises a config error unless `value` is a Python or NumPy bool."""
   if not isinstance(value, (bool, np.bool_)):
     raise config_error(field, value, "must be True or False")
 

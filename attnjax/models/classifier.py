@@ -1,4 +1,4 @@
-"""Encoder classifier over token sequences: bidirectional blocks, mean or CLS pooling, a linear head.
+"""Encoder classifier over token sequences: bidirectional blocks, mean or CLS pooling, linear head.
 
     x_0 = E[tokens] (+ P[0..T])        [B, T, D]; with CLS pooling a learned token is prepended
     x_L = Norm(Blocks(x_0))            non-causal self-attention by each layer's mechanism

@@ -2,7 +2,8 @@
 
     x_0 = E[tokens] (+ P[positions])          E: [V, D] ("vocab", "embed")
     x_l = Block_l(x_{l-1})                    causal self-attention by the mechanism of layer l
-    logits = Norm(x_L) Eᵀ / sqrt(D)   (tied)  or  Norm(x_L) W   (untied, W: [D, C] ("embed", "vocab"))
+    logits = Norm(x_L) Eᵀ / sqrt(D)                      (tied)
+    logits = Norm(x_L) W,  W: [D, C] ("embed", "vocab")  (untied)
 
 `tokens [B, T] int32 → logits [B, T, C] float32` (C = num_classes, usually the vocabulary). With
 `decode=True` the attention layers read and extend their KV caches (the 'cache' collection):
@@ -61,7 +62,8 @@ class DecoderLM(nn.Module):
     else:
       logits = nn.Dense(self.num_classes, use_bias=False, dtype=cfg.dtype,
                         param_dtype=cfg.param_dtype,
-                        kernel_init=blocks.logical(nn.initializers.lecun_normal(), "embed", "vocab"),
+                        kernel_init=blocks.logical(nn.initializers.lecun_normal(), "embed",
+                                                   "vocab"),
                         name="logits")(x)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     # Losses and sampling want float32 logits whatever the compute dtype.

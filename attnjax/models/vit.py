@@ -1,4 +1,4 @@
-"""Vision Transformer: non-overlapping patches, learned positions, bidirectional blocks, pooled head.
+"""Vision Transformer: non-overlapping patches, learned positions, bidirectional blocks, pooling.
 
     patches = split(image, p)                  [B, H/p · W/p, p·p·C]
     x_0 = patches W_e + b_e + P                W_e: [p·p·C, D] ("patch", "embed"), P: [L, D]

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import registry
-from attnjax.ops import rope
+from attnjax.ops.positional import rope
 
 Initializer = Callable[..., Any]
 

@@ -11,7 +11,7 @@ Shapes: `x [B, T, D]` (D = width) → `[B, T, D]`. Every parameter carries logic
 (`flax.linen.with_logical_partitioning`): "embed" (D), "mlp" (the MLP hidden width), "heads" (N or K),
 "kv" (the head dim H), "norm" (norm scales); activations are constrained to ("batch", "length",
 "embed") / ("batch", "length", "mlp"). Outside a mesh both are no-ops, so the same module runs on one
-CPU and on a sharded mesh; the mesh mapping is `attnjax.models.DEFAULT_LOGICAL_AXIS_RULES`.
+CPU and on a sharded mesh; the mesh mapping is `attnjax.parallel.DEFAULT_LOGICAL_AXIS_RULES`.
 
 Mixed precision: `dtype` is the compute dtype (activations, matmuls); parameters stay in
 `param_dtype`; norms reduce in float32 (flax's `force_float32_reductions`).

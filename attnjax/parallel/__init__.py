@@ -9,8 +9,9 @@ from attnjax.parallel.mesh import logical_shardings
 from attnjax.parallel.mesh import make_mesh
 from attnjax.parallel.mesh import maybe_initialize_distributed
 from attnjax.parallel.mesh import mesh_shape
+from attnjax.parallel.rules import DEFAULT_LOGICAL_AXIS_RULES
 
 __all__ = [
-    "BATCH_AXES", "MESH_AXES", "batch_sharding", "batch_shards", "global_batch",
-    "logical_shardings", "make_mesh", "maybe_initialize_distributed", "mesh_shape",
+    "BATCH_AXES", "DEFAULT_LOGICAL_AXIS_RULES", "MESH_AXES", "batch_sharding", "batch_shards",
+    "global_batch", "logical_shardings", "make_mesh", "maybe_initialize_distributed", "mesh_shape",
 ]

@@ -103,7 +103,8 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
   """Drops mesh axes from `spec` on dimensions they do not divide (e.g. 10 classes over 4 devices):
   such a parameter is replicated along that dimension instead of failing to shard."""
   fitted = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+  padded = tuple(spec) + (None,) * (len(shape) - len(spec))
+  for dim, axes in zip(shape, padded, strict=False):  # a longer spec: extra axes ignored
     if axes is None:
       fitted.append(None)
       continue

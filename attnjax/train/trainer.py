@@ -11,8 +11,8 @@ mesh and the shardings of the train state from the parameters' logical axis name
 latest checkpoint in `<workdir>/checkpoints` if there is one (else initialise), then train with
 periodic eval, metrics (TensorBoard + metrics.jsonl), async checkpoints and a progress bar.
 Batches are a pure function of the step and the RNG of step s is `fold_in(rng, s)`, so a resumed
-run repeats the uninterrupted run bit for bit. SIGTERM makes the loop save the current step, wait for the save and
-exit with status 143.
+run repeats the uninterrupted run bit for bit. SIGTERM makes the loop save the current step, wait
+for the save and exit with status 143.
 
 A mechanism's fixed arrays (`ParamSpec.trainable=False`, e.g. FAVOR+'s random features) live in the
 'buffers' collection of the state, never in the optimizer's reach; `train.redraw_buffers_every = n`
@@ -45,6 +45,7 @@ import optax
 
 from attnjax import registry
 from attnjax.parallel import mesh as mesh_lib
+from attnjax.parallel import rules as rules_lib
 from attnjax.train import checkpoint as checkpoint_lib
 from attnjax.train import metrics as metrics_lib
 from attnjax.train import optim
@@ -81,11 +82,6 @@ class _SigtermFlag:
     return bool(np.max(flags))
 
 
-def _default_rules():
-  from attnjax import models  # pylint: disable=import-outside-toplevel
-  return models.DEFAULT_LOGICAL_AXIS_RULES
-
-
 def _make_task(task_config):
   from attnjax import data  # pylint: disable=import-outside-toplevel
   return data.make_task(task_config)
@@ -119,10 +115,6 @@ def weighted_metrics(logits: jax.Array, targets: jax.Array, weights: jax.Array) 
 def _ratios(sums: dict) -> dict:
   den = max(float(sums["weight_sum"]), 1e-12)
   return {"loss": float(sums["loss_sum"]) / den, "accuracy": float(sums["correct_sum"]) / den}
-
-
-def count_params(params: Any) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 PARAM_SHARDINGS = "param_shardings.json"
@@ -187,7 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if model is None:
     model = (build_model or _build_model)(model_config_for_run(config), spec)
   mesh = mesh_lib.make_mesh(config.get("mesh", None))
-  rules = tuple(tuple(r) for r in (config.get("logical_axis_rules", None) or _default_rules()))
+  rules = config.get("logical_axis_rules", None) or rules_lib.DEFAULT_LOGICAL_AXIS_RULES
+  rules = tuple(tuple(r) for r in rules)
   tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
   accum = int(config.optimizer.get("grad_accum_steps", 1) or 1)
   log_every = int(tcfg.get("log_every", 50))
@@ -220,7 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   data_sharding = mesh_lib.batch_sharding(mesh)
   abstract_state = checkpoint_lib.abstract_like(nn.unbox(boxed), state_shardings)
-  num_params = count_params(abstract_state["params"])
+  from attnjax import models  # pylint: disable=import-outside-toplevel
+  num_params = models.param_count(abstract_state["params"])
   validate.check_workdir(workdir, create=True)
   if is_chief:
     write_param_shardings(workdir, abstract_state["params"])

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 from typing import Any
 
 import jax
 import ml_collections
 
-from attnjax import registry
+from attnjax import models
 from attnjax.parallel import mesh as mesh_lib
 from attnjax.train import optim
 
-_SCHEDULE = re.compile(r"^\s*every\s+(\d+)\s*:\s*([A-Za-z0-9_]+)\s*$")
-DTYPES = ("float32", "bfloat16")
+# Every mechanism name a model config uses (the models' parser of `layer_mechanisms`).
+mechanism_names = models.mechanism_names
 
 
 def derived_fields(config: ml_collections.ConfigDict) -> dict[tuple[str, str], int]:
@@ -55,46 +54,10 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return config
 
 
-def mechanism_names(model: ml_collections.ConfigDict) -> list[str]:
-  """Every mechanism name a model config uses: `mechanism` and those of `layer_mechanisms` (a list
-  of names, or a schedule string "every <n>: <name>")."""
-  names = [model.get("mechanism", "softmax")]
-  layers = model.get("layer_mechanisms", None)
-  if isinstance(layers, str):
-    match = _SCHEDULE.match(layers)
-    if not match:
-      raise ValueError(f"model.layer_mechanisms: {layers!r} is neither a list of mechanism names "
-                       "nor a schedule like 'every 4: softmax'")
-    if int(match.group(1)) < 1:
-      raise ValueError(f"model.layer_mechanisms: the period in {layers!r} must be >= 1")
-    names.append(match.group(2))
-  elif layers:
-    names.extend(layers)
-    if len(layers) != model.get("depth", len(layers)):
-      raise ValueError(f"model.layer_mechanisms: {len(layers)} names for depth {model.depth}")
-  return names
-
-
 def _check_model(model: ml_collections.ConfigDict):
-  for name in mechanism_names(model):
-    try:
-      registry.get(name)
-    except ValueError as e:
-      raise ValueError(f"model.mechanism: {e}") from None
-  for field in ("width", "depth", "num_heads", "mlp_dim"):
-    value = model.get(field, None)
-    if value is not None and (not isinstance(value, int) or value < 1):
-      raise ValueError(f"model.{field}: must be a positive integer, got {value!r}")
-  width, heads = model.get("width", None), model.get("num_heads", None)
-  if width is not None and heads is not None and width % heads:
-    raise ValueError(f"model.num_heads ({heads}) must divide model.width ({width})")
-  kv_heads = model.get("num_kv_heads", None)
-  if kv_heads is not None and heads is not None and (kv_heads < 1 or heads % kv_heads):
-    raise ValueError(f"model.num_kv_heads ({kv_heads}) must divide model.num_heads ({heads})")
-  for field in ("dtype", "param_dtype"):
-    value = model.get(field, "float32")
-    if value not in DTYPES:
-      raise ValueError(f"model.{field}: {value!r} is not one of {DTYPES}")
+  """The model's own schema (`attnjax.models.check_config`): one validator, one message for each
+  mistake."""
+  models.check_config(model)
 
 
 def _check_optimizer(opt: ml_collections.ConfigDict):

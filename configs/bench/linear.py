@@ -6,8 +6,9 @@ quadratic `parallel` form and causal softmax attention (attnjax flex `xla` and j
 Forward and forward+backward, causal (the recurrence with a per-head decay per step, q and k through
 elu+1) and `none` (non-causal `φ(Q)(φ(K)ᵀV)`); T in {1024, 2048, 4096, 8192, 16384}; B=1, N=8,
 H=h=64, float32. The scan reference and the quadratic forms run up to T=4096 (`peer_max_T`: their
-memory is still analysed above it). The issue's subset recorded in docs/benchmarks.md (fwd+bwd, causal,
-T in {1k, 4k, 16k}, four peers) took 3 minutes on a 2-core CPU; the full grid is several times that.
+memory is still analysed above it). The issue's subset recorded in docs/benchmarks.md (fwd+bwd,
+causal, T in {1k, 4k, 16k}, four peers) took 3 minutes on a 2-core CPU; the full grid is several
+times that.
 
 Issue targets, read from the table (docs/benchmarks.md records a run): chunked xla fwd+bwd at
 least 10x faster than the scan at T=4096; 16x the length (1k -> 16k) costs at most 20x the time;

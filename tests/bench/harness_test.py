@@ -101,7 +101,7 @@ def test_linear_peers_compute_the_same_attention(mask):
     fn, args = peers.build_jax(peers.Case(peer=peer, mask=mask, T=40, N=2, H=8))
     outs[peer] = fn(*args)
   for peer in ("linear_xla", "linear_parallel"):
-    for a, b in zip(outs[peer], outs["linear_reference"]):
+    for a, b in zip(outs[peer], outs["linear_reference"], strict=True):
       assert tolerances.rel_rms(a, b) < tolerances.GRAD_REL_RMS[np.float32]
 
 

@@ -1,45 +1,62 @@
-"""Conformance of every registered mechanism to the operator contract (DESIGN.md, "Tests").
+"""Conformance of every registered mechanism to the operator contract (docs/DESIGN.md, "Tests").
 
-Parametrized over the registry, so a mechanism is tested the moment it is registered: shapes and dtypes;
-finite forward and gradients; jit equals eager; causal rows unaffected by future keys; each supported
-pattern works and each unsupported one raises; every implementation agrees with the reference in
-outputs and gradients; prefill followed by step-by-step decode equals the full forward (over a KV
-cache, and with the carried state of recurrent mechanisms); packed sequences
-equal separate ones; bf16 close to fp32; each example of a batch independent of the others; every
-input and learned array the mechanism declares changes its output, and an input it declares unread
-does not. Each mechanism is called with its `example` keywords, which exercise it at these small
-sizes. Compiled programs are shared between checks of the same mechanism and arguments (the suite
-is compile-bound).
+Parametrized over the registry, so a mechanism is tested the moment it is registered: shapes and
+dtypes; the signature's jaxtyping annotations; finite forward and gradients; jit equals eager; two
+runs of one compiled program are bitwise equal; causal rows unaffected by future keys; each
+supported pattern works and each unsupported one raises; every implementation agrees with the
+reference in outputs and in each gradient (dq, dk, dv and one per learned array, compared by name; a
+mechanism with the reference alone reports a skip); prefill followed by step-by-step decode equals
+the full forward (over a KV cache, and with the carried state of recurrent mechanisms); packed
+sequences equal separate ones; bf16 close to fp32; each example of a batch independent of the
+others; every input and learned array the mechanism declares changes its output, and an input it
+declares unread does not.
+
+The sizes are this file's constants; each mechanism is called with its `example` keywords built at
+those sizes (`Mechanism.example_kwargs_for`), which exercise it there (e.g. a window shorter than
+the sequence). Compiled programs are shared between checks of the same mechanism and arguments (the
+suite is compile-bound).
 """
 
 import functools
 
+import beartype
 import chex
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
 import attnjax as aj
 from attnjax.registry import PATTERNS
+from tests import inputs
 from tests import tolerances
 
 MECHANISMS = aj.list_mechanisms()
 NAMES = [m.name for m in MECHANISMS]
+# Batch, query length, key length (different, so cross-attention is not square), query heads, q/k
+# head dim and value head dim (different from H, so a mix-up of the two fails).
 B, T, S, N, H, HV = 2, 19, 23, 4, 8, 6
+GQA_KV_HEADS = 2  # K for mechanisms that take fewer key/value heads than query heads
 
 
 def _kv_heads(m):
-  return 2 if m.gqa else N
+  return GQA_KV_HEADS if m.gqa else N
+
+
+@functools.lru_cache(maxsize=None)
+def _example_cached(name):
+  m = aj.get_mechanism(name)
+  return m.example_kwargs_for(N=N, K=_kv_heads(m), H=H, h=HV)
+
+
+def _example(m):
+  """The mechanism's example keywords at this suite's sizes (built once per mechanism)."""
+  return dict(_example_cached(m.name))
 
 
 def _inputs(m, *, t=T, s=S, dtype=jnp.float32, seed=0):
-  kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-  K = _kv_heads(m)
-  q = jax.random.normal(kq, (B, t, N, H), jnp.float32).astype(dtype)
-  k = jax.random.normal(kk, (B, s, K, H), jnp.float32).astype(dtype)
-  v = jax.random.normal(kv, (B, s, K, HV), jnp.float32).astype(dtype)
-  return q, k, v
+  return inputs.qkv(B=B, T=t, S=s, N=N, K=_kv_heads(m), H=H, h=HV, seed=seed, dtype=dtype)
 
 
 def _pattern_args(pattern):
@@ -49,7 +66,16 @@ def _pattern_args(pattern):
 
 
 def _call_eager(m, q, k, v, **kwargs):
-  return m(q, k, v, **{**m.example_kwargs, **kwargs})
+  return m(q, k, v, **{**_example(m), **kwargs})
+
+
+def _split(m, kwargs):
+  """The example keywords overridden by `kwargs`, split into arrays (traced arguments) and the rest
+  (flags, ints, names: Python values, as in a model, that key the cache of compiled functions)."""
+  kwargs = {**_example(m), **kwargs}
+  arrays = {key: x for key, x in kwargs.items() if isinstance(x, (jax.Array, np.ndarray))}
+  static = tuple(sorted((key, x) for key, x in kwargs.items() if key not in arrays))
+  return arrays, static
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,17 +86,54 @@ def _compiled(name, static_items):
 
 def _call(m, q, k, v, **kwargs):
   """The mechanism with its example keywords, compiled as one program, as a model runs it (eager
-  op-by-op dispatch compiles every primitive separately: 3-6x slower to test). Array keywords are
-  traced arguments; the rest (flags, ints, names) stay Python values, as in a model, and key the
-  cache of compiled functions."""
-  kwargs = {**m.example_kwargs, **kwargs}
-  arrays = {key: x for key, x in kwargs.items() if isinstance(x, (jax.Array, np.ndarray))}
-  static = tuple(sorted((key, x) for key, x in kwargs.items() if key not in arrays))
+  op-by-op dispatch compiles every primitive separately: 3-6x slower to test)."""
+  arrays, static = _split(m, kwargs)
   try:
     fn = _compiled(m.name, static)
   except TypeError:  # an unhashable setting: compile for this call only
     fn = jax.jit(lambda q, k, v, arrays: m(q, k, v, **dict(static), **arrays))
   return fn(q, k, v, arrays)
+
+
+def _learned(m, arrays):
+  """Names of the mechanism's trainable arrays among `arrays` (those the optimizer moves)."""
+  return tuple(spec.name for spec in m.params if spec.trainable and spec.name in arrays
+               and jnp.issubdtype(arrays[spec.name].dtype, jnp.floating))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_gradients(name, static_items, learned):
+  m, static = aj.get_mechanism(name), dict(static_items)
+
+  def loss(q, k, v, params, fixed):
+    out = m(q, k, v, **static, **fixed, **params)
+    return jnp.sum(out * jnp.sin(out)), out
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+def _gradients(m, q, k, v, **kwargs):
+  """`(out, grads)`: the output and the gradients of a scalar loss of it, by name: "dq", "dk",
+  "dv" and "d<array>" for each trainable array of the mechanism. Compiled once per arguments."""
+  arrays, static = _split(m, kwargs)
+  learned = _learned(m, arrays)
+  params = {name: arrays[name] for name in learned}
+  fixed = {key: x for key, x in arrays.items() if key not in params}
+  try:
+    fn = _compiled_gradients(m.name, static, learned)
+  except TypeError:  # an unhashable setting
+    fn = _compiled_gradients.__wrapped__(m.name, static, learned)
+  (_, out), (dq, dk, dv, dparams) = fn(q, k, v, params, fixed)
+  return out, {"dq": dq, "dk": dk, "dv": dv, **{f"d{key}": g for key, g in dparams.items()}}
+
+
+def _assert_close_by_name(got, want, tol, what):
+  """Each named array of `got` close to the one of `want`; a failure names the array."""
+  assert got.keys() == want.keys(), (sorted(got), sorted(want))
+  for name in want:
+    np.testing.assert_allclose(np.asarray(got[name], np.float32),
+                               np.asarray(want[name], np.float32),
+                               err_msg=f"{what}: {name} differs", **tol)
 
 
 def _some_pattern(m):
@@ -88,6 +151,21 @@ def test_registry_records_are_complete(mech):
   assert mech.patterns and set(mech.patterns) <= set(PATTERNS)
   assert mech.summary, f"{mech.name}: the operator needs a docstring"
   assert "reference" in mech.implementations
+
+
+def test_signature_annotations_hold_under_jaxtyped(mech):
+  """The operator's jaxtyping annotations (`q: Query, k: Key, v: Value -> Output`, and those of its
+  other arguments) hold at these sizes (GQA, h != H), and a key of another head dim fails the check
+  before the body runs. Traced only (`eval_shape`): nothing is compiled."""
+  causal, _, s = _pattern_args(_some_pattern(mech))
+  q, k, v = _inputs(mech, s=s)
+  checked = jaxtyping.jaxtyped(mech.fn, typechecker=beartype.beartype)
+  kwargs = {key: jnp.asarray(x) if isinstance(x, np.ndarray) else x
+            for key, x in {**_example(mech), "causal": causal}.items()}
+  out = jax.eval_shape(lambda q, k, v: checked(q, k, v, **kwargs), q, k, v)
+  chex.assert_shape(out, (B, T, N, HV))
+  with pytest.raises(jaxtyping.TypeCheckError):
+    jax.eval_shape(lambda q, k, v: checked(q, k, v, **kwargs), q, k[..., :H - 2], v)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -124,6 +202,19 @@ def test_jit_equals_eager(mech):
   chex.assert_trees_all_close(jitted, eager, **tolerances.output(jnp.float32))
 
 
+def test_two_runs_of_a_compiled_program_are_bitwise_equal(mech):
+  """Same compiled program, same inputs: the output and every gradient are bitwise equal (no
+  order-dependent reductions, no hidden randomness)."""
+  causal, cross, s = _pattern_args(_some_pattern(mech))
+  q, k, v = _inputs(mech, s=s)
+  impl = mech.implementations[0]
+  first_out, first = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation=impl)
+  second_out, second = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation=impl)
+  chex.assert_trees_all_equal(second_out, first_out)
+  for name in first:
+    np.testing.assert_array_equal(second[name], first[name], err_msg=f"{name} differs between runs")
+
+
 def test_causal_rows_ignore_future_keys(mech):
   if "causal_self" not in mech.patterns:
     pytest.skip("no causal self-attention")
@@ -141,23 +232,19 @@ def test_causal_rows_ignore_future_keys(mech):
 def test_implementations_agree_with_reference(mech, pattern):
   if pattern not in mech.patterns:
     pytest.skip(f"{pattern} unsupported")
+  others = [impl for impl in mech.implementations if impl != "reference"]
+  if not others:
+    pytest.skip("the reference is the only implementation: nothing to compare")
   causal, cross, s = _pattern_args(pattern)
   q, k, v = _inputs(mech, s=s)
-
-  def run(impl):
-    def loss(q, k, v):
-      out = _call(mech, q, k, v, causal=causal, cross=cross, implementation=impl)
-      return jnp.sum(out * jnp.sin(out)), out
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return out, grads
-
-  ref_out, ref_grads = run("reference")
-  for impl in mech.implementations:
-    if impl == "reference":
-      continue
-    out, grads = run(impl)
-    chex.assert_trees_all_close(out, ref_out, **tolerances.output(jnp.float32))
-    chex.assert_trees_all_close(grads, ref_grads, **tolerances.grad(jnp.float32))
+  ref_out, ref_grads = _gradients(mech, q, k, v, causal=causal, cross=cross,
+                                  implementation="reference")
+  for impl in others:
+    out, grads = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation=impl)
+    np.testing.assert_allclose(out, ref_out, err_msg=f"{impl}: output differs from the reference",
+                               **tolerances.output(jnp.float32))
+    _assert_close_by_name(grads, ref_grads, tolerances.grad(jnp.float32),
+                          f"{impl} against the reference")
 
 
 def test_prefill_then_decode_equals_full_forward(mech):
@@ -209,7 +296,7 @@ def test_recurrent_decode_equals_full_forward(mech):
                      q_offset=0, initial_state=None, return_final_state=True)
   chex.assert_trees_all_close(out, full[:, :prefill], **tolerances.output(jnp.float32))
   floats = sum(x.size for x in jax.tree.leaves(state)) // B
-  assert floats == mech.decode_state_floats(T, N, _kv_heads(mech), H, HV, mech.example_kwargs)
+  assert floats == mech.decode_state_floats(T, N, _kv_heads(mech), H, HV, _example(mech))
 
   @jax.jit
   def step(q_t, k_t, v_t, state, t):
@@ -257,7 +344,7 @@ def test_examples_of_a_batch_are_independent(mech):
   changed = [x.at[1].set(3 * y[1]) for x, y in zip((q, k, v), other, strict=True)]
   out2 = _call(mech, *changed, causal=causal, cross=cross)
   chex.assert_trees_all_close(out2[0], out[0], **tolerances.output(jnp.float32))
-  assert tolerances.rel_rms(out2[1], out[1]) > 1e-3  # the change reached example 1
+  assert tolerances.rel_rms(out2[1], out[1]) > tolerances.CHANGED_REL_RMS  # reached example 1
 
 
 def test_reads_exactly_the_inputs_it_declares(mech):
@@ -272,17 +359,19 @@ def test_reads_exactly_the_inputs_it_declares(mech):
     args[i] = other[i]
     out = _call(mech, *args, causal=causal, cross=cross)
     if name in mech.reads:
-      assert tolerances.rel_rms(out, base) > 1e-3, f"{name} is declared read but does not matter"
+      assert tolerances.rel_rms(out, base) > tolerances.CHANGED_REL_RMS, (
+          f"{name} is declared read but does not matter")
     else:
       chex.assert_trees_all_equal(out, base)
-  example = mech.example_kwargs
+  example = _example(mech)
   rng = np.random.default_rng(0)
   for spec in mech.params:
     value = np.asarray(example[spec.name], np.float32)
     bumped = value + (0.5 * float(np.std(value)) + 0.1) * rng.standard_normal(value.shape)
     out = _call(mech, *qkv, causal=causal, cross=cross,
                 **{spec.name: bumped.astype(np.float32)})
-    assert tolerances.rel_rms(out, base) > 1e-4, f"learned array {spec.name} does not matter"
+    assert tolerances.rel_rms(out, base) > tolerances.PARAM_CHANGED_REL_RMS, (
+        f"learned array {spec.name} does not matter")
 
 
 def test_unknown_mechanism_is_a_clear_error():

@@ -42,7 +42,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("T,S,bq,bk", [(32, 32, 8, 8), (37, 45, 8, 16), (21, 21, 5, 7), (10, 50, 16, 16)])
+@pytest.mark.parametrize("T,S,bq,bk",
+                         [(32, 32, 8, 8), (37, 45, 8, 16), (21, 21, 5, 7), (10, 50, 16, 16)])
 def test_classes_and_to_dense_match_numpy(name, T, S, bq, bk):
   B, N = 2, 3
   mod = CASES[name](segments(B, max(T, S)))
@@ -132,7 +133,7 @@ def test_static_and_dynamic_agree_inside_jit():
   classes, dense, dyn = traced(seg, lengths)
   np.testing.assert_array_equal(classes, static.classes())
   np.testing.assert_array_equal(dense, static.to_dense())
-  for a, b in zip(jax.tree.leaves(dyn), jax.tree.leaves(static)):
+  for a, b in zip(jax.tree.leaves(dyn), jax.tree.leaves(static), strict=True):
     chex.assert_shape(a, b.shape)
   np.testing.assert_array_equal(dyn.kv_num_blocks, static.kv_num_blocks)
   np.testing.assert_array_equal(dyn.full_kv_num_blocks, static.full_kv_num_blocks)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from attnjax.core import feature_maps as fm
+from tests import tolerances
 
 X = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 5))
 Y = jax.random.normal(jax.random.PRNGKey(1), (3, 7, 5))
@@ -15,14 +16,14 @@ Y = jax.random.normal(jax.random.PRNGKey(1), (3, 7, 5))
 def test_taylor2_dot_product_is_second_order_taylor_of_exp():
   x = jnp.sum(X * Y, axis=-1)
   got = jnp.sum(fm.taylor2(X) * fm.taylor2(Y), axis=-1)
-  np.testing.assert_allclose(got, 1 + x + x * x / 2, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, 1 + x + x * x / 2, **tolerances.KERNEL_VALUE[jnp.float32])
   assert fm.taylor2(X).shape == (3, 7, 1 + 5 + 25)
 
 
 def test_l2_normalize_gives_cosine_similarity_and_handles_zero_rows():
   got = jnp.sum(fm.l2_normalize(X) * fm.l2_normalize(Y), axis=-1)
   want = jnp.sum(X * Y, -1) / (jnp.linalg.norm(X, axis=-1) * jnp.linalg.norm(Y, axis=-1))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, want, **tolerances.COSINE[jnp.float32])
   zero = fm.l2_normalize(jnp.zeros((2, 4)))
   assert bool(jnp.all(zero == 0))
 
@@ -34,14 +35,16 @@ def test_positive_maps_are_positive(name):
 
 
 def test_softmax_features_sum_to_one_and_bounded_exp_peaks_at_one():
-  np.testing.assert_allclose(jnp.sum(fm.softmax_features(X), -1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(jnp.sum(fm.softmax_features(X), -1), 1.0,
+                             **tolerances.ELEMENTWISE[jnp.float32])
   b = fm.bounded_exp(100.0 * X)         # no overflow whatever the scale
   assert bool(jnp.all(jnp.isfinite(b)))
   np.testing.assert_allclose(jnp.max(b, -1), 1.0)
 
 
 def test_lognormal_is_exp_of_scaled_input():
-  np.testing.assert_allclose(fm.lognormal(X, 0.5), jnp.exp(0.5 * X), rtol=1e-6)
+  np.testing.assert_allclose(fm.lognormal(X, 0.5), jnp.exp(0.5 * X),
+                             **tolerances.ELEMENTWISE[jnp.float32])
 
 
 def test_favor_plus_dot_product_is_mean_of_exponentials():
@@ -49,7 +52,8 @@ def test_favor_plus_dot_product_is_mean_of_exponentials():
   w = fm.orthogonal_random_features(jax.random.PRNGKey(2), 10, 5)
   got = jnp.sum(fm.favor_plus(X, w) * fm.favor_plus(Y, w), -1)
   logits = jnp.einsum("...f,mf->...m", X + Y, w) - 0.5 * jnp.sum(X * X + Y * Y, -1, keepdims=True)
-  np.testing.assert_allclose(got, jnp.mean(jnp.exp(logits), -1), rtol=1e-5)
+  np.testing.assert_allclose(got, jnp.mean(jnp.exp(logits), -1),
+                             **tolerances.FEATURE_SUM[jnp.float32])
 
 
 def test_favor_plus_row_stabilizer_cancels_in_normalized_weights():
@@ -58,7 +62,8 @@ def test_favor_plus_row_stabilizer_cancels_in_normalized_weights():
   def weights(stab):
     s = jnp.einsum("tm,sm->ts", fm.favor_plus(X[0], w, stabilizer=stab), kf[0])
     return s / jnp.sum(s, -1, keepdims=True)
-  np.testing.assert_allclose(weights(None), weights(jnp.full((7, 1), 3.0)), rtol=1e-5)
+  np.testing.assert_allclose(weights(None), weights(jnp.full((7, 1), 3.0)),
+                             **tolerances.FEATURE_SUM[jnp.float32])
 
 
 def test_orthogonal_random_features_are_orthogonal_within_blocks():
@@ -66,9 +71,11 @@ def test_orthogonal_random_features_are_orthogonal_within_blocks():
   assert w.shape == (20, 8)
   for block in (w[:8], w[8:16], w[16:]):
     gram = block @ block.T
-    np.testing.assert_allclose(gram - jnp.diag(jnp.diag(gram)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(gram - jnp.diag(jnp.diag(gram)), 0.0,
+                               **tolerances.ORTHOGONALITY[jnp.float32])
   regular = fm.orthogonal_random_features(jax.random.PRNGKey(0), 20, 8, scaling="sqrt_dim")
-  np.testing.assert_allclose(jnp.linalg.norm(regular, axis=-1), 8 ** 0.5, rtol=1e-5)
+  np.testing.assert_allclose(jnp.linalg.norm(regular, axis=-1), 8 ** 0.5,
+                             **tolerances.FEATURE_SUM[jnp.float32])
 
 
 def test_orthogonal_random_features_rows_are_marginally_standard_normal():
@@ -79,9 +86,10 @@ def test_orthogonal_random_features_rows_are_marginally_standard_normal():
       jax.random.split(jax.random.PRNGKey(0), draws))                      # [draws, 6, 4]
   w = np.asarray(w, np.float64)
   z = np.abs(w.mean(0)) / (w.std(0) / draws ** 0.5)
-  assert np.all(z < 4.5), z
+  assert np.all(z < tolerances.Z_SCORE_MAX), z
   cov = np.einsum("drf,drg->rfg", w, w) / draws
-  np.testing.assert_allclose(cov, np.broadcast_to(np.eye(4), cov.shape), atol=0.15)
+  np.testing.assert_allclose(cov, np.broadcast_to(np.eye(4), cov.shape),
+                             **tolerances.SAMPLE_COVARIANCE)
 
 
 def test_stabilized_exp_features_are_exact_for_huge_exponents():
@@ -98,7 +106,8 @@ def test_stabilized_exp_features_are_exact_for_huge_exponents():
   log_w = np.logaddexp.reduce(a64[:, :, None] + b64[:, None], axis=-1)   # [B,T,S,N]
   want = np.exp(log_w - log_w.max(2, keepdims=True))
   want = np.transpose(want / want.sum(2, keepdims=True), (0, 3, 1, 2))
-  np.testing.assert_allclose(weights / jnp.sum(weights, -1, keepdims=True), want, atol=1e-5)
+  np.testing.assert_allclose(weights / jnp.sum(weights, -1, keepdims=True), want,
+                             **tolerances.STABILIZED_WEIGHTS[jnp.float32])
 
 
 def test_running_max_gate_keeps_the_stabilized_state_exact():
@@ -113,12 +122,13 @@ def test_running_max_gate_keeps_the_stabilized_state_exact():
     state = np.zeros(3)
     for t in range(9):
       same = r[i, :t + 1] == r[i, t]
-      np.testing.assert_allclose(m64[i, t, 0], b64[i, :t + 1][same, 0].max(0), rtol=1e-6)
+      np.testing.assert_allclose(m64[i, t, 0], b64[i, :t + 1][same, 0].max(0),
+                                 **tolerances.ELEMENTWISE[jnp.float32])
       state = np.exp(g64[i, t, 0]) * state * (t > 0 and r[i, t] == r[i, t - 1])
       state = state + np.exp(b64[i, t, 0] - m64[i, t, 0])
       want = np.exp(b64[i, :t + 1][same, 0] - m64[i, t, 0]).sum(0)
-      np.testing.assert_allclose(state, want, rtol=1e-6)
-      assert np.all(g64[i, t] <= 0) and np.all(state >= 1.0 - 1e-9)
+      np.testing.assert_allclose(state, want, **tolerances.ELEMENTWISE[jnp.float32])
+      assert np.all(g64[i, t] <= 0) and np.all(state >= 1.0 - tolerances.FLOAT64_ROUNDING)
 
 
 def test_unknown_name_lists_the_choices():

@@ -161,7 +161,7 @@ def test_long_non_power_of_two_sequence():
   (out, lse), grads = _flex_loss(case, "xla")(*inputs, params, consts, dout)
   chex.assert_trees_all_close(out, want_out, **tolerances.output(jnp.float32))
   chex.assert_trees_all_close(lse, want_lse, **tolerances.output(jnp.float32))
-  for g, w in zip(grads[:3], want_grads[:3]):
+  for g, w in zip(grads[:3], want_grads[:3], strict=True):
     assert tolerances.rel_rms(g, w) < tolerances.GRAD_REL_RMS[jnp.float32]
 
 
@@ -174,7 +174,7 @@ def test_bf16_close_to_fp32(case):
     (out16, lse16), grads16 = _flex_loss(case, impl)(*bf_inputs, params, consts, dout)
     assert out16.dtype == jnp.bfloat16 and lse16.dtype == jnp.float32
     assert tolerances.rel_rms(out16, out32) < tolerances.BF16_VS_FP32_REL_RMS
-    for g16, g32 in zip(grads16[:3], grads32[:3]):
+    for g16, g32 in zip(grads16[:3], grads32[:3], strict=True):
       assert g16.dtype == jnp.bfloat16
       assert tolerances.rel_rms(g16, g32) < tolerances.BF16_VS_FP32_REL_RMS
   (xla, _), xla_g = _flex_loss(case, "xla")(*bf_inputs, params, consts, dout)

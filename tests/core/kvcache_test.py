@@ -9,7 +9,7 @@ import pytest
 
 from attnjax.core import kvcache
 from attnjax.core.kvcache import KVCache
-from attnjax.ops.dot_product import dot_product_attention
+from attnjax.ops.softmax import dot_product_attention
 from tests import tolerances
 
 _decode = jax.jit(kvcache.decode_attention,

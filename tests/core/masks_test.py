@@ -37,7 +37,7 @@ def assert_mask(mask_mod, expected):
   np.testing.assert_array_equal(dense(mask_mod), expect(expected))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Masks
 
 
@@ -105,7 +105,7 @@ def test_padding():
   assert_mask(masks.padding(kv_lengths=jnp.asarray(kv_len)), [kv < n + 0 * q for n in kv_len])
   assert_mask(masks.padding(q_lengths=jnp.asarray(q_len)), [q < n + 0 * kv for n in q_len])
   assert_mask(masks.padding(jnp.asarray(kv_len), jnp.asarray(q_len)),
-              [(kv < a) & (q < c) for a, c in zip(kv_len, q_len)])
+              [(kv < a) & (q < c) for a, c in zip(kv_len, q_len, strict=True)])
   assert_mask(masks.padding(), np.ones((T, S)))
 
 
@@ -172,7 +172,8 @@ def test_combinators():
 
 
 def test_mask_mods_work_on_tile_shaped_indices():
-  # Kernels call mods on other broadcastable layouts (e.g. [B, K, G, bq, bk]); the result must agree.
+  # Kernels call mods on other broadcastable layouts (e.g. [B, K, G, bq, bk]); the result must
+  # agree.
   seg = jnp.asarray(np.sort(np.random.default_rng(2).integers(0, 3, (B, T)), axis=1))
   mod = masks.and_masks(masks.causal(), masks.document(seg), masks.sliding_window(4, 0))
   b = jnp.arange(B)[:, None, None, None, None]
@@ -183,7 +184,7 @@ def test_mask_mods_work_on_tile_shaped_indices():
   np.testing.assert_array_equal(five, dense(mod, s=T))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Score mods
 
 
@@ -205,14 +206,16 @@ def _paper_alibi_slopes(n):
 def test_alibi_slopes_match_paper(heads):
   slopes = masks.alibi_slopes(heads)
   chex.assert_shape(slopes, (heads,))
-  np.testing.assert_allclose(slopes, _paper_alibi_slopes(heads), rtol=1e-6)
+  np.testing.assert_allclose(slopes, _paper_alibi_slopes(heads),
+                             **tolerances.ELEMENTWISE[jnp.float32])
 
 
 def test_alibi_slopes_values():
-  np.testing.assert_allclose(masks.alibi_slopes(8), [2.0 ** -(i + 1) for i in range(8)], rtol=1e-7)
+  np.testing.assert_allclose(masks.alibi_slopes(8), [2.0 ** -(i + 1) for i in range(8)],
+                             **tolerances.EXACT_VALUES[jnp.float32])
   # 12 heads: the 8 slopes of 8 heads then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5 (odd slopes of 16 heads).
   want = [2.0 ** -(i + 1) for i in range(8)] + [2.0 ** -(i + 0.5) for i in range(4)]
-  np.testing.assert_allclose(masks.alibi_slopes(12), want, rtol=1e-6)
+  np.testing.assert_allclose(masks.alibi_slopes(12), want, **tolerances.ELEMENTWISE[jnp.float32])
   with pytest.raises(ValueError):
     masks.alibi_slopes(0)
 
@@ -248,7 +251,8 @@ def test_additive_bias():
   score = rng.normal(size=(B, N, T, S)).astype(np.float32)
   for shape in [(B, N, T, S), (1, N, T, S), (B, 1, 1, S)]:
     bias = rng.normal(size=shape).astype(np.float32)
-    out = masks.additive_bias(jnp.asarray(bias))(jnp.asarray(score), *masks.index_grid((B, N, T, S)))
+    out = masks.additive_bias(jnp.asarray(bias))(jnp.asarray(score),
+                                                 *masks.index_grid((B, N, T, S)))
     chex.assert_trees_all_close(out, score + bias, **tolerances.output(jnp.float32))
   with pytest.raises(ValueError, match="4 dims"):
     masks.additive_bias(jnp.ones((T, S)))
@@ -267,7 +271,8 @@ def _t5_bucket(relative_position, bidirectional=True, num_buckets=32, max_distan
     n = np.maximum(n, 0)
   max_exact = num_buckets // 2
   is_small = n < max_exact
-  # Upstream takes log(0) = -inf where the small branch is chosen anyway; use 1 there to stay finite.
+  # Upstream takes log(0) = -inf where the small branch is chosen anyway; use 1 there to stay
+  # finite.
   n_large = np.where(is_small, 1, n).astype(np.float32)
   val_if_large = max_exact + (
       np.log(n_large / np.float32(max_exact)) / np.float32(math.log(max_distance / max_exact))
@@ -288,8 +293,8 @@ def test_t5_buckets(bidirectional, num_buckets, max_distance):
 
 
 def test_t5_bucket_known_values():
-  # Bidirectional, 32 buckets, max_distance 128: 0..7 exact, keys before the query use buckets 0..15,
-  # keys after it 16..31; distance >= 128 saturates.
+  # Bidirectional, 32 buckets, max_distance 128: 0..7 exact, keys before the query use buckets
+  # 0..15, keys after it 16..31; distance >= 128 saturates.
   rel = jnp.asarray([0, -1, -7, -8, -200, 1, 7, 200], jnp.int32)
   got = np.asarray(masks.relative_position_bucket(rel))
   np.testing.assert_array_equal(got, [0, 1, 7, 8, 15, 17, 23, 31])
@@ -299,7 +304,8 @@ def test_relative_position_bias():
   num_buckets = 32
   table = np.random.default_rng(5).normal(size=(num_buckets, N)).astype(np.float32)
   for bidirectional in (True, False):
-    mod = masks.relative_position_bias(jnp.asarray(table), bidirectional=bidirectional, max_distance=40)
+    mod = masks.relative_position_bias(jnp.asarray(table), bidirectional=bidirectional,
+                                       max_distance=40)
     out = mod(jnp.zeros((B, N, T, S)), *masks.index_grid((B, N, T, S)))
     q, kv = grid()
     bucket = _t5_bucket(kv - q, bidirectional, num_buckets, 40)
@@ -317,7 +323,8 @@ def test_score_mod_gradients_reach_captured_arrays():
   slopes = jnp.ones((N,))
   gs = jax.grad(lambda s: jnp.sum(masks.alibi(s)(jnp.zeros((1, N, T, S)), *grid_)))(slopes)
   q, kv = grid()
-  chex.assert_trees_all_close(gs, -np.full(N, np.sum(q - kv), np.float32), **tolerances.output(jnp.float32))
+  chex.assert_trees_all_close(gs, -np.full(N, np.sum(q - kv), np.float32),
+                              **tolerances.output(jnp.float32))
 
 
 def test_compose_score_mods():

@@ -9,6 +9,7 @@ import ml_collections
 import pytest
 
 from attnjax import models
+from attnjax import parallel
 from attnjax.data.base import TaskSpec
 from attnjax.nn import MultiHeadAttention
 from tests import tolerances
@@ -169,11 +170,11 @@ def test_every_parameter_carries_logical_axis_names(arch, spec):
   assert all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
   specs = jax.tree.leaves(nn.get_partition_spec(abstract),
                           is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec))
-  rule_names = {name for name, _ in models.DEFAULT_LOGICAL_AXIS_RULES}
+  rule_names = {name for name, _ in parallel.DEFAULT_LOGICAL_AXIS_RULES}
   assert {n for s in specs for n in s if n is not None} <= rule_names
   # Every spec maps onto the default mesh axes, no mesh axis used twice within one parameter.
   for s in specs:
-    mesh_spec = nn.logical_to_mesh_axes(tuple(s), models.DEFAULT_LOGICAL_AXIS_RULES)
+    mesh_spec = nn.logical_to_mesh_axes(tuple(s), parallel.DEFAULT_LOGICAL_AXIS_RULES)
     used = [a for axes in mesh_spec if axes for a in ((axes,) if isinstance(axes, str) else axes)]
     assert len(used) == len(set(used)) and set(used) <= {"data", "fsdp", "tensor"}
 

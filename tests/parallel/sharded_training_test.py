@@ -74,7 +74,7 @@ def test_two_process_distributed_run_trains_and_checkpoints(tmp_path, one_device
       env={"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
            "JAX_PROCESS_ID": str(i)}) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outputs):
+  for p, out in zip(procs, outputs, strict=True):
     assert p.returncode == 0, out
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1, 'context': 1}" in outputs[0]
   results = []

@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from attnjax import models
+from attnjax.data.base import TaskSpec
 from attnjax.train import metrics as metrics_lib
 from attnjax.train import trainer
 from attnjax.train import validate
@@ -48,7 +50,7 @@ def _bad(section, **values):
 
 @pytest.mark.parametrize("config, field", [
     (_bad("model", mechanism="no_such_attention"), "model.mechanism"),
-    (_bad("model", layer_mechanisms="every 2: nope"), "model.mechanism"),
+    (_bad("model", layer_mechanisms="every 2: nope"), "model.layer_mechanisms"),
     (_bad("model", width=18, num_heads=4), "model.num_heads"),
     (_bad("model", num_kv_heads=3), "model.num_kv_heads"),
     (_bad("model", dtype="float16"), "model.dtype"),
@@ -95,6 +97,36 @@ def test_mechanism_names_from_schedule_and_list():
   config = fakes_test.make_config()
   config.model.layer_mechanisms = ["softmax"]
   assert validate.mechanism_names(config.model) == ["softmax", "softmax"]
+
+
+_LM_SPEC = TaskSpec(name="toy_lm", kind="lm", input_shape=(8,), input_dtype="int32",
+                    vocab_size=40, num_classes=40, seq_len=8)
+
+
+@pytest.mark.parametrize("model", [
+    dict(mechanism="no_such_attention"),
+    dict(layer_mechanisms="every 2: nope"),  # a name no layer uses at depth 1: still checked
+    dict(layer_mechanisms="every 0: softmax"),
+    dict(layer_mechanisms=["softmax", "softmax"]),  # two names for depth 1
+    dict(width=18, num_heads=4),
+    dict(num_kv_heads=3),
+    dict(width=-8),
+    dict(dtype="float16"),
+    dict(mlp="relu"),
+    dict(dropout=1.5),
+    dict(mechanism="sliding_window", mechanism_kwargs={"windw": 4}),
+    dict(num_head=4),
+])
+def test_validate_and_build_model_give_one_message_per_mistake(model):
+  """The model section has one schema (attnjax.models.ModelConfig): the run's start-up check and
+  build_model raise the same message for the same mistake."""
+  config = _bad("model", **model)
+  with pytest.raises(ValueError) as from_validate:
+    validate.check_config(config)
+  with pytest.raises(ValueError) as from_build:
+    models.build_model(config.model, _LM_SPEC)
+  assert str(from_validate.value).startswith("model")
+  assert str(from_validate.value) == str(from_build.value)
 
 
 def _listing(path):

@@ -1,0 +1,326 @@
+"""The model config schema: `ModelConfig`, one field per model setting, and its one validator.
+
+`ModelConfig.from_config(config)` reads an ml_collections (or plain) mapping, checks every field
+that needs no task and returns the checked config with its defaults resolved; a bad value raises
+a `ValueError` naming the field (`model.<field>`), the same message wherever the mistake is found
+(`attnjax.models.build_model` and `attnjax.train.validate` both go through it). The checks that
+need the task (its kind, vocabulary, image size) stay in `build_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import flax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from attnjax import registry
+from attnjax.nn.blocks import MLP_KINDS, NORM_KINDS, TransformerConfig
+from attnjax.ops.positional import rope
+
+ARCHS = ("decoder_lm", "encoder_classifier", "vit")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+POSITION_EMBEDDINGS = ("learned", "none")
+POOLINGS = ("mean", "cls")
+
+# Arguments that the layer passes to every mechanism: not settable through mechanism_kwargs.
+_RESERVED = frozenset({"causal", "cross", "segment_ids", "q_offset", "kv_lengths", "scale",
+                       "implementation"})
+_SCHEDULE = re.compile(r"^\s*every\s+(\d+)\s*:\s*([A-Za-z0-9_]+)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every field of the `model` config section (a field not listed here is a typo and raises).
+
+  Attributes:
+    arch: "decoder_lm" (`DecoderLM`), "encoder_classifier" (`EncoderClassifier`) or "vit".
+    width: D, the residual width.
+    depth: the number of blocks.
+    num_heads: N query heads (must divide width).
+    num_kv_heads: K key/value heads (None: N; must divide N).
+    mlp_dim: MLP hidden width (None or 0: 4·width).
+    mlp: "gelu" | "swiglu".
+    norm: "rmsnorm" | "layernorm".
+    mechanism: registry name for every layer.
+    mechanism_kwargs: the keyword arguments of `mechanism` (a dict).
+    layer_mechanisms: None, a list of one registry name per layer, or a schedule "every K: name"
+      (layer i uses `name` when i % K == K - 1, `mechanism` otherwise).
+    layer_mechanism_kwargs: {name: kwargs} for layers whose mechanism is not `mechanism`.
+    rope_base: None or a number > 1 (RoPE on q, k).
+    position_embedding: "learned" | "none" (None: "none" for decoder_lm, "learned" otherwise when
+      rope_base is None; vit always learns its positions, "none" is an error).
+    tie_embeddings: decoder_lm: logits through the input embedding.
+    pooling: "mean" | "cls" (classifiers; None: "cls" for vit, "mean" otherwise).
+    patch_size: vit: side of a square patch (must divide the image).
+    pad_id: encoder_classifier, optional: tokens equal to it are masked out of attention and
+      pooling (a token id of the task: checked by `build_model`).
+    use_bias: biases on the projections.
+    dropout: residual/embedding dropout rate in [0, 1), active with `apply(..., train=True,
+      rngs={"dropout": key})`.
+    dtype: compute dtype, "float32" | "bfloat16".
+    param_dtype: parameter dtype, "float32" | "bfloat16".
+  """
+  arch: str
+  width: int
+  depth: int
+  num_heads: int
+  num_kv_heads: Optional[int] = None
+  mlp_dim: Optional[int] = None
+  mlp: str = "gelu"
+  norm: str = "rmsnorm"
+  mechanism: str = "softmax"
+  mechanism_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  layer_mechanisms: Any = None
+  layer_mechanism_kwargs: Mapping[str, Mapping[str, Any]] = dataclasses.field(
+      default_factory=dict)
+  rope_base: Optional[float] = None
+  position_embedding: Optional[str] = None
+  tie_embeddings: bool = True
+  pooling: Optional[str] = None
+  patch_size: Optional[int] = None
+  pad_id: Optional[int] = None
+  use_bias: bool = True
+  dropout: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @classmethod
+  def from_config(cls, config: Any) -> "ModelConfig":
+    """The checked config (defaults resolved) from a mapping of fields (module docstring).
+
+    Raises:
+      ValueError: naming the field, for any bad or inconsistent value.
+    """
+    values = _read(config)
+    arch = values["arch"]
+    for name in ("width", "depth", "num_heads"):
+      values[name] = _positive_int(name, values[name])
+    width, num_heads = values["width"], values["num_heads"]
+    if width % num_heads:
+      raise ValueError(f"model.num_heads ({num_heads}) must divide model.width ({width})")
+    if values["num_kv_heads"] is not None:
+      kv_heads = values["num_kv_heads"] = _positive_int("num_kv_heads", values["num_kv_heads"])
+      if num_heads % kv_heads:
+        raise ValueError(f"model.num_kv_heads ({kv_heads}) must divide model.num_heads "
+                         f"({num_heads})")
+    mlp_dim = values["mlp_dim"] or 4 * width
+    if isinstance(mlp_dim, bool) or not isinstance(mlp_dim, (int, np.integer)) or mlp_dim <= 0:
+      raise ValueError(f"model.mlp_dim must be a positive integer or None, got {mlp_dim!r}")
+    values["mlp_dim"] = int(mlp_dim)
+    rope_base = values["rope_base"]
+    if rope_base is not None:
+      if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or rope_base <= 1:
+        raise ValueError(f"model.rope_base must be None or a number > 1, got {rope_base!r}")
+      try:
+        rope.rotary_dim(width // num_heads)
+      except ValueError as e:
+        raise ValueError(f"model.rope_base: {e}") from None
+      values["rope_base"] = float(rope_base)
+    dropout = values["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+      raise ValueError(f"model.dropout must be in [0, 1), got {dropout!r}")
+    values["dropout"] = float(dropout)
+    if not isinstance(values["use_bias"], bool):
+      raise ValueError(f"model.use_bias must be a bool, got {values['use_bias']!r}")
+    _choice("mlp", values["mlp"], MLP_KINDS)
+    _choice("norm", values["norm"], NORM_KINDS)
+    _choice("dtype", values["dtype"], tuple(DTYPES))
+    _choice("param_dtype", values["param_dtype"], tuple(DTYPES))
+
+    default_pos = "none" if arch == "decoder_lm" or (rope_base and arch != "vit") else "learned"
+    if values["position_embedding"] is None:
+      values["position_embedding"] = default_pos
+    _choice("position_embedding", values["position_embedding"], POSITION_EMBEDDINGS)
+    if arch == "decoder_lm":
+      if not isinstance(values["tie_embeddings"], bool):
+        raise ValueError(f"model.tie_embeddings must be a bool, got {values['tie_embeddings']!r}")
+    else:
+      if values["pooling"] is None:
+        values["pooling"] = "cls" if arch == "vit" else "mean"
+      _choice("pooling", values["pooling"], POOLINGS)
+    if arch == "vit":
+      if values["position_embedding"] == "none":
+        raise ValueError("model.position_embedding: a vit always learns its patch positions; "
+                         "use 'learned' (or leave it unset)")
+      values["patch_size"] = _positive_int("patch_size", values["patch_size"])
+    config = cls(**values)
+    config.layers()  # checks the mechanisms and their keyword arguments
+    return config
+
+  @property
+  def causal(self) -> bool:
+    return self.arch == "decoder_lm"
+
+  @property
+  def packed(self) -> bool:
+    """True when the layers get segment ids (an encoder_classifier with a pad_id)."""
+    return self.arch == "encoder_classifier" and self.pad_id is not None
+
+  def layers(self) -> tuple[tuple[str, ...], tuple[flax.core.FrozenDict, ...]]:
+    """Per layer, the mechanism name and its keyword arguments, after checking them (every name
+    the config gives, also one a schedule uses at no layer of this depth)."""
+    names = layer_mechanisms(self.mechanism, self.layer_mechanisms, self.depth)
+    other_kwargs = self.layer_mechanism_kwargs or {}
+    if not isinstance(other_kwargs, Mapping):
+      raise ValueError(f"model.layer_mechanism_kwargs must map mechanism names to dicts, got "
+                       f"{other_kwargs!r}")
+    for name in dict.fromkeys(mechanism_names(self)):
+      if name not in names:
+        where = "model.mechanism" if name == self.mechanism else "model.layer_mechanisms"
+        _mechanism(where, name)
+    per_layer = []
+    for i, name in enumerate(names):
+      where = "model.mechanism" if name == self.mechanism else f"model.layer_mechanisms[{i}]"
+      mech = _mechanism(where, name)
+      try:
+        mech.check_pattern(causal=self.causal, cross=False)
+      except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+      if self.packed and not mech.packed:
+        raise ValueError(f"{where}: mechanism {name!r} does not support segment_ids, which "
+                         "model.pad_id needs")
+      if name == self.mechanism:
+        kwargs, kw_where = self.mechanism_kwargs or {}, "model.mechanism_kwargs"
+      else:
+        kwargs, kw_where = other_kwargs.get(name, {}), f"model.layer_mechanism_kwargs[{name!r}]"
+      _check_kwargs(kw_where, mech, kwargs)
+      per_layer.append(flax.core.FrozenDict(kwargs))
+    return names, tuple(per_layer)
+
+  def transformer(self) -> TransformerConfig:
+    """The blocks' `TransformerConfig`."""
+    names, kwargs = self.layers()
+    return TransformerConfig(
+        width=self.width, num_heads=self.num_heads, mechanisms=names, mechanism_kwargs=kwargs,
+        num_kv_heads=self.num_kv_heads, mlp_dim=self.mlp_dim, mlp=self.mlp, norm=self.norm,
+        causal=self.causal, rope_base=self.rope_base, use_bias=self.use_bias,
+        dropout=self.dropout, dtype=DTYPES[self.dtype], param_dtype=DTYPES[self.param_dtype])
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def _plain(value: Any) -> Any:
+  """ConfigDict / FrozenDict → dict (recursively); other values as they are."""
+  if isinstance(value, ml_collections.ConfigDict):
+    return value.to_dict()
+  if isinstance(value, flax.core.FrozenDict):
+    return flax.core.unfreeze(value)
+  return value
+
+
+def check_fields(config: Any) -> str:
+  """Checks the field names and `arch`; returns the arch."""
+  unknown = sorted(set(config.keys()) - set(FIELDS))
+  if unknown:
+    raise ValueError(f"model: unknown fields {unknown}; the model config takes {list(FIELDS)}")
+  return _choice("arch", _plain(config.get("arch", None)), ARCHS)
+
+
+def _read(config: Any) -> dict[str, Any]:
+  """Every field's value as set (the dataclass default when unset; None for a required field)."""
+  check_fields(config)
+  values = {}
+  for f in dataclasses.fields(ModelConfig):
+    default = None if f.default is dataclasses.MISSING else f.default
+    values[f.name] = _plain(config.get(f.name, default))
+  values["mechanism_kwargs"] = values["mechanism_kwargs"] or {}
+  values["layer_mechanism_kwargs"] = values["layer_mechanism_kwargs"] or {}
+  return values
+
+
+def _positive_int(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+  return int(value)
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
+  if value not in choices:
+    raise ValueError(f"model.{name} must be one of {tuple(choices)}, got {value!r}")
+  return value
+
+
+def _mechanism(where: str, name: str) -> registry.Mechanism:
+  try:
+    return registry.get(name)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def _schedule(schedule: str) -> tuple[int, str]:
+  """(K, name) of a schedule string "every K: name"."""
+  match = _SCHEDULE.match(schedule)
+  if not match or int(match.group(1)) < 1:
+    raise ValueError(f"model.layer_mechanisms: a schedule string must read 'every K: name' with "
+                     f"K >= 1, got {schedule!r}")
+  return int(match.group(1)), match.group(2)
+
+
+def layer_mechanisms(mechanism: str, schedule: Any, depth: int) -> tuple[str, ...]:
+  """One mechanism name per layer from `layer_mechanisms` (None, a list, or "every K: name")."""
+  if schedule is None or schedule == "":
+    return (mechanism,) * depth
+  if isinstance(schedule, str):
+    every, name = _schedule(schedule)
+    return tuple(name if i % every == every - 1 else mechanism for i in range(depth))
+  if isinstance(schedule, (list, tuple)):
+    if len(schedule) != depth or not all(isinstance(n, str) for n in schedule):
+      raise ValueError(f"model.layer_mechanisms must name one mechanism per layer (depth {depth}), "
+                       f"got {schedule!r}")
+    return tuple(schedule)
+  raise ValueError(f"model.layer_mechanisms must be None, a list of names or 'every K: name', "
+                   f"got {schedule!r}")
+
+
+def mechanism_names(config: Any) -> list[str]:
+  """Every mechanism name a model config (a mapping or a `ModelConfig`) gives: `mechanism`, then
+  those of `layer_mechanisms` (the list as written, or the name of a schedule "every K: name")."""
+  if isinstance(config, ModelConfig):
+    mechanism, schedule = config.mechanism, config.layer_mechanisms
+  else:
+    mechanism = _plain(config.get("mechanism", "softmax"))
+    schedule = _plain(config.get("layer_mechanisms", None))
+  names = [mechanism]
+  if isinstance(schedule, str) and schedule:
+    names.append(_schedule(schedule)[1])
+  elif isinstance(schedule, (list, tuple)):
+    names.extend(schedule)
+  return names
+
+
+def _check_kwargs(where: str, mech: registry.Mechanism, kwargs: Mapping[str, Any]):
+  """Keyword arguments the mechanism's function accepts, and every required one present."""
+  if not isinstance(kwargs, Mapping):
+    raise ValueError(f"{where} must be a dict of keyword arguments, got {kwargs!r}")
+  reserved = sorted(set(kwargs) & (_RESERVED | {p.name for p in mech.params}))
+  if reserved:
+    raise ValueError(f"{where}: {reserved} are set by the layer, not by config, for mechanism "
+                     f"{mech.name!r}")
+  params = inspect.signature(mech.fn).parameters
+  if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+      accepted = sorted(set(params) - _RESERVED - {"q", "k", "v"} - {p.name for p in mech.params})
+      raise ValueError(f"{where}: mechanism {mech.name!r} takes no arguments {unknown}; it accepts "
+                       f"{accepted}")
+  missing = sorted(n for n, p in params.items()
+                   if p.kind == p.KEYWORD_ONLY and p.default is p.empty and n not in kwargs
+                   and n not in mech.defaults and n not in {s.name for s in mech.params})
+  if missing:
+    raise ValueError(f"{where}: mechanism {mech.name!r} needs the arguments {missing}")
+
+
+def check_config(config: Any) -> ModelConfig:
+  """`ModelConfig.from_config`: every check that needs no task, the messages of `build_model`."""
+  return ModelConfig.from_config(config)
+
+
+__all__ = ["ARCHS", "DTYPES", "FIELDS", "ModelConfig", "check_config", "layer_mechanisms",
+           "mechanism_names"]

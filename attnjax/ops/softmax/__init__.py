@@ -1,0 +1,18 @@
+"""Softmax attention and the variants expressed as score/mask mods over `attnjax.core.flex`.
+
+  dot_product.py    dot_product_attention (bias, masks, windows, packed documents, soft-capping,
+                    GQA) and the `softmax` mechanism (Vaswani et al., arXiv:1706.03762).
+  flex_variants.py  the FlexAttention paper's worked examples as mechanisms: flex, sliding_window,
+                    alibi, softcap, document_masked, prefix_lm (Dong et al., arXiv:2412.05496).
+
+Importing this package registers the mechanisms.
+"""
+
+from attnjax.ops.softmax.dot_product import dot_product_attention, softmax_attention
+from attnjax.ops.softmax.flex_variants import (alibi_attention, document_masked_attention,
+                                               flex_mechanism, prefix_lm_attention,
+                                               sliding_window_attention, softcap_attention)
+
+__all__ = ["alibi_attention", "document_masked_attention", "dot_product_attention",
+           "flex_mechanism", "prefix_lm_attention", "sliding_window_attention",
+           "softcap_attention", "softmax_attention"]

@@ -1,0 +1,24 @@
+"""Logical-axis sharding rules: the default map from the models' logical axis names to the mesh.
+
+Parameters and activations of attnjax.models carry logical axis names ("batch", "embed", "heads",
+...); these (logical axis, mesh axes) pairs place them on the mesh axes ("data", "fsdp", "tensor")
+of `attnjax.parallel.mesh`. A config overrides them with `logical_axis_rules`.
+"""
+
+# (logical axis, mesh axes) pairs, first match wins; a mesh axis is used at most once per array,
+# so activations ("batch", "length", "embed") shard the batch over data × fsdp and parameters
+# ("embed", ...) over fsdp. Names not listed are replicated.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("classes", None),
+    ("patch", None),
+    ("norm", None),
+)
+
+__all__ = ["DEFAULT_LOGICAL_AXIS_RULES"]

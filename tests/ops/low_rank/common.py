@@ -1,0 +1,28 @@
+"""Input builders and jaxpr probes shared by the tests/ops/low_rank/ tests.
+
+`qkv` keeps the original per-array seeds (seed, seed + 1, seed + 2), so the tests' values are
+unchanged; `tests.inputs.qkv` splits one key and would draw different arrays.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from tests import inputs
+
+
+def rand(seed, *shape):
+  return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+
+
+def qkv(T=19, S=19, N=4, K=2, H=8, h=6, B=2, seed=0):
+  return rand(seed, B, T, N, H), rand(seed + 1, B, S, K, H), rand(seed + 2, B, S, K, h)
+
+
+shapes = inputs.intermediate_shapes
+
+
+def has_t_by_s(shapes, T, S):
+  """Whether some intermediate has both a T axis and a distinct S axis (T, S chosen unusual)."""
+  if T == S:
+    return any(sum(d == T for d in s) >= 2 for s in shapes)
+  return any(T in s and S in s for s in shapes)
