@@ -105,6 +105,9 @@ SAMPLED_FREQUENCY = dict(atol=0.015)
 # Absolute slack of a sample-mean bound: float32 rounding of O(1) draws, for entries whose draws
 # barely vary (their standard error is ~0).
 SAMPLE_MEAN_SLACK = 1e-6
+# Standard errors a sample statistic may stray from its expectation (seeds fixed; a 5-sigma miss has
+# probability < 1e-6 per entry).
+SIGMAS = 5
 
 # Lower bounds: a change that should reach an output moves it by more than this (far above float32
 # rounding, far below what a real dependence does), so a test of "unchanged elsewhere" also checks

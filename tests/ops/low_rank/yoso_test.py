@@ -47,7 +47,7 @@ def _assert_mean_converges(samples, expected, draws):
   seed is fixed). The error also falls with more draws (√10 ≈ 3.2 times in expectation)."""
   samples, expected = np.asarray(samples, np.float64), np.asarray(expected, np.float64)
   mean, sd = samples.mean(0), samples.std(0, ddof=1)
-  assert np.all(np.abs(mean - expected) <= 5 * sd / np.sqrt(draws)
+  assert np.all(np.abs(mean - expected) <= tolerances.SIGMAS * sd / np.sqrt(draws)
                 + tolerances.SAMPLE_MEAN_SLACK)
   err_few = np.abs(samples[:draws // 10].mean(0) - expected).mean()
   assert np.abs(mean - expected).mean() < err_few / 2
