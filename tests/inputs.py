@@ -9,12 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def qkv(*, B=2, T=13, S=None, N=4, K=2, H=8, h=6, seed=0, dtype=jnp.float32):
-  """Standard-normal `q [B,T,N,H]`, `k [B,S,K,H]`, `v [B,S,K,h]` (S = T by default)."""
+def qkv(*, B=2, T=13, S=None, N=4, K=2, H=8, h=6, seed=0, dtype=jnp.float32,
+        key_per_array=False):
+  """Standard-normal `q [B,T,N,H]`, `k [B,S,K,H]`, `v [B,S,K,h]` (S = T by default).
+
+  The three arrays come from `split(PRNGKey(seed), 3)`, or with `key_per_array` from `PRNGKey(seed)`,
+  `PRNGKey(seed + 1)`, `PRNGKey(seed + 2)` (the draws some tests were written against).
+  """
   S = T if S is None else S
-  kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+  if key_per_array:
+    keys = [jax.random.PRNGKey(seed + i) for i in range(3)]
+  else:
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
   return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype)
-               for key, shape in ((kq, (B, T, N, H)), (kk, (B, S, K, H)), (kv, (B, S, K, h))))
+               for key, shape in zip(keys, ((B, T, N, H), (B, S, K, H), (B, S, K, h)), strict=True))
 
 
 def jit_with(fn, **static):

@@ -1,7 +1,7 @@
 """Input builders and jaxpr probes shared by the tests/ops/low_rank/ tests.
 
-`qkv` keeps the original per-array seeds (seed, seed + 1, seed + 2), so the tests' values are
-unchanged; `tests.inputs.qkv` splits one key and would draw different arrays.
+`qkv` is `tests.inputs.qkv` with per-array keys (seed, seed + 1, seed + 2), the draws these tests
+were written against.
 """
 
 import jax
@@ -15,7 +15,8 @@ def rand(seed, *shape):
 
 
 def qkv(T=19, S=19, N=4, K=2, H=8, h=6, B=2, seed=0):
-  return rand(seed, B, T, N, H), rand(seed + 1, B, S, K, H), rand(seed + 2, B, S, K, h)
+  """`tests.inputs.qkv` with these tests' sizes and per-array keys."""
+  return inputs.qkv(B=B, T=T, S=S, N=N, K=K, H=H, h=h, seed=seed, key_per_array=True)
 
 
 shapes = inputs.intermediate_shapes

@@ -15,6 +15,7 @@ import pytest
 
 import attnjax as aj
 from attnjax.ops.mixers.ffn_replacement import ffn_attention_replacement
+from tests import inputs
 from tests import tolerances
 from tests.ops.mixers import mixer_checks
 
@@ -51,7 +52,7 @@ def _ffn_direct(v, params, *, causal):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("impl", ["xla", "reference"])
 def test_ffn_equals_the_flattened_sequence_ffn(causal, impl):
-  q, k, v = mixer_checks.qkv_by_seed(2, 7, 4, 2, 3, 5)
+  q, k, v = inputs.qkv(B=2, T=7, N=4, K=2, H=3, h=5, key_per_array=True)
   params = _ffn_params(0, N=4, h=5, L=10)
   out = jax.jit(lambda v: aj.attention("ffn_attention_replacement", q, k, v, causal=causal,
                                        implementation=impl, **params))(v)
@@ -59,7 +60,7 @@ def test_ffn_equals_the_flattened_sequence_ffn(causal, impl):
 
 
 def test_ffn_errors_and_empty_rows():
-  q, k, v = mixer_checks.qkv_by_seed(1, 12, 2, 2, 3, 4)
+  q, k, v = inputs.qkv(B=1, T=12, N=2, K=2, H=3, h=4, key_per_array=True)
   params = _ffn_params(0, N=2, h=4, L=10)
   with pytest.raises(ValueError, match="exceeds the maximum length 10"):
     ffn_attention_replacement(q, k, v, **params)
@@ -95,7 +96,7 @@ def test_ffn_exactly_represents_a_position_only_attention_layer(causal):
   units ReLU(±v_jc) give v_jc = ReLU(v_jc) - ReLU(-v_jc), and W_2 row t weighs them by P_tj (the
   causal form masks j > t, matching a causal P). GQA: two query heads, one value head."""
   L, T, N, K, h = 8, 6, 4, 2, 3
-  q, k, v = mixer_checks.qkv_by_seed(2, T, N, K, 5, h)
+  q, k, v = inputs.qkv(B=2, T=T, N=N, K=K, H=5, h=h, key_per_array=True)
   slopes = np.array([0.25, 0.5, 1.0, 2.0])
   P_full, _ = _position_only_attention(np.zeros((1, L, K, h)), slopes, L=L, causal=causal)
   eye = np.eye(L * h).reshape(L, h, L * h)

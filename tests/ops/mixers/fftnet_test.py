@@ -15,6 +15,7 @@ import scipy.special
 
 import attnjax as aj
 from attnjax.ops.mixers.fftnet import fftnet_spectral_filter, spectral_filter
+from tests import inputs
 from tests import tolerances
 from tests.ops.mixers import mixer_checks
 
@@ -54,7 +55,7 @@ def _fft_params(seed, *, N, h, L, M=4, context=0.1):
 
 def test_fftnet_is_fft_based_with_no_quadratic_matrix():
   T = L = 64
-  q, k, v = mixer_checks.qkv_by_seed(1, T, 2, 1, 3, 5)
+  q, k, v = inputs.qkv(B=1, T=T, N=2, K=1, H=3, h=5, key_per_array=True)
   params = _fft_params(0, N=2, h=5, L=L)
   fn = lambda q, k, v: fftnet_spectral_filter(q, k, v, implementation="xla", **params)
   most, prims = _max_dims_of_size(fn, T, q, k, v)
@@ -129,7 +130,7 @@ def test_fftnet_equals_a_float64_rewrite_of_the_paper(impl, activation):
   """FFT → context-adapted filter → modReLU → iFFT of each head's values (GQA: two query heads
   share a value head, each with its own filter), against complex numpy FFTs in float64."""
   T, L, N, K, H, h = 10, 16, 4, 2, 3, 5
-  q, k, v = mixer_checks.qkv_by_seed(2, T, N, K, H, h)
+  q, k, v = inputs.qkv(B=2, T=T, N=N, K=K, H=H, h=h, key_per_array=True)
   params = _fft_params(5, N=N, h=h, L=L, context=0.2)
   out = jax.jit(lambda v: aj.attention("fftnet_spectral_filter", q, k, v, activation=activation,
                                        implementation=impl, **params))(v)
@@ -139,7 +140,7 @@ def test_fftnet_equals_a_float64_rewrite_of_the_paper(impl, activation):
 def test_fftnet_linear_filter_is_the_circular_convolution_of_the_values():
   """Without modReLU: circular convolution of the zero-padded values with irfft(W + ΔW)."""
   T, L, N, h = 10, 16, 2, 3
-  q, k, v = mixer_checks.qkv_by_seed(1, T, N, N, 4, h)
+  q, k, v = inputs.qkv(B=1, T=T, N=N, K=N, H=4, h=h, key_per_array=True)
   params = _fft_params(2, N=N, h=h, L=L, context=0.0)        # ΔW = 0: the filter is W
   out = jax.jit(lambda v: aj.attention("fftnet_spectral_filter", q, k, v, activation=False,
                                        **params))(v)
@@ -150,7 +151,7 @@ def test_fftnet_linear_filter_is_the_circular_convolution_of_the_values():
 
 def test_fftnet_all_pass_without_activation_preserves_energy_per_channel():
   T = L = 16
-  q, k, v = mixer_checks.qkv_by_seed(2, T, 4, 2, 3, 5)
+  q, k, v = inputs.qkv(B=2, T=T, N=4, K=2, H=3, h=5, key_per_array=True)
   params = _fft_params(0, N=4, h=5, L=L, context=0.0)
   params["fft_filter"] = jnp.sign(params["fft_filter"] - 1.0)
   out = aj.attention("fftnet_spectral_filter", q, k, v, activation=False, **params)
@@ -162,7 +163,7 @@ def test_fftnet_all_pass_without_activation_preserves_energy_per_channel():
 def test_fftnet_short_sequence_is_the_zero_padded_transform():
   """T < L: the output equals the first T rows of the length-L input padded with hidden tokens."""
   L, T = 32, 13
-  q, k, v = mixer_checks.qkv_by_seed(2, L, 2, 2, 3, 4)
+  q, k, v = inputs.qkv(B=2, T=L, N=2, K=2, H=3, h=4, key_per_array=True)
   params = _fft_params(3, N=2, h=4, L=L)
   short = aj.attention("fftnet_spectral_filter", q[:, :T], k[:, :T], v[:, :T], **params)
   padded = aj.attention("fftnet_spectral_filter", q, _rows_with_garbage(k, T),
@@ -172,7 +173,7 @@ def test_fftnet_short_sequence_is_the_zero_padded_transform():
 
 @pytest.mark.slow
 def test_fftnet_fully_padded_input_gives_zeros_and_finite_gradients():
-  q, k, v = mixer_checks.qkv_by_seed(2, 8, 2, 2, 3, 4)
+  q, k, v = inputs.qkv(B=2, T=8, N=2, K=2, H=3, h=4, key_per_array=True)
   params = _fft_params(0, N=2, h=4, L=16)
   lengths = jnp.array([0, 8])
   fn = lambda v: aj.attention("fftnet_spectral_filter", q, k, v, kv_lengths=lengths, **params)
@@ -182,7 +183,7 @@ def test_fftnet_fully_padded_input_gives_zeros_and_finite_gradients():
 
 
 def test_fftnet_errors():
-  q, k, v = mixer_checks.qkv_by_seed(1, 20, 2, 2, 3, 4)
+  q, k, v = inputs.qkv(B=1, T=20, N=2, K=2, H=3, h=4, key_per_array=True)
   params = _fft_params(0, N=2, h=4, L=16)
   with pytest.raises(ValueError, match="exceeds the maximum length L = 2 \\(F - 1\\) = 16"):
     fftnet_spectral_filter(q, k, v, **params)

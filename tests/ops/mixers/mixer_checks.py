@@ -16,13 +16,6 @@ def normal(seed, shape, scale=1.0):
   return scale * jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
 
 
-def qkv_by_seed(B, T, N, K, H, h, seed=0):
-  """q, k, v (T == S) drawn from keys `seed`, `seed + 1`, `seed + 2`: the mixer tests' inputs since
-  before `tests.inputs.qkv` (which splits one key), kept so every test sees the same values."""
-  return (normal(seed, (B, T, N, H)), normal(seed + 1, (B, T, K, H)),
-          normal(seed + 2, (B, T, K, h)))
-
-
 def check_reads_only_values_and_rejects_scale(name):
   """The paper's mixer reads one stream (v here): q and k leave the output bit-identical, the layer
   makes no projection for them; no scores, so a logit scale is an error, not silently ignored."""
@@ -30,9 +23,9 @@ def check_reads_only_values_and_rejects_scale(name):
   assert mech.reads == frozenset({"v"})
   causal = "causal_self" in mech.patterns
   example = mech.example_kwargs_for(N=4, K=2, H=8, h=6)
-  q, k, v = qkv_by_seed(2, 12, 4, 2, 8, 6)
+  q, k, v = inputs.qkv(B=2, T=12, N=4, K=2, H=8, h=6, key_per_array=True)
   fn = jax.jit(lambda q, k, v: mech(q, k, v, causal=causal, **example))
-  q2, k2, _ = qkv_by_seed(2, 12, 4, 2, 8, 6, seed=9)
+  q2, k2, _ = inputs.qkv(B=2, T=12, N=4, K=2, H=8, h=6, seed=9, key_per_array=True)
   chex.assert_trees_all_equal(fn(q2, k2, v), fn(q, k, v))
   with pytest.raises(ValueError, match=f"{name}: `scale` must be None"):
     mech(q, k, v, causal=causal, scale=0.5, **example)

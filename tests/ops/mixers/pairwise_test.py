@@ -14,6 +14,7 @@ import pytest
 
 import attnjax as aj
 from attnjax.ops.mixers.pairwise import causal_pairwise_mixer
+from tests import inputs
 from tests import tolerances
 from tests.ops.mixers import mixer_checks
 
@@ -38,7 +39,7 @@ def test_pairwise_equals_a_float64_rewrite_of_the_paper(impl):
   """y_t = GELU(v_t A + v_{t-1} B + m_t C + b), m_t the mean of v_1..v_t, per query head (GQA:
   two query heads share a value head, each with its own A, B, C, b), in a float64 loop."""
   T, N, K, h = 7, 4, 2, 3
-  q, k, v = mixer_checks.qkv_by_seed(2, T, N, K, 5, h, seed=4)
+  q, k, v = inputs.qkv(B=2, T=T, N=N, K=K, H=5, h=h, seed=4, key_per_array=True)
   params = _pairwise_params(2, N=N, h=h)
   out = jax.jit(lambda v: causal_pairwise_mixer(q, k, v, implementation=impl,
                                               **params))(v)
@@ -58,7 +59,7 @@ def test_pairwise_equals_a_float64_rewrite_of_the_paper(impl):
 @pytest.mark.parametrize("impl", ["xla", "reference"])
 def test_pairwise_output_depends_only_on_token_and_predecessor(impl):
   T, N, h = 8, 2, 3
-  q, k, v = mixer_checks.qkv_by_seed(1, T, N, N, 2, h)
+  q, k, v = inputs.qkv(B=1, T=T, N=N, K=N, H=2, h=h, key_per_array=True)
   params = _pairwise_params(0, N=N, h=h)
   fn = lambda v: aj.attention("causal_pairwise_mixer", q, k, v, causal=True, use_context=False,
                               implementation=impl, **params)
@@ -72,7 +73,7 @@ def test_pairwise_output_depends_only_on_token_and_predecessor(impl):
 @pytest.mark.parametrize("impl", ["xla", "reference"])
 def test_pairwise_context_enters_only_through_the_running_mean(impl):
   T, N, h = 8, 2, 3
-  q, k, v = mixer_checks.qkv_by_seed(1, T, N, N, 2, h, seed=3)
+  q, k, v = inputs.qkv(B=1, T=T, N=N, K=N, H=2, h=h, seed=3, key_per_array=True)
   params = _pairwise_params(1, N=N, h=h)
   fn = lambda v: aj.attention("causal_pairwise_mixer", q, k, v, causal=True, implementation=impl,
                               **params)
@@ -88,7 +89,7 @@ def test_pairwise_context_enters_only_through_the_running_mean(impl):
 
 def test_pairwise_packed_run_start_has_no_predecessor():
   T, N, h = 8, 2, 3
-  q, k, v = mixer_checks.qkv_by_seed(1, T, N, N, 2, h)
+  q, k, v = inputs.qkv(B=1, T=T, N=N, K=N, H=2, h=h, key_per_array=True)
   seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
   fn = lambda v: aj.attention("causal_pairwise_mixer", q, k, v, causal=True, segment_ids=seg,
                               **_pairwise_params(0, N=N, h=h))
@@ -101,7 +102,7 @@ def test_pairwise_recurrent_state_is_the_last_value_and_running_sum():
   """Decoding carries (v_{t-1}, Σ v, count): 2·K·h + 1 numbers whatever the length, and each
   step gives the full forward's row."""
   T, N, K, h = 9, 4, 2, 3
-  q, k, v = mixer_checks.qkv_by_seed(2, T, N, K, 5, h)
+  q, k, v = inputs.qkv(B=2, T=T, N=N, K=K, H=5, h=h, key_per_array=True)
   params = _pairwise_params(3, N=N, h=h)
   full = causal_pairwise_mixer(q, k, v, **params)
   step = jax.jit(lambda q, k, v, state: causal_pairwise_mixer(
