@@ -1,6 +1,7 @@
 """The operator contract's masks and bookkeeping, shared by every mechanism (see `attnjax.registry`).
 
   contract_mask     the mask_mod of `causal`, `q_offset`, `segment_ids`, `kv_lengths` (and q lengths)
+  flex_with_contract  `flex_attention` under those masks (the body of a score/mask-mod mechanism)
   valid_slots       `[B, S]` True at key slots below `kv_lengths` (a KV cache's filled part)
   zero_padded       keys/values in float32 with the slots at or past `kv_lengths` zeroed
   lengths_or_full   `kv_lengths` validated as `[B]` int32, or S for every row
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.core import checks
+from attnjax.core import flex
 from attnjax.core import masks
 
 
@@ -51,6 +53,23 @@ def contract_mask(*, B: int, T: int, S: int, causal: bool = False, q_offset=0, s
   if kv_lengths is not None or q_lengths is not None:
     mods.append(masks.padding(kv_lengths=kv_lengths, q_lengths=q_lengths))
   return masks.combine_masks(*mods)
+
+
+def flex_with_contract(op: str, q, k, v, *, causal: bool, segment_ids, q_offset, kv_lengths, scale,
+                       implementation, mask_mod=None, score_mod=None, block_mask=None,
+                       normalizer="softmax"):
+  """`flex_attention` with the contract's masks (causal, packed documents, lengths) and-ed with
+  `mask_mod`: the body of every mechanism that is one score/mask mod or normalizer on flex."""
+  B, T, S, _, _, _, _ = checks.check_qkv(op, q, k, v)
+  base = contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset, segment_ids=segment_ids,
+                       kv_lengths=kv_lengths, op=op)
+  if block_mask is not None and base is not None:
+    raise ValueError(f"{op}: a precomputed `block_mask` must already contain causal/segment/length "
+                     "masking; pass them in its mask_mod instead")
+  # With a block mask, `mask_mod` (if any) further restricts it: flex_attention intersects the two.
+  return flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                             mask_mod=masks.combine_masks(base, mask_mod), normalizer=normalizer,
+                             scale=scale, implementation=implementation)
 
 
 def valid_slots(B: int, S: int, kv_lengths=None) -> jax.Array:

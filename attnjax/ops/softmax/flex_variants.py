@@ -12,10 +12,8 @@ from typing import Optional
 
 import numpy as np
 
-from attnjax.core import checks
-from attnjax.core import flex
 from attnjax.core import masks
-from attnjax.core.contract import contract_mask
+from attnjax.core.contract import flex_with_contract as _flex_with
 from attnjax.registry import Mechanism, register
 from attnjax.typing import Key, Lengths, Output, Query, Value
 
@@ -24,20 +22,6 @@ __all__ = ["alibi_attention", "document_masked_attention", "flex_mechanism",
 
 _FLEX_PAPER = dict(paper="Flex Attention: A Programming Model for Generating Optimized Attention "
                          "Kernels", arxiv="2412.05496")
-
-
-def _flex_with(op, q, k, v, *, causal, segment_ids, q_offset, kv_lengths, scale, implementation,
-               mask_mod=None, score_mod=None, block_mask=None, normalizer="softmax"):
-  B, T, S, _, _, _, _ = checks.check_qkv(op, q, k, v)
-  base = contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset, segment_ids=segment_ids,
-                       kv_lengths=kv_lengths, op=op)
-  if block_mask is not None and base is not None:
-    raise ValueError(f"{op}: a precomputed `block_mask` must already contain causal/segment/length "
-                     "masking; pass them in its mask_mod instead")
-  # With a block mask, `mask_mod` (if any) further restricts it: flex_attention intersects the two.
-  return flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                             mask_mod=masks.combine_masks(base, mask_mod), normalizer=normalizer,
-                             scale=scale, implementation=implementation)
 
 
 def flex_mechanism(q: Query, k: Key, v: Value, *, causal: bool = False, segment_ids=None,
