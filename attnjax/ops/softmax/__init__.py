@@ -4,6 +4,7 @@
                     GQA) and the `softmax` mechanism (Vaswani et al., arXiv:1706.03762).
   flex_variants.py  the FlexAttention paper's worked examples as mechanisms: flex, sliding_window,
                     alibi, softcap, document_masked, prefix_lm (Dong et al., arXiv:2412.05496).
+  rela.py           rectified_linear_attention, ReLU scores with a gated RMSNorm (arXiv:2104.07012).
   softpick.py       softpick_attention, the rectified softmax without a sink (arXiv:2504.20966).
 
 Importing this package registers the mechanisms.
@@ -13,8 +14,9 @@ from attnjax.ops.softmax.dot_product import dot_product_attention, softmax_atten
 from attnjax.ops.softmax.flex_variants import (alibi_attention, document_masked_attention,
                                                flex_mechanism, prefix_lm_attention,
                                                sliding_window_attention, softcap_attention)
+from attnjax.ops.softmax.rela import rectified_linear_attention
 from attnjax.ops.softmax.softpick import softpick_attention
 
 __all__ = ["alibi_attention", "document_masked_attention", "dot_product_attention",
-           "flex_mechanism", "prefix_lm_attention", "sliding_window_attention",
-           "softcap_attention", "softmax_attention", "softpick_attention"]
+           "flex_mechanism", "prefix_lm_attention", "rectified_linear_attention",
+           "sliding_window_attention", "softcap_attention", "softmax_attention", "softpick_attention"]
