@@ -57,7 +57,7 @@ def contract_mask(*, B: int, T: int, S: int, causal: bool = False, q_offset=0, s
 
 def flex_with_contract(op: str, q, k, v, *, causal: bool, segment_ids, q_offset, kv_lengths, scale,
                        implementation, mask_mod=None, score_mod=None, block_mask=None,
-                       normalizer="softmax"):
+                       normalizer="softmax", return_residuals: bool = False):
   """`flex_attention` with the contract's masks (causal, packed documents, lengths) and-ed with
   `mask_mod`: the body of every mechanism that is one score/mask mod or normalizer on flex."""
   B, T, S, _, _, _, _ = checks.check_qkv(op, q, k, v)
@@ -69,7 +69,8 @@ def flex_with_contract(op: str, q, k, v, *, causal: bool, segment_ids, q_offset,
   # With a block mask, `mask_mod` (if any) further restricts it: flex_attention intersects the two.
   return flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
                              mask_mod=masks.combine_masks(base, mask_mod), normalizer=normalizer,
-                             scale=scale, implementation=implementation)
+                             scale=scale, implementation=implementation,
+                             return_residuals=return_residuals)
 
 
 def valid_slots(B: int, S: int, kv_lengths=None) -> jax.Array:

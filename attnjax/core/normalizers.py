@@ -99,7 +99,11 @@ SIGMOID = Normalizer("sigmoid", weight=lambda s, m: jax.nn.sigmoid(s), normalize
 # Weights relu(s), unnormalized (the paper normalizes the output with RMSNorm in the layer).
 RELU = Normalizer("relu", weight=lambda s, m: jax.nn.relu(s), normalized=False)
 
-_NORMALIZERS = {n.name: n for n in (SOFTMAX, SOFTPICK, SIGMOID, RELU)}
+# Unnormalized exponential weights e^s: with a score_mod that subtracts a row's log-sum-exp computed
+# in an earlier pass, a two-pass form of a normalizer that needs more than the running max (Cog).
+EXP = Normalizer("exp", weight=lambda s, m: jnp.exp(s), normalized=False)
+
+_NORMALIZERS = {n.name: n for n in (SOFTMAX, SOFTPICK, SIGMOID, RELU, EXP)}
 
 
 def register_normalizer(normalizer: Normalizer) -> Normalizer:

@@ -1,5 +1,6 @@
 """Softmax attention and the variants expressed as score/mask mods over `attnjax.core.flex`.
 
+  cog.py            cog_attention, signed weights sign(s)e^|s| / Σ e^|s| (arXiv:2411.07176).
   dot_product.py    dot_product_attention (bias, masks, windows, packed documents, soft-capping,
                     GQA) and the `softmax` mechanism (Vaswani et al., arXiv:1706.03762).
   flex_variants.py  the FlexAttention paper's worked examples as mechanisms: flex, sliding_window,
@@ -10,6 +11,7 @@
 Importing this package registers the mechanisms.
 """
 
+from attnjax.ops.softmax.cog import cog_attention
 from attnjax.ops.softmax.dot_product import dot_product_attention, softmax_attention
 from attnjax.ops.softmax.flex_variants import (alibi_attention, document_masked_attention,
                                                flex_mechanism, prefix_lm_attention,
@@ -17,6 +19,6 @@ from attnjax.ops.softmax.flex_variants import (alibi_attention, document_masked_
 from attnjax.ops.softmax.rela import rectified_linear_attention
 from attnjax.ops.softmax.softpick import softpick_attention
 
-__all__ = ["alibi_attention", "document_masked_attention", "dot_product_attention",
+__all__ = ["alibi_attention", "cog_attention", "document_masked_attention", "dot_product_attention",
            "flex_mechanism", "prefix_lm_attention", "rectified_linear_attention",
            "sliding_window_attention", "softcap_attention", "softmax_attention", "softpick_attention"]
