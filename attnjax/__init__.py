@@ -5,6 +5,7 @@ Table of contents (re-exports only). See docs/DESIGN.md for the operator contrac
 `aj.list_mechanisms()` for what is registered.
 """
 
+from attnjax import catalog
 from attnjax import nn
 from attnjax.core import masks
 from attnjax.core.block_mask import BlockMask, create_block_mask
@@ -13,13 +14,14 @@ from attnjax.core.merge import merge_attention_states
 from attnjax.core.linear import gated_linear_attention, gated_linear_attention_step
 from attnjax.core.normalizers import Normalizer, get_normalizer, register_normalizer
 from attnjax.ops.softmax import dot_product_attention
-from attnjax.registry import Mechanism, attention, list_mechanisms
+from attnjax.registry import Mechanism, ParamSpec, TokenInput, attention, list_mechanisms
 from attnjax.registry import get as get_mechanism
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockMask", "Mechanism", "Normalizer", "attention", "attention_weights", "create_block_mask",
+    "BlockMask", "Mechanism", "Normalizer", "ParamSpec", "TokenInput", "attention",
+    "attention_weights", "catalog", "create_block_mask",
     "dot_product_attention", "flex_attention", "gated_linear_attention",
     "gated_linear_attention_step", "get_mechanism", "get_normalizer", "list_mechanisms", "masks",
     "merge_attention_states", "nn", "register_normalizer",

@@ -19,6 +19,7 @@ once, and `tests/conformance` tests it the moment it is registered.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 from typing import Any, Callable, Optional
 
@@ -76,6 +77,50 @@ def example_arrays(seed: int, shapes: dict[str, tuple[tuple[int, ...], float, fl
           for name, (shape, mean, std) in shapes.items()}
 
 
+TOKEN_SIDES = ("q", "kv")
+TOKEN_KINDS = ("projected", "given")
+TOKEN_DTYPES = ("float", "bool", "int")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenInput:
+  """A per-token array a mechanism takes as a keyword besides q, k, v.
+
+  Its shape is `[B, L, *shape(N, K, H)]`: L = T for `side="q"` (one entry per query token, read at
+  the query's row) or L = S for `side="kv"` (one per key/value token; a query at absolute position
+  `q_offset + t` of a self-attention reads entries up to its own, as FoX's cumulative forget gates do).
+
+  `kind="projected"`: the paper computes it from the layer input x: the Flax layer creates a
+  projection `x W + b` (bias initialized by `bias_init`) to `shape` and applies `activation`, from the
+  query input for side "q" and from the key/value input for side "kv" (e.g. FoX's log forget gates
+  `log σ(x W_f + b_f)`, a per-token head gate). `kind="given"`: data the caller passes per call
+  (token types, a region mask, pitches), which the layer requires in `apply(..., name=array)`.
+  `dtype` ("float", "bool", "int" with values in `[0, num_values)`) says what the mechanism accepts.
+  When decoding over a KV cache, the layer caches side-"kv" entries beside the keys.
+  """
+  name: str
+  side: str
+  shape: Callable[[int, int, int], tuple[int, ...]] = lambda N, K, H: ()
+  kind: str = "projected"
+  dtype: str = "float"
+  num_values: int = 0
+  activation: Optional[Callable[[Any], Any]] = None
+  bias_init: Callable[..., Any] = jax.nn.initializers.zeros
+
+  def __post_init__(self):
+    if self.side not in TOKEN_SIDES:
+      raise ValueError(f"TokenInput {self.name!r}: side must be one of {TOKEN_SIDES}, got {self.side!r}")
+    if self.kind not in TOKEN_KINDS:
+      raise ValueError(f"TokenInput {self.name!r}: kind must be one of {TOKEN_KINDS}, got {self.kind!r}")
+    if self.dtype not in TOKEN_DTYPES:
+      raise ValueError(f"TokenInput {self.name!r}: dtype must be one of {TOKEN_DTYPES}, "
+                       f"got {self.dtype!r}")
+    if self.kind == "projected" and self.dtype != "float":
+      raise ValueError(f"TokenInput {self.name!r}: a projected input is a float array")
+    if self.dtype == "int" and self.num_values < 1:
+      raise ValueError(f"TokenInput {self.name!r}: an int input needs num_values >= 1")
+
+
 # eq=False: records compare and hash by identity (their dict fields are unhashable), so a record can
 # be a static argument under jit.
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -104,6 +149,8 @@ class Mechanism:
     complexity: time complexity in T (queries) and S (keys).
     implementations: the `implementation=` names it accepts, fastest first.
     params: learned arrays the layer must create and pass (ParamSpec).
+    token_inputs: per-token arrays besides q, k, v (`TokenInput`): computed by the layer from its
+      input (forget gates, per-token head gates) or passed by the caller (token types, masks).
     defaults: keyword arguments used when the caller gives none.
     example: keyword arguments that exercise the mechanism at test sizes (T, S ~ 16-64), used by the
       conformance suite (e.g. a window smaller than the sequence): a dict of Python / numpy values,
@@ -131,6 +178,7 @@ class Mechanism:
   complexity: str = "O(T·S)"
   implementations: tuple[str, ...] = ("xla", "reference")
   params: tuple[ParamSpec, ...] = ()
+  token_inputs: tuple[TokenInput, ...] = ()
   defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
   example: Any = dataclasses.field(default_factory=dict)
   state_size: Optional[Callable[..., int]] = None
@@ -181,6 +229,10 @@ class Mechanism:
       missing = [p.name for p in self.params if p.name not in kwargs]
       raise ValueError(f"mechanism {self.name!r} needs the learned arrays {missing} as keywords "
                        "(attnjax.nn.MultiHeadAttention creates them)")
+    missing = [t.name for t in self.token_inputs if t.name not in kwargs]
+    if missing:
+      raise ValueError(f"mechanism {self.name!r} needs the per-token arrays {missing} as keywords "
+                       "(see its token_inputs)")
     kwargs = {**self.defaults, **kwargs}
     return self.fn(q, k, v, causal=causal, **kwargs)
 
@@ -217,7 +269,11 @@ def get(name: str) -> Mechanism:
   try:
     return _REGISTRY[name]
   except KeyError:
-    raise ValueError(f"unknown attention mechanism {name!r}; registered: {sorted(_REGISTRY)}") from None
+    # The registry holds well over a hundred names: suggest the closest, not the whole list.
+    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise ValueError(f"unknown attention mechanism {name!r}; {hint}see attnjax.list_mechanisms() "
+                     "for the registered names") from None
 
 
 def list_mechanisms(family: Optional[str] = None) -> list[Mechanism]:

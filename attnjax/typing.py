@@ -13,7 +13,7 @@ Recurrent states are `[B, N, H, h]` (`State`). Annotations use jaxtyping so shap
 from collections.abc import Callable
 
 import jax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, Shaped
 
 Query = Float[Array, "B T N H"]
 Key = Float[Array, "B S K H"]
@@ -28,6 +28,12 @@ TokenOutput = Float[Array, "B N h"]
 # A linear-attention state [B, N, H, h] (h + 1 columns when it carries the normalizer: `_hv` is named
 # for the reader and not checked).
 State = Float[Array, "B N H _hv"]
+# Per-token arrays besides q, k, v (`registry.TokenInput`): one number per token and query head (a
+# forget gate, a head gate), or one entry of any dtype per token (token types, masks, pitches).
+QueryHeadScalars = Float[Array, "B T N"]
+KeyHeadScalars = Float[Array, "B S N"]
+PerQueryToken = Shaped[Array, "B T"]
+PerKeyToken = Shaped[Array, "B S"]
 SegmentIds = Int[Array, "B L"]
 Lengths = Int[Array, "B"]
 
@@ -38,4 +44,5 @@ ScoreMod = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax
 
 __all__ = ["Array", "Bool", "Float", "Int", "Query", "Key", "Value", "Output", "LogSumExp", "State",
            "TokenQuery", "TokenKey", "TokenValue", "TokenOutput",
-           "SegmentIds", "Lengths", "MaskMod", "ScoreMod"]
+           "QueryHeadScalars", "KeyHeadScalars", "PerQueryToken", "PerKeyToken",
+           "SegmentIds", "Lengths", "MaskMod", "ScoreMod", "Shaped"]

@@ -52,3 +52,33 @@ def intermediate_shapes(fn, *args) -> list[tuple[int, ...]]:
 def largest_intermediate(fn, *args) -> int:
   """Element count of the largest array in `fn`'s jaxpr, sub-jaxprs included."""
   return max((int(np.prod(shape)) for shape in intermediate_shapes(fn, *args)), default=0)
+
+
+def token_inputs(mech, q_tokens, kv_tokens, *, N, K, H, kinds=("projected", "given")) -> dict:
+  """Arrays for `mech.token_inputs` (of the given kinds), derived from the tokens themselves:
+  side "q" from `q_tokens [B, T, ...]`, side "kv" from `kv_tokens [B, S, ...]` (e.g. q and k, or a
+  layer's input x), by a fixed random projection of each token's features, then the declared
+  activation (float), `> 0` (bool) or an argmax over `num_values` (int).
+
+  Deriving them from the tokens (not drawing them per call) keeps them consistent wherever a suite
+  slices, masks, pads or fills a cache with garbage: a token's entry moves with the token.
+  """
+  out = {}
+  for i, spec in enumerate(mech.token_inputs):
+    if spec.kind not in kinds:
+      continue
+    x = q_tokens if spec.side == "q" else kv_tokens
+    x = x.astype(jnp.float32).reshape(x.shape[:2] + (-1,))
+    shape = tuple(spec.shape(N, K, H))
+    values = spec.num_values if spec.dtype == "int" else 1
+    width = int(np.prod(shape, dtype=int)) * values
+    w = jax.random.normal(jax.random.PRNGKey(1000 + i), (x.shape[-1], width)) * x.shape[-1] ** -0.5
+    y = (x @ w).reshape(x.shape[:2] + shape + ((values,) if spec.dtype == "int" else ()))
+    if spec.dtype == "bool":
+      y = y > 0
+    elif spec.dtype == "int":
+      y = jnp.argmax(y, axis=-1).astype(jnp.int32)
+    elif spec.activation is not None and spec.kind == "projected":
+      y = spec.activation(y)
+    out[spec.name] = y
+  return out

@@ -299,7 +299,13 @@ def _check_kwargs(where: str, mech: registry.Mechanism, kwargs: Mapping[str, Any
   """Keyword arguments the mechanism's function accepts, and every required one present."""
   if not isinstance(kwargs, Mapping):
     raise ValueError(f"{where} must be a dict of keyword arguments, got {kwargs!r}")
-  reserved = sorted(set(kwargs) & (_RESERVED | {p.name for p in mech.params}))
+  given = [t.name for t in mech.token_inputs if t.kind == "given"]
+  if given:
+    raise ValueError(f"{where}: mechanism {mech.name!r} needs per-token data {given} that the "
+                     "models built from config do not supply; call attnjax.nn.MultiHeadAttention "
+                     "with it instead")
+  layer_set = {p.name for p in mech.params} | {t.name for t in mech.token_inputs}
+  reserved = sorted(set(kwargs) & (_RESERVED | layer_set))
   if reserved:
     raise ValueError(f"{where}: {reserved} are set by the layer, not by config, for mechanism "
                      f"{mech.name!r}")
@@ -307,12 +313,12 @@ def _check_kwargs(where: str, mech: registry.Mechanism, kwargs: Mapping[str, Any
   if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
-      accepted = sorted(set(params) - _RESERVED - {"q", "k", "v"} - {p.name for p in mech.params})
+      accepted = sorted(set(params) - _RESERVED - {"q", "k", "v"} - layer_set)
       raise ValueError(f"{where}: mechanism {mech.name!r} takes no arguments {unknown}; it accepts "
                        f"{accepted}")
   missing = sorted(n for n, p in params.items()
                    if p.kind == p.KEYWORD_ONLY and p.default is p.empty and n not in kwargs
-                   and n not in mech.defaults and n not in {s.name for s in mech.params})
+                   and n not in mech.defaults and n not in layer_set)
   if missing:
     raise ValueError(f"{where}: mechanism {mech.name!r} needs the arguments {missing}")
 

@@ -26,7 +26,10 @@ overrun silently: a decode call whose tokens do not fit raises (a `ValueError` w
 is known at trace time, a runtime error from the compiled step otherwise).
 
 What a mechanism declares shapes the layer: projections exist only for the inputs it reads
-(`Mechanism.reads`; an unread input is passed as zeros of its shape); its learned arrays are 'params',
+(`Mechanism.reads`; an unread input is passed as zeros of its shape); a per-token array it takes
+(`Mechanism.token_inputs`) is projected from the layer input ('<name>_proj', then the declared
+activation) or, when the caller supplies it (token types, masks), taken from `apply(..., name=x)`,
+and the side-"kv" ones are cached beside the keys when decoding; its learned arrays are 'params',
 except those its paper keeps fixed (`ParamSpec.trainable=False`, e.g. FAVOR+'s random features), which
 live in the 'buffers' collection where no optimizer moves them (redraw them with
 `model.init(rng, x)['buffers']`); a mechanism that samples (`Mechanism.rng`) gets a key from the
@@ -202,6 +205,11 @@ class MultiHeadAttention(nn.Module):
     # The mechanism's learned arrays (e.g. gates, temperatures), passed to it as keywords; those its
     # paper keeps fixed (random features) live in 'buffers', out of the optimizer's reach.
     extra = {spec.name: self._mechanism_array(spec, (N, K, H)) for spec in mech.params}
+    # Per-token arrays: projected from this layer's input, or given by the caller per call.
+    tokens = {spec.name: self._token_input(spec, (N, K, H), inputs_q if spec.side == "q" else kv_in,
+                                           mechanism_args, dense)
+              for spec in mech.token_inputs}
+    mechanism_args = {key: x for key, x in mechanism_args.items() if key not in tokens}
     kwargs = {**dict(self.mechanism_kwargs or {}), **mechanism_args, **extra,
               "scale": self.scale, "implementation": self.implementation}
     if mech.rng is not None and self.has_rng(registry.SAMPLE_RNG):
@@ -214,15 +222,17 @@ class MultiHeadAttention(nn.Module):
         raise ValueError("MultiHeadAttention: with decode=True over a cache, `segment_ids`, "
                          "`kv_lengths` and `positions` are not supported: the cache index gives "
                          "the positions and the visible length")
-      step = self._recurrent_step if recurrent else self._decode_step
-      out = step(mech, query, key, value, kwargs)
+      if recurrent:
+        out = self._recurrent_step(mech, query, key, value, {**kwargs, **tokens})
+      else:
+        out = self._decode_step(mech, query, key, value, kwargs, tokens)
     else:
       if decode and recurrent:
         # First call (init): the state before any token, zeros shaped as this input's final state.
         shapes = jax.eval_shape(
             lambda q, k, v: self._attend(mech, q, k, v, causal=True, cross=False, segment_ids=None,
                                          kv_lengths=None,
-                                         kwargs={**kwargs, "return_final_state": True})[1],
+                                         kwargs={**kwargs, **tokens, "return_final_state": True})[1],
             query, key, value)
         self.variable("cache", "state", lambda: jax.tree.map(
             lambda s: jnp.zeros(s.shape, s.dtype), shapes))
@@ -232,6 +242,10 @@ class MultiHeadAttention(nn.Module):
         self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
         self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        for spec in mech.token_inputs:
+          if spec.side == "kv":
+            x = tokens[spec.name]
+            self.variable("cache", f"cached_{spec.name}", jnp.zeros, x.shape, x.dtype)
       if self.rope_base is not None:
         if isinstance(segment_ids, (tuple, list)):
           q_seg, kv_seg = segment_ids
@@ -243,7 +257,8 @@ class MultiHeadAttention(nn.Module):
         query = self._rope(query, q_pos)
         key = self._rope(key, kv_pos)
       out = self._attend(mech, query, key, value, causal=self.causal, cross=cross,
-                         segment_ids=segment_ids, kv_lengths=kv_lengths, kwargs=kwargs)
+                         segment_ids=segment_ids, kv_lengths=kv_lengths,
+                         kwargs={**kwargs, **tokens})
 
     return nn.DenseGeneral(features=out_features, axis=(-2, -1),
                            kernel_init=self.out_kernel_init or self.kernel_init,
@@ -259,8 +274,31 @@ class MultiHeadAttention(nn.Module):
     return self.variable(registry.BUFFERS, spec.name,
                          lambda: spec.init(self.make_rng("params"), shape, self.param_dtype)).value
 
-  def _decode_step(self, mech, query, key, value, kwargs):
-    """Writes the new keys/values at `cache_index` and attends over the whole cache."""
+  def _token_input(self, spec: registry.TokenInput, dims: tuple[int, int, int], x: jax.Array,
+                   given: Mapping[str, Any], dense) -> jax.Array:
+    """The per-token array `spec` for the tokens of `x` `[B, L, D]`: `[B, L, *shape]`."""
+    shape = tuple(spec.shape(*dims))
+    if spec.kind == "given":
+      if spec.name not in given:
+        raise ValueError(f"MultiHeadAttention: mechanism {self._mechanism().name!r} needs the "
+                         f"per-token array `{spec.name}` [B, L, *{shape}] in apply(..., "
+                         f"{spec.name}=...) (L = the {'query' if spec.side == 'q' else 'key'} length)")
+      value = jnp.asarray(given[spec.name])
+      if value.shape != x.shape[:2] + shape:
+        raise ValueError(f"MultiHeadAttention: `{spec.name}` must have shape {x.shape[:2] + shape}, "
+                         f"got {value.shape}")
+      return value
+    if spec.name in given:
+      raise ValueError(f"MultiHeadAttention: `{spec.name}` is computed by the layer from its input; "
+                       "do not pass it")
+    y = dense(features=shape or (1,), bias_init=spec.bias_init, use_bias=True,
+              name=f"{spec.name}_proj")(x)
+    y = y.reshape(x.shape[:2] + shape)
+    return y if spec.activation is None else spec.activation(y)
+
+  def _decode_step(self, mech, query, key, value, kwargs, tokens):
+    """Writes the new keys/values (and side-"kv" per-token arrays) at `cache_index` and attends
+    over the whole cache."""
     cached_key = self.variable("cache", "cached_key")
     cached_value = self.variable("cache", "cached_value")
     cache_index = self.variable("cache", "cache_index")
@@ -285,10 +323,18 @@ class MultiHeadAttention(nn.Module):
         cached_key.value, key.astype(cached_key.value.dtype), (zero, index, zero, zero))
     cached_value.value = jax.lax.dynamic_update_slice(
         cached_value.value, value.astype(cached_value.value.dtype), (zero, index, zero, zero))
+    tokens = dict(tokens)
+    for spec in mech.token_inputs:
+      if spec.side == "kv":
+        cached = self.variable("cache", f"cached_{spec.name}")
+        new = tokens[spec.name].astype(cached.value.dtype)
+        cached.value = jax.lax.dynamic_update_slice(
+            cached.value, new, (zero, index) + (zero,) * (new.ndim - 2))
+        tokens[spec.name] = cached.value
     cache_index.value = index + T
     return self._attend(mech, query, cached_key.value, cached_value.value, causal=self.causal,
                         cross=False, segment_ids=None, kv_lengths=jnp.full((B,), index + T),
-                        kwargs={**kwargs, "q_offset": index})
+                        kwargs={**kwargs, **tokens, "q_offset": index})
 
   def _recurrent_step(self, mech, query, key, value, kwargs):
     """Advances the mechanism's recurrent state over the new tokens (`Mechanism.recurrent`)."""

@@ -11,6 +11,9 @@ sequences equal separate ones; bf16 close to fp32; each example of a batch indep
 others; every input and learned array the mechanism declares changes its output, and an input it
 declares unread does not.
 
+Per-token arrays a mechanism takes (`Mechanism.token_inputs`: forget gates, token types, ...) are
+derived from q and k inside each call (`tests.inputs.token_inputs`), so they move with their tokens.
+
 The sizes are this file's constants; each mechanism is called with its `example` keywords built at
 those sizes (`Mechanism.example_kwargs_for`), which exercise it there (e.g. a window shorter than
 the sequence). Compiled programs are shared between checks of the same mechanism and arguments (the
@@ -65,8 +68,16 @@ def _pattern_args(pattern):
   return causal, cross, (S if cross else T)
 
 
+def _tokens(m, q, k):
+  """The mechanism's per-token arrays (`Mechanism.token_inputs`), derived from q and k so that
+  they follow every slicing, padding and cache garbage this suite applies to the tokens."""
+  if not m.token_inputs:
+    return {}
+  return inputs.token_inputs(m, q, k, N=q.shape[2], K=k.shape[2], H=q.shape[3])
+
+
 def _call_eager(m, q, k, v, **kwargs):
-  return m(q, k, v, **{**_example(m), **kwargs})
+  return m(q, k, v, **{**_example(m), **kwargs}, **_tokens(m, q, k))
 
 
 def _split(m, kwargs):
@@ -81,7 +92,7 @@ def _split(m, kwargs):
 @functools.lru_cache(maxsize=None)
 def _compiled(name, static_items):
   m, static = aj.get_mechanism(name), dict(static_items)
-  return jax.jit(lambda q, k, v, arrays: m(q, k, v, **static, **arrays))
+  return jax.jit(lambda q, k, v, arrays: m(q, k, v, **static, **arrays, **_tokens(m, q, k)))
 
 
 def _call(m, q, k, v, **kwargs):
@@ -91,7 +102,7 @@ def _call(m, q, k, v, **kwargs):
   try:
     fn = _compiled(m.name, static)
   except TypeError:  # an unhashable setting: compile for this call only
-    fn = jax.jit(lambda q, k, v, arrays: m(q, k, v, **dict(static), **arrays))
+    fn = jax.jit(lambda q, k, v, arrays: m(q, k, v, **dict(static), **arrays, **_tokens(m, q, k)))
   return fn(q, k, v, arrays)
 
 
@@ -106,7 +117,7 @@ def _compiled_gradients(name, static_items, learned):
   m, static = aj.get_mechanism(name), dict(static_items)
 
   def loss(q, k, v, params, fixed):
-    out = m(q, k, v, **static, **fixed, **params)
+    out = m(q, k, v, **static, **fixed, **params, **_tokens(m, q, k))
     return jnp.sum(out * jnp.sin(out)), out
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
@@ -162,10 +173,11 @@ def test_signature_annotations_hold_under_jaxtyped(mech):
   checked = jaxtyping.jaxtyped(mech.fn, typechecker=beartype.beartype)
   kwargs = {key: jnp.asarray(x) if isinstance(x, np.ndarray) else x
             for key, x in {**_example(mech), "causal": causal}.items()}
-  out = jax.eval_shape(lambda q, k, v: checked(q, k, v, **kwargs), q, k, v)
+  tokens = _tokens(mech, q, k)
+  out = jax.eval_shape(lambda q, k, v: checked(q, k, v, **kwargs, **tokens), q, k, v)
   chex.assert_shape(out, (B, T, N, HV))
   with pytest.raises(jaxtyping.TypeCheckError):
-    jax.eval_shape(lambda q, k, v: checked(q, k, v, **kwargs), q, k[..., :H - 2], v)
+    jax.eval_shape(lambda q, k, v: checked(q, k, v, **kwargs, **tokens), q, k[..., :H - 2], v)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

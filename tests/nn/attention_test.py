@@ -13,6 +13,7 @@ import pytest
 import attnjax as aj
 from attnjax.nn import MultiHeadAttention
 from attnjax.registry import Mechanism, ParamSpec
+from tests import inputs
 from tests import tolerances
 
 B, T, S, D, DKV, N = 2, 11, 7, 16, 12, 4
@@ -24,14 +25,15 @@ def _apply(layer, variables, *args, **kwargs):
   return jax.jit(lambda v, a: layer.apply(v, *a, **kwargs))(variables, args)
 
 
-def _init_apply(layer, x):
-  """(variables, output) of a fresh layer on `x`, in one compilation."""
+def _init_apply(layer, x, **given):
+  """(variables, output) of a fresh layer on `x` (with the per-token arrays `given`), in one
+  compilation."""
 
-  def run(x):
-    variables = layer.init(jax.random.PRNGKey(0), x)
-    return variables, layer.apply(variables, x)
+  def run(x, given):
+    variables = layer.init(jax.random.PRNGKey(0), x, **given)
+    return variables, layer.apply(variables, x, **given)
 
-  return jax.jit(run)(x)
+  return jax.jit(run)(x, given)
 
 
 def _x(shape, seed=0):
@@ -112,17 +114,20 @@ def test_gqa_equals_repeated_kv_heads(causal):
 # Decode through the cache equals the full causal forward.
 
 
-def _decode_all(layer, params, x, prefill):
-  """Prefill `prefill` tokens, then feed the rest one at a time; returns all outputs [B, T, F]."""
+def _decode_all(layer, params, x, prefill, **given):
+  """Prefill `prefill` tokens, then feed the rest one at a time (with their slices of the per-token
+  arrays `given`); returns all outputs [B, T, F]."""
   # The cache starts as zeros with index 0: its shapes are all `init` needs to compute.
-  shapes = jax.eval_shape(lambda x: layer.init(jax.random.PRNGKey(9), x, decode=True), x)["cache"]
+  shapes = jax.eval_shape(lambda x, g: layer.init(jax.random.PRNGKey(9), x, decode=True, **g), x,
+                          given)["cache"]
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  step = jax.jit(lambda cache, xs: layer.apply({**params, "cache": cache}, xs, decode=True,
-                                               mutable=["cache"]))
-  out, mutated = step(cache, x[:, :prefill])
+  step = jax.jit(lambda cache, xs, g: layer.apply({**params, "cache": cache}, xs, decode=True,
+                                                  mutable=["cache"], **g))
+  part = lambda a, b: {key: value[:, a:b] for key, value in given.items()}
+  out, mutated = step(cache, x[:, :prefill], part(0, prefill))
   outs, cache = [out], mutated["cache"]
   for t in range(prefill, x.shape[1]):
-    out, mutated = step(cache, x[:, t:t + 1])
+    out, mutated = step(cache, x[:, t:t + 1], part(t, t + 1))
     outs.append(out)
     cache = mutated["cache"]
   assert int(cache["cache_index"]) == x.shape[1]
@@ -248,20 +253,25 @@ def test_every_registered_mechanism_runs_in_the_layer(name):
               if not isinstance(value, (np.ndarray, jax.Array))}
   layer = _our_layer(mechanism=name, mechanism_kwargs=settings, num_kv_heads=2, causal=causal,
                      rope_base=10000.0)
-  params, out = _init_apply(layer, x)
+  # Per-token arrays the caller supplies (token types, masks), derived from x; projected ones are
+  # the layer's own ('<name>_proj').
+  given = inputs.token_inputs(mech, x, x, N=N, K=2, H=8, kinds=("given",))
+  params, out = _init_apply(layer, x, **given)
   chex.assert_shape(out, (B, T, width))
   chex.assert_tree_all_finite(out)
   # Projections exist only for the inputs the mechanism reads, and the arrays its paper keeps
   # fixed are buffers, out of the optimizer's reach.
   for letter, projection in (("q", "query"), ("k", "key"), ("v", "value")):
     assert (projection in params["params"]) == (letter in mech.reads), (letter, mech.reads)
+  for spec in mech.token_inputs:
+    assert (f"{spec.name}_proj" in params["params"]) == (spec.kind == "projected"), spec.name
   for spec in mech.params:
     collection = "params" if spec.trainable else "buffers"
     assert spec.name in params.get(collection, {}), (spec.name, collection)
     assert spec.name not in params.get("buffers" if spec.trainable else "params", {}), spec.name
   if decodes:
     # The prefill covers prefix_lm's bidirectional prefix (example prefix_length=5).
-    np.testing.assert_allclose(_decode_all(layer, params, x, prefill=6), out, **TOL)
+    np.testing.assert_allclose(_decode_all(layer, params, x, prefill=6, **given), out, **TOL)
 
 
 def test_decoding_past_the_cache_raises_eagerly_and_under_jit():
