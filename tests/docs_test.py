@@ -16,3 +16,7 @@ def test_every_mechanism_is_listed():
   table = docs.mechanism_table()
   for m in docs.registry.list_mechanisms():
     assert f"`{m.name}`" in table
+
+
+def test_catalog_md_is_current():
+  assert docs.CATALOG_MD.read_text() == docs.catalog_md(), "run `python -m attnjax.docs`"
