@@ -15,6 +15,7 @@ Imports nothing of attnjax: flags are parsed before jax.distributed.initialize.
 from __future__ import annotations
 
 import ast
+from contextlib import nullcontext
 import importlib.util
 import os
 import re
@@ -222,3 +223,21 @@ def make_flags_parser(subdir: str = "", *, default_fields: Optional[Callable[[],
       fail(message, "config error" if "--config" in message else "error")
 
   return parse
+
+
+def apply_overrides(config, overrides):
+  """Sets each `dotted.key: value` of `overrides` (ValueError naming the key if it does not
+  exist)."""
+  for dotted, value in (overrides or {}).items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for i, p in enumerate(parents):
+      if p not in node:
+        raise ValueError(f"override {dotted!r}: the config has no field "
+                         f"{'.'.join(parents[:i + 1])!r}")
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"override {dotted!r}: the config has no field {leaf!r}")
+    with node.unlocked() if hasattr(node, "unlocked") else nullcontext():
+      node[leaf] = value
+  return config

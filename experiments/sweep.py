@@ -51,30 +51,8 @@ def load_config(spec: str):
   return cli.load_config(spec)
 
 
-def apply_overrides(config, overrides):
-  """Sets each `dotted.key: value` of `overrides` (ValueError naming the key if it does not
-  exist)."""
-  for dotted, value in (overrides or {}).items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for i, p in enumerate(parents):
-      if p not in node:
-        raise ValueError(f"override {dotted!r}: the config has no field "
-                         f"{'.'.join(parents[:i + 1])!r}")
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"override {dotted!r}: the config has no field {leaf!r}")
-    with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
-      node[leaf] = value
-  return config
-
-
-class _nullcontext:  # pylint: disable=invalid-name
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
+# The dotted-key override of a run (shared with experiments.sinks, which measures a sweep's runs).
+apply_overrides = cli.apply_overrides
 
 
 def decode_state_size(model_config, seq_len: int) -> int:
