@@ -88,6 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
   # None, a list of names (one per layer) or a schedule string "every <n>: <name>".
   config.model.layer_mechanisms = placeholder(object)
   config.model.rope_base = placeholder(float)  # None: no RoPE
+  # None, or a Hugging Face rope_scaling dict ({"rope_type": "yarn", "factor": 4.0, ...}).
+  config.model.rope_scaling = placeholder(object)
+  config.model.fope = placeholder(object)  # None, or FoPE settings {"train_length": L, "sigma": σ}
+  # None, one bool per layer, or "every <n>: nope" (RNoPE: those layers without RoPE).
+  config.model.layer_rope = placeholder(object)
   config.model.position_embedding = "learned"  # "learned" | "none"
   config.model.tie_embeddings = False  # decoder_lm: logits through the input embedding
   config.model.pooling = "mean"  # classifiers: "mean" | "cls"

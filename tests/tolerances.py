@@ -33,6 +33,9 @@ ELEMENTWISE_DERIVATIVE_ABS = 1e-6
 # Gate values in [0, 1] from a few elementwise operations against their closed form: float32
 # rounding at the scale of 1 (also the slack of the bounds a gate must stay between).
 GATE_VALUES = {jnp.float32: dict(atol=1e-7)}
+# log(w' / w) of two float32 attention weights (rows of ~10 weights of 1e-3..1): rounding of each log,
+# for comparisons that are ties in exact arithmetic.
+LOG_WEIGHT_ABS = 1e-5
 # A sum or norm over a few features, or a ratio of such sums.
 FEATURE_SUM = {jnp.float32: dict(rtol=1e-5)}
 # A polynomial kernel's value `1 + x + x²/2` (x a dot product): a short sum, values near 0 possible.
@@ -55,6 +58,12 @@ FLOAT64_ROUNDING = 1e-9
 # Sum of softmax-normalized weights computed in float64 (a product of two row-stochastic matrices)
 # against 1: float64 rounding only.
 FLOAT64_WEIGHT_SUM = dict(rtol=1e-12)
+# A running sum (cumulative distribution) of a few dozen float32 weights in [0, 1] that sum to 1:
+# the rounding of each weight, summed.
+CUMULATIVE_WEIGHT_ABS = 1e-6
+# g1·o1 - g2·o2 of two float32 attention outputs with gains g up to 1e3, divided back by the gain
+# (OpAmp's large-CMRR limit): the products' rounding grows with the gain (measured 1.4e-5 at 1e3).
+AMPLIFIED_DIFFERENCE = dict(rtol=1e-4)
 
 # Approximations and estimates against what they approximate (bounds set by the approximation, see
 # each test).
@@ -87,6 +96,10 @@ RANDOM_NORM_SPREAD_MIN = 0.1
 # A trained FFN's held-out error over the best token-wise map's (measured 0.53 and 0.38): a map
 # that does not mix tokens cannot go below 1.
 LEARNED_MIXING_ERROR_RATIO_MAX = 0.7
+# Ratio of a quantity that is first order in a small parameter ε, at 2ε over ε, against 2: the
+# second-order term (about 0.2% for FoPE's broken relative property at σ = 0.01) and float32
+# rounding of the O(1) logits the spreads are taken from.
+FIRST_ORDER_RATIO = dict(rtol=1e-2)
 
 # Memory growth of compiled forward+backward passes (XLA's sizes, bounded by the expected growth).
 # Largest intermediate at 2T over that at T: 2 for linear growth, plus tiling slack; a `[T, T]`

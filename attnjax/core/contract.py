@@ -2,6 +2,7 @@
 
   contract_mask     the mask_mod of `causal`, `q_offset`, `segment_ids`, `kv_lengths` (and q lengths)
   flex_with_contract  `flex_attention` under those masks (the body of a score/mask-mod mechanism)
+  visible_key_counts  `[B, T]` how many keys each query sees under those masks (one flex pass)
   valid_slots       `[B, S]` True at key slots below `kv_lengths` (a KV cache's filled part)
   zero_padded       keys/values in float32 with the slots at or past `kv_lengths` zeroed
   lengths_or_full   `kv_lengths` validated as `[B]` int32, or S for every row
@@ -160,3 +161,21 @@ def reject_causal_or_packing(op: str, *, causal: bool, segment_ids, why: str) ->
     raise ValueError(f"{op}: causal attention is not defined for this mechanism ({why})")
   if segment_ids is not None:
     raise ValueError(f"{op}: packed sequences (`segment_ids`) are not supported ({why})")
+
+
+def visible_key_counts(op: str, q, k, *, causal: bool = False, segment_ids=None,
+                       q_offset=0, kv_lengths=None,
+                       implementation=None) -> jax.Array:
+  """`[B, T]` float32: how many keys each query sees under the contract's masks (0 for an empty row).
+
+  One flex pass over zero-width stand-ins (`[B, ., 1, 1]` zeros): every score is 0, so the softmax's
+  log-sum-exp is log(count); rounding its exponential gives the integer back exactly.
+  """
+  B, T, S = q.shape[0], q.shape[1], k.shape[1]
+  zeros_q = jnp.zeros((B, T, 1, 1), jnp.float32)
+  zeros_k = jnp.zeros((B, S, 1, 1), jnp.float32)
+  _, lse = flex_with_contract(op, zeros_q, zeros_k, zeros_k, causal=causal, segment_ids=segment_ids,
+                              q_offset=q_offset, kv_lengths=kv_lengths, scale=1.0,
+                              implementation=implementation, return_residuals=True)
+  lse = lse[..., 0]
+  return jax.lax.stop_gradient(jnp.where(jnp.isfinite(lse), jnp.round(jnp.exp(lse)), 0.0))

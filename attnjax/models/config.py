@@ -19,9 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from attnjax import catalog
 from attnjax import registry
 from attnjax.nn.blocks import MLP_KINDS, NORM_KINDS, TransformerConfig
+from attnjax.ops.positional import fope as fope_lib
 from attnjax.ops.positional import rope
+from attnjax.ops.positional import rope_scaling as rope_scaling_lib
 
 ARCHS = ("decoder_lm", "encoder_classifier", "vit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -32,6 +35,11 @@ POOLINGS = ("mean", "cls")
 _RESERVED = frozenset({"causal", "cross", "segment_ids", "q_offset", "kv_lengths", "scale",
                        "implementation"})
 _SCHEDULE = re.compile(r"^\s*every\s+(\d+)\s*:\s*([A-Za-z0-9_]+)\s*$")
+
+# RNoPE (Yang et al., "Rope to Nope and Back Again: A New Hybrid Attention Strategy",
+# arXiv:2501.18795, catalog row 174) is this model option: `layer_rope="every 4: nope"` with
+# `mechanism="sliding_window"` and `layer_mechanisms="every 4: softmax"`.
+catalog.register_server("attnjax.models.ModelConfig.layer_rope", (174,), kind="model option")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +61,15 @@ class ModelConfig:
       (layer i uses `name` when i % K == K - 1, `mechanism` otherwise).
     layer_mechanism_kwargs: {name: kwargs} for layers whose mechanism is not `mechanism`.
     rope_base: None or a number > 1 (RoPE on q, k).
+    rope_scaling: None or a Hugging Face `rope_scaling` dict (RoPE context extension: "linear",
+      "ntk", "dynamic", "yarn"; attnjax/ops/positional/rope_scaling.py); needs rope_base.
+    fope: None or FoPE settings {"train_length": L, "sigma": σ, "separate_heads": bool}
+      (attnjax/ops/positional/fope.py); needs rope_base, not with rope_scaling.
+    layer_rope: None (every layer has RoPE when rope_base is set), a list of one bool per layer, or a
+      schedule "every K: nope" (layer i has no RoPE when i % K == K - 1) / "every K: rope" (only
+      those layers have RoPE); needs rope_base. With `mechanism="sliding_window"` and
+      `layer_mechanisms="every K: softmax"` it is RNoPE (Yang et al., arXiv:2501.18795): RoPE +
+      sliding-window attention, and full-attention NoPE every K-th layer.
     position_embedding: "learned" | "none" (None: "none" for decoder_lm, "learned" otherwise when
       rope_base is None; vit always learns its positions, "none" is an error).
     tie_embeddings: decoder_lm: logits through the input embedding.
@@ -80,6 +97,9 @@ class ModelConfig:
   layer_mechanism_kwargs: Mapping[str, Mapping[str, Any]] = dataclasses.field(
       default_factory=dict)
   rope_base: Optional[float] = None
+  rope_scaling: Optional[Mapping[str, Any]] = None
+  fope: Optional[Mapping[str, Any]] = None
+  layer_rope: Any = None
   position_embedding: Optional[str] = None
   tie_embeddings: bool = True
   pooling: Optional[str] = None
@@ -122,6 +142,7 @@ class ModelConfig:
       except ValueError as e:
         raise ValueError(f"model.rope_base: {e}") from None
       values["rope_base"] = float(rope_base)
+    _check_rope_options(values)
     dropout = values["dropout"]
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
       raise ValueError(f"model.dropout must be in [0, 1), got {dropout!r}")
@@ -199,7 +220,9 @@ class ModelConfig:
     return TransformerConfig(
         width=self.width, num_heads=self.num_heads, mechanisms=names, mechanism_kwargs=kwargs,
         num_kv_heads=self.num_kv_heads, mlp_dim=self.mlp_dim, mlp=self.mlp, norm=self.norm,
-        causal=self.causal, rope_base=self.rope_base, use_bias=self.use_bias,
+        causal=self.causal, rope_base=self.rope_base, rope_scaling=self.rope_scaling,
+        fope=self.fope, layer_rope=layer_rope(self.layer_rope, self.depth),
+        use_bias=self.use_bias,
         dropout=self.dropout, dtype=DTYPES[self.dtype], param_dtype=DTYPES[self.param_dtype])
 
 
@@ -233,6 +256,48 @@ def _read(config: Any) -> dict[str, Any]:
   values["mechanism_kwargs"] = values["mechanism_kwargs"] or {}
   values["layer_mechanism_kwargs"] = values["layer_mechanism_kwargs"] or {}
   return values
+
+
+def _check_rope_options(values: dict[str, Any]):
+  """Checks (and normalizes in `values`) rope_scaling, fope and layer_rope."""
+  for name in ("rope_scaling", "fope", "layer_rope"):
+    if values[name] is not None and values["rope_base"] is None:
+      raise ValueError(f"model.{name} modifies RoPE, which is off: set model.rope_base")
+  try:
+    values["rope_scaling"] = rope_scaling_lib.check_rope_scaling(values["rope_scaling"])
+  except ValueError as e:
+    raise ValueError(f"model.rope_scaling: {e}") from None
+  try:
+    values["fope"] = fope_lib.check_fope(values["fope"])
+    if values["fope"] is not None:
+      fope_lib.fope_kept_pairs(rope.rotary_dim(values["width"] // values["num_heads"]),
+                               base=values["rope_base"], train_length=values["fope"]["train_length"])
+  except ValueError as e:
+    raise ValueError(f"model.fope: {e}") from None
+  if values["fope"] is not None and values["rope_scaling"] is not None:
+    raise ValueError("model.fope and model.rope_scaling are not combined; set one")
+  layer_rope(values["layer_rope"], values["depth"])
+
+
+def layer_rope(schedule: Any, depth: int) -> Optional[tuple[bool, ...]]:
+  """Per layer, whether it applies RoPE, from `layer_rope` (None, a list of bools, or "every K:
+  nope" / "every K: rope"); None when every layer does."""
+  if schedule is None or schedule == "":
+    return None
+  if isinstance(schedule, str):
+    match = _SCHEDULE.match(schedule)
+    if not match or int(match.group(1)) < 1 or match.group(2) not in ("rope", "nope"):
+      raise ValueError(f"model.layer_rope: a schedule string must read 'every K: nope' or 'every K: "
+                       f"rope' with K >= 1, got {schedule!r}")
+    every, marked = int(match.group(1)), match.group(2) == "rope"
+    return tuple(marked if i % every == every - 1 else not marked for i in range(depth))
+  if isinstance(schedule, (list, tuple)):
+    if len(schedule) != depth or not all(isinstance(x, (bool, np.bool_)) for x in schedule):
+      raise ValueError(f"model.layer_rope must give one bool per layer (depth {depth}), got "
+                       f"{schedule!r}")
+    return tuple(bool(x) for x in schedule)
+  raise ValueError(f"model.layer_rope must be None, a list of bools or 'every K: nope', got "
+                   f"{schedule!r}")
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -329,4 +394,4 @@ def check_config(config: Any) -> ModelConfig:
 
 
 __all__ = ["ARCHS", "DTYPES", "FIELDS", "ModelConfig", "check_config", "layer_mechanisms",
-           "mechanism_names"]
+           "layer_rope", "mechanism_names"]

@@ -5,7 +5,9 @@ from attnjax.nn.blocks import MLP, Transformer, TransformerBlock, TransformerCon
 from attnjax.nn.conv_share import ConvShareAttention, ConvSharedProjection
 from attnjax.nn.folded_attention import FoldedProjectionAttention
 from attnjax.nn.gau import GatedAttentionUnit, GatedCrossAttentionUnit
+from attnjax.nn.location_attention import DynamicConvolutionAttention, GMMAttention
 
-__all__ = ["ConvShareAttention", "ConvSharedProjection", "FoldedProjectionAttention",
-           "GatedAttentionUnit", "GatedCrossAttentionUnit", "MLP", "MultiHeadAttention",
+__all__ = ["ConvShareAttention", "ConvSharedProjection", "DynamicConvolutionAttention",
+           "FoldedProjectionAttention", "GatedAttentionUnit", "GatedCrossAttentionUnit",
+           "GMMAttention", "MLP", "MultiHeadAttention",
            "Transformer", "TransformerBlock", "TransformerConfig"]

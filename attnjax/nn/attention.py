@@ -36,6 +36,12 @@ live in the 'buffers' collection where no optimizer moves them (redraw them with
 'sample' rng stream when `apply` is given one (`rngs={'sample': key}`) and runs its deterministic form
 otherwise.
 
+Positions: `rope_base` turns on RoPE on q and k (`rope_fraction` of each head); `rope_scaling` (a
+Hugging Face `rope_scaling` dict: "linear", "ntk", "dynamic", "yarn") extends its context
+(attnjax/ops/positional/rope_scaling.py); `fope` ({"train_length": L, "sigma": σ, "separate_heads":
+True}) makes it FoPE (attnjax/ops/positional/fope.py), whose fixed random Fourier coefficients live in
+'buffers' ('fope_cos_coef', 'fope_sin_coef', `[K or 1, D, D]`).
+
 Papers: Vaswani et al., "Attention Is All You Need", arXiv:1706.03762 (multi-head attention);
 Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head
 Checkpoints", arXiv:2305.13245; Su et al., "RoFormer: Enhanced Transformer with Rotary Position
@@ -52,6 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import registry
+from attnjax.nn import layer_parts
 from attnjax.ops.positional import rope
 
 Initializer = Callable[..., Any]
@@ -82,6 +89,11 @@ class MultiHeadAttention(nn.Module):
       (Dehghani et al., "Scaling Vision Transformers to 22 Billion Parameters", arXiv:2302.05442).
     rope_base: if set, apply rotary position embedding to q and k with this base (10000 is usual).
     rope_fraction: share of each head's dims that rotates (partial rotary).
+    rope_scaling: None, or a Hugging Face `rope_scaling` dict extending RoPE's context: {"rope_type":
+      "linear" | "ntk" | "dynamic" | "yarn", "factor": s, "original_max_position_embeddings": L, ...}
+      (needs `rope_base`).
+    fope: None, or FoPE settings {"train_length": L, "sigma": σ (0.3), "separate_heads": True}
+      (needs `rope_base`; not combined with `rope_scaling`).
     scale: logit scale passed to the mechanism (None: its default, `H ** -0.5`).
     implementation: the mechanism's `implementation=` (None: the best available).
   """
@@ -104,6 +116,8 @@ class MultiHeadAttention(nn.Module):
   normalize_qk: bool = False
   rope_base: Optional[float] = None
   rope_fraction: float = 1.0
+  rope_scaling: Optional[Mapping[str, Any]] = None
+  fope: Optional[Mapping[str, Any]] = None
   scale: Optional[float] = None
   implementation: Optional[str] = None
 
@@ -198,6 +212,7 @@ class MultiHeadAttention(nn.Module):
       y = dense(features=(heads, H), name={"q": "query", "k": "key", "v": "value"}[name])(x)
       return ln(name=f"{'query' if name == 'q' else 'key'}_ln")(y) if normalize else y
 
+    rotate = layer_parts.rotary(self, K, H)
     query = project("q", inputs_q, N, self.normalize_qk)
     key = project("k", kv_in, K, self.normalize_qk)
     value = project("v", kv_in, K, False)
@@ -206,8 +221,8 @@ class MultiHeadAttention(nn.Module):
     # paper keeps fixed (random features) live in 'buffers', out of the optimizer's reach.
     extra = {spec.name: self._mechanism_array(spec, (N, K, H)) for spec in mech.params}
     # Per-token arrays: projected from this layer's input, or given by the caller per call.
-    tokens = {spec.name: self._token_input(spec, (N, K, H), inputs_q if spec.side == "q" else kv_in,
-                                           mechanism_args, dense)
+    tokens = {spec.name: layer_parts.token_input(
+        mech.name, spec, (N, K, H), inputs_q if spec.side == "q" else kv_in, mechanism_args, dense)
               for spec in mech.token_inputs}
     mechanism_args = {key: x for key, x in mechanism_args.items() if key not in tokens}
     kwargs = {**dict(self.mechanism_kwargs or {}), **mechanism_args, **extra,
@@ -223,9 +238,9 @@ class MultiHeadAttention(nn.Module):
                          "`kv_lengths` and `positions` are not supported: the cache index gives "
                          "the positions and the visible length")
       if recurrent:
-        out = self._recurrent_step(mech, query, key, value, {**kwargs, **tokens})
+        out = self._recurrent_step(mech, query, key, value, {**kwargs, **tokens}, rotate)
       else:
-        out = self._decode_step(mech, query, key, value, kwargs, tokens)
+        out = self._decode_step(mech, query, key, value, kwargs, tokens, rotate)
     else:
       if decode and recurrent:
         # First call (init): the state before any token, zeros shaped as this input's final state.
@@ -246,7 +261,7 @@ class MultiHeadAttention(nn.Module):
           if spec.side == "kv":
             x = tokens[spec.name]
             self.variable("cache", f"cached_{spec.name}", jnp.zeros, x.shape, x.dtype)
-      if self.rope_base is not None:
+      if rotate is not None:
         if isinstance(segment_ids, (tuple, list)):
           q_seg, kv_seg = segment_ids
         else:
@@ -254,8 +269,10 @@ class MultiHeadAttention(nn.Module):
         q_pos = self._default_positions(positions, q_seg, T)
         kv_pos = q_pos if not cross else self._default_positions(kv_positions, kv_seg,
                                                                  key.shape[1])
-        query = self._rope(query, q_pos)
-        key = self._rope(key, kv_pos)
+        # The current length of each sequence (dynamic NTK's `seq_len`), one for q and k alike.
+        seq_len = jnp.maximum(layer_parts.row_end(q_pos), layer_parts.row_end(kv_pos))
+        query = rotate(query, q_pos, seq_len)
+        key = rotate(key, kv_pos, seq_len)
       out = self._attend(mech, query, key, value, causal=self.causal, cross=cross,
                          segment_ids=segment_ids, kv_lengths=kv_lengths,
                          kwargs={**kwargs, **tokens})
@@ -274,29 +291,7 @@ class MultiHeadAttention(nn.Module):
     return self.variable(registry.BUFFERS, spec.name,
                          lambda: spec.init(self.make_rng("params"), shape, self.param_dtype)).value
 
-  def _token_input(self, spec: registry.TokenInput, dims: tuple[int, int, int], x: jax.Array,
-                   given: Mapping[str, Any], dense) -> jax.Array:
-    """The per-token array `spec` for the tokens of `x` `[B, L, D]`: `[B, L, *shape]`."""
-    shape = tuple(spec.shape(*dims))
-    if spec.kind == "given":
-      if spec.name not in given:
-        raise ValueError(f"MultiHeadAttention: mechanism {self._mechanism().name!r} needs the "
-                         f"per-token array `{spec.name}` [B, L, *{shape}] in apply(..., "
-                         f"{spec.name}=...) (L = the {'query' if spec.side == 'q' else 'key'} length)")
-      value = jnp.asarray(given[spec.name])
-      if value.shape != x.shape[:2] + shape:
-        raise ValueError(f"MultiHeadAttention: `{spec.name}` must have shape {x.shape[:2] + shape}, "
-                         f"got {value.shape}")
-      return value
-    if spec.name in given:
-      raise ValueError(f"MultiHeadAttention: `{spec.name}` is computed by the layer from its input; "
-                       "do not pass it")
-    y = dense(features=shape or (1,), bias_init=spec.bias_init, use_bias=True,
-              name=f"{spec.name}_proj")(x)
-    y = y.reshape(x.shape[:2] + shape)
-    return y if spec.activation is None else spec.activation(y)
-
-  def _decode_step(self, mech, query, key, value, kwargs, tokens):
+  def _decode_step(self, mech, query, key, value, kwargs, tokens, rotate):
     """Writes the new keys/values (and side-"kv" per-token arrays) at `cache_index` and attends
     over the whole cache."""
     cached_key = self.variable("cache", "cached_key")
@@ -311,11 +306,11 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"MultiHeadAttention: {T} new tokens do not fit in a cache of length "
                        f"{s_max}")
     index = cache_index.value
-    _check_cache_room(index, T, s_max)
-    if self.rope_base is not None:
+    layer_parts.check_cache_room(index, T, s_max)
+    if rotate is not None:
       pos = index + jnp.arange(T, dtype=jnp.int32)
-      query = self._rope(query, pos)
-      key = self._rope(key, pos)
+      query = rotate(query, pos, index + T)
+      key = rotate(key, pos, index + T)
     # dynamic_update_slice would clamp a write past S_max onto earlier slots: _check_cache_room
     # stops that above.
     zero = jnp.zeros((), index.dtype)
@@ -336,15 +331,16 @@ class MultiHeadAttention(nn.Module):
                         cross=False, segment_ids=None, kv_lengths=jnp.full((B,), index + T),
                         kwargs={**kwargs, **tokens, "q_offset": index})
 
-  def _recurrent_step(self, mech, query, key, value, kwargs):
+  def _recurrent_step(self, mech, query, key, value, kwargs, rotate):
     """Advances the mechanism's recurrent state over the new tokens (`Mechanism.recurrent`)."""
     state = self.variable("cache", "state")
     cache_index = self.variable("cache", "cache_index")
     index = cache_index.value
-    if self.rope_base is not None:
-      pos = index + jnp.arange(query.shape[1], dtype=jnp.int32)
-      query = self._rope(query, pos)
-      key = self._rope(key, pos)
+    if rotate is not None:
+      T = query.shape[1]
+      pos = index + jnp.arange(T, dtype=jnp.int32)
+      query = rotate(query, pos, index + T)
+      key = rotate(key, pos, index + T)
     out, state.value = self._attend(
         mech, query, key, value, causal=True, cross=False, segment_ids=None, kv_lengths=None,
         kwargs={**kwargs, "q_offset": index, "initial_state": state.value,
@@ -370,28 +366,3 @@ class MultiHeadAttention(nn.Module):
       return rope.segment_positions(segment_ids)
     return jnp.arange(length, dtype=jnp.int32)
 
-  def _rope(self, x, positions):
-    return rope.apply_rope(x, positions, base=self.rope_base, fraction=self.rope_fraction)
-
-
-def _overrun_message(index, T, s_max) -> str:
-  return (f"MultiHeadAttention: decoding {int(T)} token(s) at cache index {int(index)} overruns the "
-          f"KV cache of length {int(s_max)}; initialise the cache on a sequence as long as the "
-          "prompt plus every token to generate")
-
-
-def _raise_overrun(index, T, s_max):
-  raise ValueError(_overrun_message(index, T, s_max))
-
-
-def _check_cache_room(index, T: int, s_max: int):
-  """Raises when `index + T > s_max`: a `ValueError` now when `index` is concrete, else a runtime
-  error from the compiled program (a host callback that runs only on overrun)."""
-  try:
-    concrete = int(index)
-  except (jax.errors.ConcretizationTypeError, TypeError):
-    jax.lax.cond(index + T > s_max,
-                 lambda: jax.debug.callback(_raise_overrun, index, T, s_max), lambda: None)
-  else:
-    if concrete + T > s_max:
-      raise ValueError(_overrun_message(concrete, T, s_max))

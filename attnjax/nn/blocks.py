@@ -62,6 +62,10 @@ class TransformerConfig:
     norm: "rmsnorm" or "layernorm".
     causal: causal self-attention (decoders) or bidirectional (encoders).
     rope_base: rotary position embedding base for q and k (None: no RoPE).
+    rope_scaling: RoPE context extension, a Hugging Face `rope_scaling` dict (None: none).
+    fope: FoPE settings (None: plain RoPE); see `MultiHeadAttention`.
+    layer_rope: per layer, whether it applies RoPE (None: every layer does when `rope_base` is set);
+      a layer without is NoPE (e.g. RNoPE's full-attention layers).
     use_bias: biases on the attention and MLP projections (norms keep theirs).
     dropout: residual dropout rate (active only with `train=True`).
     dtype: compute dtype; param_dtype: parameter dtype.
@@ -76,6 +80,9 @@ class TransformerConfig:
   norm: str = "rmsnorm"
   causal: bool = True
   rope_base: Optional[float] = None
+  rope_scaling: Optional[Mapping[str, Any]] = None
+  fope: Optional[Mapping[str, Any]] = None
+  layer_rope: Optional[tuple[bool, ...]] = None
   use_bias: bool = True
   dropout: float = 0.0
   dtype: Any = jnp.float32
@@ -89,6 +96,9 @@ class TransformerConfig:
       raise ValueError(f"TransformerConfig: `mlp` must be one of {MLP_KINDS}, got {self.mlp!r}")
     if self.norm not in NORM_KINDS:
       raise ValueError(f"TransformerConfig: `norm` must be one of {NORM_KINDS}, got {self.norm!r}")
+    if self.layer_rope is not None and len(self.layer_rope) != len(self.mechanisms):
+      raise ValueError(f"TransformerConfig: {len(self.mechanisms)} mechanisms but "
+                       f"{len(self.layer_rope)} layer_rope entries (one per layer)")
 
   @property
   def depth(self) -> int:
@@ -98,7 +108,7 @@ class TransformerConfig:
     # Mappings are unhashable; the per-layer kwargs hash by their sorted items.
     kwargs = tuple(tuple(sorted((k, _hashable(v)) for k, v in m.items()))
                    for m in self.mechanism_kwargs)
-    fields = [getattr(self, f.name) for f in dataclasses.fields(self)
+    fields = [_hashable(getattr(self, f.name)) for f in dataclasses.fields(self)
               if f.name != "mechanism_kwargs"]
     return hash((tuple(fields), kwargs))
 
@@ -174,11 +184,14 @@ class TransformerBlock(nn.Module):
                segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """`x [B, T, D] → [B, T, D]`; `segment_ids [B, T]` keeps tokens to their own segment."""
     cfg = self.config
+    # A NoPE layer of a hybrid (layer_rope False) gets no positional transform at all.
+    rope_on = cfg.rope_base is not None and (cfg.layer_rope is None or cfg.layer_rope[self.layer])
     attention = MultiHeadAttention(
         num_heads=cfg.num_heads, mechanism=cfg.mechanisms[self.layer],
         mechanism_kwargs=dict(cfg.mechanism_kwargs[self.layer]), num_kv_heads=cfg.num_kv_heads,
         causal=cfg.causal, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        rope_base=cfg.rope_base,
+        rope_base=cfg.rope_base if rope_on else None,
+        rope_scaling=cfg.rope_scaling if rope_on else None, fope=cfg.fope if rope_on else None,
         kernel_init=logical(_kernel_init, "embed", "heads", "kv"),
         bias_init=logical(_zeros, "heads", "kv"),
         out_kernel_init=logical(_kernel_init, "heads", "kv", "embed"),

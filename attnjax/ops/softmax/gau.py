@@ -47,39 +47,20 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.core import checks
-from attnjax.core.contract import flex_with_contract
+from attnjax.core.contract import flex_with_contract, visible_key_counts
 from attnjax.core.normalizers import Normalizer, register_normalizer
 from attnjax.registry import Mechanism, register
 from attnjax.typing import Array, Float, Key, Lengths, Output, Query, Value
 
-__all__ = ["gated_attention_unit", "visible_key_counts", "RELU_SQUARED", "ACTIVATIONS"]
+__all__ = ["gated_attention_unit", "RELU_SQUARED", "ACTIVATIONS"]
 
 ACTIVATIONS = ("relu2", "softmax")
 # Shapes in the signatures (letters of `attnjax.typing`; R = 2L - 1 relative distances).
-KeyCounts = Float[Array, "B T"]
 RelativeBias = Float[Array, "R"]
 
 # Unnormalized squared-ReLU weights relu(s)² (the shift m is unused: no normalization).
 RELU_SQUARED = register_normalizer(Normalizer(
     "relu_squared", weight=lambda s, m: jnp.square(jax.nn.relu(s)), normalized=False))
-
-
-def visible_key_counts(op: str, q: Query, k: Key, *, causal: bool = False, segment_ids=None,
-                       q_offset=0, kv_lengths: Optional[Lengths] = None,
-                       implementation: Optional[str] = None) -> KeyCounts:
-  """`[B, T]` float32: how many keys each query sees under the contract's masks (0 for an empty row).
-
-  One flex pass over zero-width stand-ins (`[B, ., 1, 1]` zeros): every score is 0, so the softmax's
-  log-sum-exp is log(count); rounding its exponential gives the integer back exactly.
-  """
-  B, T, S = q.shape[0], q.shape[1], k.shape[1]
-  zeros_q = jnp.zeros((B, T, 1, 1), jnp.float32)
-  zeros_k = jnp.zeros((B, S, 1, 1), jnp.float32)
-  _, lse = flex_with_contract(op, zeros_q, zeros_k, zeros_k, causal=causal, segment_ids=segment_ids,
-                              q_offset=q_offset, kv_lengths=kv_lengths, scale=1.0,
-                              implementation=implementation, return_residuals=True)
-  lse = lse[..., 0]
-  return jax.lax.stop_gradient(jnp.where(jnp.isfinite(lse), jnp.round(jnp.exp(lse)), 0.0))
 
 
 def gated_attention_unit(q: Query, k: Key, v: Value, *, causal: bool = False, segment_ids=None,
