@@ -100,6 +100,10 @@ LEARNED_MIXING_ERROR_RATIO_MAX = 0.7
 # second-order term (about 0.2% for FoPE's broken relative property at σ = 0.01) and float32
 # rounding of the O(1) logits the spreads are taken from.
 FIRST_ORDER_RATIO = dict(rtol=1e-2)
+# Column sums of a Sinkhorn attention plan after its default 100 iterations against the uniform key
+# marginal (rows are exact by construction): what is left of the iteration's convergence, not
+# rounding.
+SINKHORN_MARGINAL_ABS = 1e-3
 
 # Memory growth of compiled forward+backward passes (XLA's sizes, bounded by the expected growth).
 # Largest intermediate at 2T over that at T: 2 for linear growth, plus tiling slack; a `[T, T]`

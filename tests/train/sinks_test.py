@@ -1,6 +1,7 @@
-"""experiments/sinks.py reads each layer's attention weights by probing its mechanism with one-hot
-values: the probe must return the weights themselves (softmax against `attention_weights` on the
-layer's own queries and keys; ReLA's shares against its ReLU weights despite the RMSNorm)."""
+"""attnjax.analysis.sinks (behind experiments/sinks.py) reads each layer's attention weights by
+probing its mechanism with one-hot values: the probe must return the weights themselves (softmax
+against `attention_weights` on the layer's own queries and keys; ReLA's shares against its ReLU
+weights despite the RMSNorm)."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import attnjax as aj
 from attnjax import models
 from attnjax.data import base
 from attnjax.ops.positional import rope
-from experiments import sinks
+from attnjax.analysis import sinks
 from tests import tolerances
 
 T, V = 12, 50

@@ -11,6 +11,9 @@
                     GQA) and the `softmax` mechanism (Vaswani et al., arXiv:1706.03762).
   entity_aware.py   entity_aware_attention, LUKE's query per (query type, key type) pair of words
                     and entities (arXiv:2010.01057).
+  entmax.py         entmax_attention (α fixed, or [N] per head) and adaptive_entmax_attention (α =
+                    1 + sigmoid(a) learned per head): α-entmax, exact zeros (arXiv:2209.15176,
+                    1909.00015, 1905.05702).
   forgetting.py     forgetting_attention, FoX's causal softmax with forget gates (arXiv:2503.02130).
   gau.py            gated_attention_unit, GAU's relu(q·k/n)² weights (arXiv:2202.10447, 2406.15752).
   flex_variants.py  the FlexAttention paper's worked examples as mechanisms: flex, sliding_window,
@@ -29,6 +32,8 @@
                     accumulated ReLU logits F (arXiv:2410.02703).
   selective_temperature.py  selective_temperature_attention, SSA's query and value temperatures
                     1 + σ(α) log n + tanh(u·x) (arXiv:2411.12892).
+  sinkhorn.py       sinkhorn_attention, OTSeg's Sinkhorn normalization of rows and columns toward
+                    uniform transport marginals (arXiv:2403.14183).
   softpick.py       softpick_attention, the rectified softmax without a sink (arXiv:2504.20966).
   threshold_relative.py  threshold_relative_attention, TRA's keys above a threshold and a distance
                     counting only those (arXiv:2503.23174).
@@ -46,6 +51,7 @@ from attnjax.ops.softmax.flex_variants import (alibi_attention, document_masked_
                                                flex_mechanism, prefix_lm_attention,
                                                sliding_window_attention, softcap_attention)
 from attnjax.ops.softmax.entity_aware import entity_aware_attention
+from attnjax.ops.softmax.entmax import adaptive_entmax_attention, entmax_attention
 from attnjax.ops.softmax.forgetting import forgetting_attention
 from attnjax.ops.softmax.gau import gated_attention_unit
 from attnjax.ops.softmax.inside_outside import inside_outside_attention
@@ -55,6 +61,7 @@ from attnjax.ops.softmax.rela import rectified_linear_attention
 from attnjax.ops.softmax.region_modulated import region_modulated_attention
 from attnjax.ops.softmax.selective_masking import selective_attention_masking
 from attnjax.ops.softmax.selective_temperature import selective_temperature_attention
+from attnjax.ops.softmax.sinkhorn import sinkhorn_attention
 from attnjax.ops.softmax.softpick import softpick_attention
 from attnjax.ops.softmax.threshold_relative import threshold_relative_attention
 
@@ -68,4 +75,5 @@ __all__ = ["alibi_attention", "clipped_softmax_attention", "clipped_softmax_gate
            "sliding_window_attention", "softcap_attention",
            "softmax_attention", "softpick_attention",
            "differential_attention", "opamp_attention", "threshold_relative_attention",
-           "entity_aware_attention", "temperature_on_token_subset"]
+           "entity_aware_attention", "temperature_on_token_subset",
+           "entmax_attention", "adaptive_entmax_attention", "sinkhorn_attention"]
