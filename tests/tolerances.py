@@ -38,6 +38,9 @@ GATE_VALUES = {jnp.float32: dict(atol=1e-7)}
 LOG_WEIGHT_ABS = 1e-5
 # A sum or norm over a few features, or a ratio of such sums.
 FEATURE_SUM = {jnp.float32: dict(rtol=1e-5)}
+# A sum of a few dozen O(1) terms that cancel to 0 in exact arithmetic (the z-scores of a row of
+# scores, absolute): float32 rounding of the terms.
+CANCELLING_SUM_ABS = 1e-5
 # A polynomial kernel's value `1 + x + x²/2` (x a dot product): a short sum, values near 0 possible.
 KERNEL_VALUE = {jnp.float32: dict(atol=1e-5, rtol=1e-5)}
 # Cosine similarities in [-1, 1]: relative near ±1, absolute near 0.
