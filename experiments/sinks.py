@@ -14,14 +14,8 @@ parameters of its latest checkpoint and measures on `--batches` batches of held-
                  attention-sink metric of Gu et al., "When Attention Sink Emerges in Language
                  Models", arXiv:2410.10781, that the softpick paper reports).
 
-Weights are read by probing each attention layer's own mechanism with one-hot values: the layer's
-inputs are recorded during the forward (a Flax method interceptor on `MultiHeadAttention`), its
-queries, keys and per-token inputs recomputed from its parameters, and the mechanism called with
-`v[b, s, :, :] = e_s`, so output channel s is the weight on key s. This is exact for mechanisms
-linear in the values (softmax, softpick, cog (signed: the share is of |w|), FoX, selective
-attention); for ReLA, whose per-token RMSNorm is not linear, the probe drops the gate and uses unit
-scales, which leaves each head's shares w_0 / Σ_s w_s unchanged (the norm divides a token's row by
-one number). The table goes to `<workdir>/sinks.md` and stdout.
+How the weights are read (probing each layer's own mechanism with one-hot values, and why that is
+exact): `attnjax.analysis.sinks`. The table goes to `<workdir>/sinks.md` and stdout.
 """
 
 import json

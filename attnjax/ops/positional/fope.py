@@ -133,12 +133,7 @@ def apply_fope(x: Heads, positions: Positions, *, cos_coef: Coefficients, sin_co
   if jnp.ndim(x) != 4:
     raise ValueError(f"apply_fope: `x` must have shape [B, T, N, H], got shape {jnp.shape(x)}")
   B, T, N, H = x.shape
-  positions = jnp.asarray(positions)
-  if positions.shape == (T,):
-    positions = positions[None]
-  elif positions.ndim != 2 or positions.shape[1] != T or positions.shape[0] not in (1, B):
-    raise ValueError(f"apply_fope: `positions` must have shape [B, T] = [{B}, {T}] or [T] = [{T}], "
-                     f"got shape {positions.shape}")
+  positions = rope.check_positions("apply_fope", positions, B, T)
   if dim is None:
     d = rope.rotary_dim(H, fraction)
   elif dim <= 0 or dim % 2 or dim > H:

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from attnjax.ops.positional import rope_scaling
 from attnjax.typing import Array, Float, Int
 
-__all__ = ["apply_rope", "rope_frequencies", "rope_parameters", "rotary_dim", "segment_positions"]
+__all__ = ["apply_rope", "check_positions", "rope_frequencies", "rope_parameters", "rotary_dim",
+           "segment_positions"]
 
 # Shapes in the signatures (jaxtyping; letters of `attnjax.typing`, d the rotated dims).
 Heads = Float[Array, "B T N H"]
@@ -127,12 +128,7 @@ def apply_rope(x: Heads, positions: Positions, *, base: float = 10000.0, fractio
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     raise TypeError(f"apply_rope: `x` must be floating point, got {jnp.result_type(x)}")
   B, T, _, H = x.shape
-  positions = jnp.asarray(positions)
-  if positions.shape == (T,):
-    positions = positions[None]
-  elif positions.ndim != 2 or positions.shape[1] != T or positions.shape[0] not in (1, B):
-    raise ValueError(f"apply_rope: `positions` must have shape [B, T] = [{B}, {T}] or [T] = [{T}], "
-                     f"got shape {positions.shape}")
+  positions = check_positions("apply_rope", positions, B, T)
   if dim is None:
     d = rotary_dim(H, fraction)
   else:
@@ -170,3 +166,15 @@ def segment_positions(segment_ids: SegmentPositions) -> SegmentPositions:
   starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
   return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def check_positions(op: str, positions, B: int, T: int) -> jax.Array:
+  """`positions` as `[1 or B, T]` (a `[T]` array gains a leading axis); a ValueError naming `op`
+  otherwise. Shared by the rotary transforms (RoPE, FoPE)."""
+  positions = jnp.asarray(positions)
+  if positions.shape == (T,):
+    return positions[None]
+  if positions.ndim != 2 or positions.shape[1] != T or positions.shape[0] not in (1, B):
+    raise ValueError(f"{op}: `positions` must have shape [B, T] = [{B}, {T}] or [T] = [{T}], "
+                     f"got shape {positions.shape}")
+  return positions
