@@ -13,6 +13,8 @@ mechanisms (registered, family "positional").
   fope.py     apply_fope: Fourier Position Embedding (Hua et al., arXiv:2412.17739).
   location.py GMM attention and Dynamic Convolution Attention, location-relative decoder alignment
               (Battenberg et al., arXiv:1910.10288): step functions and scans, not q, k, v mechanisms.
+  skim.py     Skim-Attention: attention weights from document layout alone, and SkimmingMask
+              (Nguyen et al., arXiv:2109.01078); the Skimformer layers are in attnjax/nn/skim.py.
 """
 
 from attnjax.ops.positional.deberta import disentangled_attention
@@ -25,9 +27,12 @@ from attnjax.ops.positional.rope import (apply_rope, rope_frequencies, rope_para
                                          rotary_dim, segment_positions)
 from attnjax.ops.positional.rope_scaling import check_rope_scaling
 from attnjax.ops.positional.shaw import relative_position_attention
+from attnjax.ops.positional.skim import (apply_skim_weights, layout_embedding,
+                                         skim_attention_weights, skimming_mask)
 
 __all__ = ["apply_rope", "rope_frequencies", "rotary_dim", "segment_positions",
            "relative_position_attention", "disentangled_attention", "ripo_attention",
            "rope_parameters", "check_rope_scaling", "apply_fope", "fope_coefficients",
            "fope_kept_pairs", "beta_binomial_prior", "dca_attention_scan", "dca_attention_step",
-           "gmm_attention_scan", "gmm_attention_step"]
+           "gmm_attention_scan", "gmm_attention_step", "apply_skim_weights", "layout_embedding",
+           "skim_attention_weights", "skimming_mask"]
