@@ -1,5 +1,6 @@
-"""Shared test inputs and probes: one q, k, v builder with one argument order, and the shapes of a
-program's intermediate arrays (for memory-scaling tests)."""
+"""Shared test inputs and probes: one q, k, v builder with one argument order, a gradient comparison
+of a fast path with its reference, and the shapes of a program's intermediate arrays (for
+memory-scaling tests)."""
 
 import functools
 
@@ -29,6 +30,18 @@ def jit_with(fn, **static):
   """`fn` with the keywords `static` fixed, compiled as one program (eager dispatch compiles every
   primitive separately, several times slower); array arguments stay traced."""
   return jax.jit(functools.partial(fn, **static))
+
+
+def assert_same_gradients(fn, reference, args, dout, names, *, tol):
+  """The gradients of `Σ fn(*args) · dout` and `Σ reference(*args) · dout` with respect to every
+  argument are close (`tol`: keywords of `np.testing.assert_allclose`; an argument may be a pytree).
+  Both are compiled. `names`: one per argument, for the failure message."""
+  argnums = tuple(range(len(args)))
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * dout), argnums=argnums))(*args)
+           for f in (fn, reference)]
+  for name, got, want in zip(names, *grads, strict=True):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), err_msg=name, **tol)
 
 
 def intermediate_shapes(fn, *args) -> list[tuple[int, ...]]:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from attnjax import catalog
 from attnjax import registry
+from attnjax.nn import layer_parts
 
 __all__ = ["ConvSharedProjection", "ConvShareAttention", "PADDINGS", "token_map_shape"]
 
@@ -163,17 +164,13 @@ class ConvShareAttention(nn.Module):
   def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array] = None, *,
                segment_ids=None, kv_lengths=None) -> jax.Array:
     """`inputs_q [B, T, D]`, `inputs_kv [B, S, D]` (None: self-attention) → `[B, T, F]`."""
-    mech = (self.mechanism if isinstance(self.mechanism, registry.Mechanism)
-            else registry.get(self.mechanism))
-    if mech.params or mech.token_inputs:
-      raise ValueError(f"ConvShareAttention: mechanism {mech.name!r} takes learned or per-token "
-                       "arrays; use one without (e.g. 'softmax')")
     cross = inputs_kv is not None
+    mech = layer_parts.plain_mechanism("ConvShareAttention", self.mechanism, causal=self.causal,
+                                       cross=cross)
     kv = inputs_kv if cross else inputs_q
     if jnp.ndim(inputs_q) != 3 or jnp.ndim(kv) != 3 or kv.shape[::2] != inputs_q.shape[::2]:
       raise ValueError(f"ConvShareAttention: inputs must have shapes [B, T, D] and [B, S, D], got "
                        f"{jnp.shape(inputs_q)} and {jnp.shape(kv)}")
-    mech.check_pattern(causal=self.causal, cross=cross)
 
     def project(name, x):
       conv = ConvSharedProjection(self.num_heads, self.kernel_size, token_shape=self.token_shape,
@@ -184,12 +181,7 @@ class ConvShareAttention(nn.Module):
       y = conv(x).reshape(x.shape[:2] + (C, M, h * w))
       return jnp.moveaxis(y, 3, 2).reshape(x.shape[:2] + (M, C * h * w))   # head m: its C maps
 
-    kwargs = {**dict(self.mechanism_kwargs or {}), "scale": self.scale,
-              "implementation": self.implementation}
-    if segment_ids is not None:
-      kwargs["segment_ids"] = segment_ids
-    if kv_lengths is not None:
-      kwargs["kv_lengths"] = kv_lengths
+    kwargs = layer_parts.mechanism_kwargs(self, segment_ids=segment_ids, kv_lengths=kv_lengths)
     out = mech(project("query", inputs_q), project("key", kv), project("value", kv),
                causal=self.causal, cross=cross, **kwargs)
     return nn.DenseGeneral(features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),

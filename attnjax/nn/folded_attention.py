@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from attnjax import catalog
 from attnjax import registry
+from attnjax.nn import layer_parts
 from attnjax.core.contract import zero_padded
 
 __all__ = ["FoldedProjectionAttention", "VARIANTS"]
@@ -96,17 +97,12 @@ class FoldedProjectionAttention(nn.Module):
     name = "FoldedProjectionAttention"
     if self.variant not in VARIANTS:
       raise ValueError(f"{name}: `variant` must be one of {VARIANTS}, got {self.variant!r}")
-    mech = (self.mechanism if isinstance(self.mechanism, registry.Mechanism)
-            else registry.get(self.mechanism))
-    if mech.params or mech.token_inputs:
-      raise ValueError(f"{name}: mechanism {mech.name!r} takes learned or per-token arrays; use "
-                       "one without (e.g. 'softmax')")
     cross = inputs_kv is not None
+    mech = layer_parts.plain_mechanism(name, self.mechanism, causal=self.causal, cross=cross)
     kv = inputs_kv if cross else inputs_q
     if jnp.ndim(inputs_q) != 3 or jnp.ndim(kv) != 3 or kv.shape[0] != inputs_q.shape[0]:
       raise ValueError(f"{name}: inputs must have shapes [B, T, D] and [B, S, D_kv], got "
                        f"{jnp.shape(inputs_q)} and {jnp.shape(kv)}")
-    mech.check_pattern(causal=self.causal, cross=cross)
     N = self.num_heads
     D, D_kv, S = inputs_q.shape[-1], kv.shape[-1], kv.shape[1]
     if N <= 0 or D % N or D_kv % N:
@@ -138,12 +134,7 @@ class FoldedProjectionAttention(nn.Module):
                           precision=self.precision)
     value = heads(values).astype(dtype)
 
-    kwargs = {**dict(self.mechanism_kwargs or {}), "scale": self.scale,
-              "implementation": self.implementation}
-    if segment_ids is not None:
-      kwargs["segment_ids"] = segment_ids
-    if kv_lengths is not None:
-      kwargs["kv_lengths"] = kv_lengths
+    kwargs = layer_parts.mechanism_kwargs(self, segment_ids=segment_ids, kv_lengths=kv_lengths)
     out = mech(query, key.astype(query.dtype), value.astype(query.dtype), causal=self.causal,
                cross=cross, **kwargs)
     return nn.DenseGeneral(features=self.out_features or D, axis=(-2, -1), dtype=self.dtype,

@@ -2,6 +2,8 @@
 k (RoPE with scaling, or FoPE with its fixed coefficients in 'buffers'), the per-token arrays a
 mechanism declares (`registry.TokenInput`), and the KV cache's overrun check. Each function takes
 the layer (`self`) and runs inside its `__call__`, so the variables it creates belong to the layer.
+Also the mechanism lookup and call keywords of the layers that make their own q, k, v
+(`ConvShareAttention`, `FoldedProjectionAttention`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,31 @@ from attnjax.ops.positional import fope as fope_lib
 from attnjax.ops.positional import rope
 from attnjax.ops.positional import rope_scaling as rope_scaling_lib
 
-__all__ = ["check_cache_room", "rotary", "row_end", "token_input"]
+__all__ = ["check_cache_room", "mechanism_kwargs", "plain_mechanism", "rotary", "row_end",
+           "token_input"]
+
+
+def plain_mechanism(owner: str, mechanism, *, causal: bool, cross: bool) -> registry.Mechanism:
+  """The record of `mechanism` (a registry name or record) for a layer that creates no arrays for
+  it: one with learned or per-token arrays, or without this pattern, is an error naming `owner`."""
+  mech = mechanism if isinstance(mechanism, registry.Mechanism) else registry.get(mechanism)
+  if mech.params or mech.token_inputs:
+    raise ValueError(f"{owner}: mechanism {mech.name!r} takes learned or per-token arrays; use one "
+                     "without (e.g. 'softmax')")
+  mech.check_pattern(causal=causal, cross=cross)
+  return mech
+
+
+def mechanism_kwargs(self, *, segment_ids=None, kv_lengths=None) -> dict[str, Any]:
+  """The layer's `mechanism_kwargs`, `scale` and `implementation`, plus the call's packing and
+  padding when given."""
+  kwargs = {**dict(self.mechanism_kwargs or {}), "scale": self.scale,
+            "implementation": self.implementation}
+  if segment_ids is not None:
+    kwargs["segment_ids"] = segment_ids
+  if kv_lengths is not None:
+    kwargs["kv_lengths"] = kv_lengths
+  return kwargs
 
 
 def rotary(self, K: int, H: int):

@@ -71,12 +71,8 @@ def test_gradients_match_a_dense_form(implementation):
   op = lambda q, k, v, g: clipped_softmax_gated_attention(
       q, k, v, gate_logits=g, causal=True, scale=2.0, zeta=1.0, gamma=-0.1,
       implementation=implementation)
-  loss = lambda f: lambda *a: jnp.sum(f(*a) * dout)
-  got = jax.jit(jax.grad(loss(op), argnums=(0, 1, 2, 3)))(q, k, v, gate)
-  want = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2, 3)))(q, k, v, gate)
-  for name, g, w in zip(("dq", "dk", "dv", "dgate"), got, want, strict=True):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), err_msg=name,
-                               **tolerances.grad(jnp.float32))
+  inputs.assert_same_gradients(op, dense, (q, k, v, gate), dout, ("dq", "dk", "dv", "dgate"),
+                               tol=tolerances.grad(jnp.float32))
 
 
 def test_a_head_can_output_exact_zeros():

@@ -47,13 +47,9 @@ def test_gradients_match_a_dense_float32_form(implementation):
     w = jnp.where(visible, jnp.sign(s) * jax.nn.softmax(a, axis=-1), 0.0)
     return jnp.einsum("bnts,bsnh->btnh", w, vr)
 
-  loss = lambda f: lambda *a: jnp.sum(f(*a) * dout)
-  got = jax.grad(loss(lambda *a: cog_attention(*a, causal=True, implementation=implementation)),
-                 argnums=(0, 1, 2))(q, k, v)
-  want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
-  for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), err_msg=name,
-                               **tolerances.grad(jnp.float32))
+  op = lambda *a: cog_attention(*a, causal=True, implementation=implementation)
+  inputs.assert_same_gradients(op, dense, (q, k, v), dout, ("dq", "dk", "dv"),
+                               tol=tolerances.grad(jnp.float32))
 
 
 def test_weights_are_signed_and_their_absolute_values_sum_to_one():

@@ -31,18 +31,6 @@ def _weights_float64(q, k, visible, *, scale, alpha=1.0, beta=1.0):
   return np.where(visible, np.tanh(e) * 2.0 * numpy_math.sigmoid(-beta * scale * l1), 0.0)
 
 
-def _visible(B_, T_, S_, *, causal=False, kv_lengths=None, segments=None):
-  vis = np.ones((B_, 1, T_, S_), bool)
-  if causal:
-    vis = vis & np.tril(np.ones((T_, S_), bool))
-  if kv_lengths is not None:
-    vis = vis & (np.arange(S_) < np.asarray(kv_lengths)[:, None])[:, None, None, :]
-  if segments is not None:
-    seg = np.asarray(segments)
-    vis = vis & (seg[:, :, None] == seg[:, None, :])[:, None]
-  return vis
-
-
 def _float64(q, k, v, visible, **kw):
   v = np.repeat(np.asarray(v, np.float64), q.shape[2] // v.shape[2], axis=2)
   return np.einsum("bnts,bsnh->btnh", _weights_float64(q, k, visible, **kw), v)
@@ -65,8 +53,8 @@ def test_equals_the_papers_equations(case, implementation):
   out = inputs.jit_with(compositional_quasi_attention, causal=c["causal"],
                         implementation=implementation, scale=0.6, alpha=1.5, beta=0.4)(
                             q, k, v, **c["kw"])
-  vis = _visible(B, c["T"], c["S"], causal=c["causal"], kv_lengths=c["kw"].get("kv_lengths"),
-                 segments=c["kw"].get("segment_ids"))
+  vis = numpy_math.visible(B, c["T"], c["S"], causal=c["causal"],
+                           kv_lengths=c["kw"].get("kv_lengths"), segments=c["kw"].get("segment_ids"))
   want = _float64(q, k, v, vis, scale=0.6, alpha=1.5, beta=0.4)
   np.testing.assert_allclose(np.asarray(out), want, **F32)
 
@@ -74,7 +62,7 @@ def test_equals_the_papers_equations(case, implementation):
 def test_default_scale_is_inverse_sqrt_head_dim_on_both_affinities():
   q, k, v = inputs.qkv(B=1, T=7, N=2, K=1, H=H, h=3, seed=9)
   out = inputs.jit_with(compositional_quasi_attention)(q, k, v)
-  want = _float64(q, k, v, _visible(1, 7, 7), scale=H ** -0.5)
+  want = _float64(q, k, v, numpy_math.visible(1, 7, 7), scale=H ** -0.5)
   np.testing.assert_allclose(np.asarray(out), want, **F32)
 
 
@@ -82,7 +70,7 @@ def test_gradients_match_float64_finite_differences():
   q, k, v = inputs.qkv(B=1, T=7, S=9, N=4, K=2, H=4, h=3, seed=6)
   rng = np.random.default_rng(0)
   c = rng.standard_normal((1, 7, 4, 3))
-  vis = _visible(1, 7, 9)
+  vis = numpy_math.visible(1, 7, 9)
 
   def loss(q, k, v):
     out = compositional_quasi_attention(q, k, v, scale=0.6, implementation="xla")
@@ -91,14 +79,8 @@ def test_gradients_match_float64_finite_differences():
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   args = [np.asarray(x, np.float64) for x in (q, k, v)]
   loss64 = lambda *a: float(np.sum(_float64(*a, vis, scale=0.6) * c))
-  step = 1e-6
-  for i, name in enumerate("qkv"):
-    d = rng.standard_normal(args[i].shape)
-    plus, minus = list(args), list(args)
-    plus[i], minus[i] = args[i] + step * d, args[i] - step * d
-    fd = (loss64(*plus) - loss64(*minus)) / (2 * step)
-    np.testing.assert_allclose(float(np.sum(np.asarray(grads[i], np.float64) * d)), fd,
-                               err_msg=name, **GRAD)
+  numpy_math.check_directional_derivatives(grads, args, loss64, "qkv", rng=rng,
+                                           tol=GRAD)
 
 
 def _weights(q, k, **kw):

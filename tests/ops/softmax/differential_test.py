@@ -141,14 +141,9 @@ def test_differential_gradients_match_a_dense_form():
     return attn * jax.lax.rsqrt(jnp.mean(attn ** 2, -1, keepdims=True) + 1e-5) * \
         p["norm_scale"] * (1 - lam_init)
 
-  loss = lambda f: lambda *a: jnp.sum(f(*a) * dout)
   op = lambda q, k, v, p: differential_attention(q, k, v, **p, causal=True, implementation="xla")
-  got = jax.jit(jax.grad(loss(op), argnums=(0, 1, 2, 3)))(q, k, v, p)
-  want = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2, 3)))(q, k, v, p)
-  for name, g, w in zip(("dq", "dk", "dv", "dparams"), got, want, strict=True):
-    for leaf_g, leaf_w in zip(jax.tree.leaves(g), jax.tree.leaves(w), strict=True):
-      np.testing.assert_allclose(np.asarray(leaf_g), np.asarray(leaf_w), err_msg=name,
-                                 **tolerances.grad(jnp.float32))
+  inputs.assert_same_gradients(op, dense, (q, k, v, p), dout, ("dq", "dk", "dv", "dparams"),
+                               tol=tolerances.grad(jnp.float32))
 
 
 @pytest.mark.parametrize("implementation", ["xla", "reference"])

@@ -181,14 +181,8 @@ def test_gradients_match_float64_finite_differences():
   def loss64(q, k, v, a):
     return _loss_float64(q, k, v, 1.0 + numpy_math.sigmoid(a), c, scale)
 
-  step = 1e-6
-  for i, name in enumerate(("q", "k", "v", "alpha_logit")):
-    d = rng.standard_normal(args[i].shape)
-    plus, minus = list(args), list(args)
-    plus[i], minus[i] = args[i] + step * d, args[i] - step * d
-    fd = (loss64(*plus) - loss64(*minus)) / (2 * step)
-    got = float(np.sum(np.asarray(grads[i], np.float64) * d))
-    np.testing.assert_allclose(got, fd, err_msg=name, **GRAD)
+  numpy_math.check_directional_derivatives(grads, args, loss64, ("q", "k", "v", "alpha_logit"),
+                                           rng=rng, tol=GRAD)
 
 
 def test_alpha_gradient_is_the_papers_formula():

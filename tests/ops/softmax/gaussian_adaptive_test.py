@@ -17,6 +17,7 @@ import pytest
 
 from attnjax.ops.softmax import gaussian_adaptive_attention
 from tests import inputs
+from tests import numpy_math
 from tests import tolerances
 
 F32 = tolerances.output(jnp.float32)
@@ -110,14 +111,9 @@ def test_gradients_reach_the_learned_arrays_and_match_float64(axis):
   else:
     f64 = lambda v, o, s: _sequence_float64(v, o, s, n_heads=2, lengths=np.array([7]),
                                             segments=np.zeros((1, 7), np.int64))
-  step = 1e-6
-  for i, name in enumerate(("v", "mean_offsets", "scales")):
-    d = rng.standard_normal(args[i].shape)
-    plus, minus = list(args), list(args)
-    plus[i], minus[i] = args[i] + step * d, args[i] - step * d
-    fd = (np.sum(f64(*plus) * c) - np.sum(f64(*minus) * c)) / (2 * step)
-    np.testing.assert_allclose(float(np.sum(np.asarray(grads[i], np.float64) * d)), fd,
-                               err_msg=name, **GRAD)
+  loss64 = lambda *a: float(np.sum(f64(*a) * c))
+  numpy_math.check_directional_derivatives(grads, args, loss64, ("v", "mean_offsets", "scales"),
+                                           rng=rng, tol=GRAD)
 
 
 def _recalibration(v, offsets, scales):

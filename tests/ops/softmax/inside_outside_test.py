@@ -124,14 +124,10 @@ def test_gradients_match_a_dense_form(implementation):
     same = inside[:, None, :, None] == inside[:, None, None, :]
     return jnp.einsum("bnts,bsnh->btnh", w * jnp.where(same, 1.0, 0.25), vr)
 
-  loss = lambda f: lambda *a: jnp.sum(f(*a) * dout)
   op = lambda *a: inside_outside_attention(*a, q_inside=inside, kv_inside=inside, strength=0.75,
                                            causal=True, implementation=implementation)
-  got = jax.jit(jax.grad(loss(op), argnums=(0, 1, 2)))(q, k, v)
-  want = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, k, v)
-  for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), err_msg=name,
-                               **tolerances.grad(jnp.float32))
+  inputs.assert_same_gradients(op, dense, (q, k, v), dout, ("dq", "dk", "dv"),
+                               tol=tolerances.grad(jnp.float32))
 
 
 def test_bad_input_is_a_clear_error():

@@ -14,6 +14,7 @@ import pytest
 
 from attnjax.ops.softmax import normalized_attention_pooling
 from tests import inputs
+from tests import numpy_math
 from tests import tolerances
 
 F32 = tolerances.output(jnp.float32)
@@ -23,18 +24,6 @@ ZERO_SUM = dict(atol=tolerances.CANCELLING_SUM_ABS, **SUM)
 B, T, N, K, H, h = 2, 11, 4, 2, 8, 6
 GAIN = np.array([1.0, 0.7, 1.3, 1.1], np.float32)
 SHIFT = np.array([0.0, 0.2, -0.3, 0.5], np.float32)
-
-
-def _visible(B_, T_, S_, *, causal=False, kv_lengths=None, segments=None):
-  vis = np.ones((B_, 1, T_, S_), bool)
-  if causal:
-    vis = vis & np.tril(np.ones((T_, S_), bool))
-  if kv_lengths is not None:
-    vis = vis & (np.arange(S_) < np.asarray(kv_lengths)[:, None])[:, None, None, :]
-  if segments is not None:
-    seg = np.asarray(segments)
-    vis = vis & (seg[:, :, None] == seg[:, None, :])[:, None]
-  return vis
 
 
 def _weights_float64(q, k, visible, gain, shift, *, scale=1.0, eps=1e-3):
@@ -76,8 +65,8 @@ def test_equals_the_authors_normalization(case, implementation):
   out = inputs.jit_with(normalized_attention_pooling, **static)(
       q, k, v, gain=GAIN, shift=SHIFT, kv_lengths=kw.get("kv_lengths"),
       segment_ids=kw.get("segment_ids"))
-  vis = _visible(B, c["T"], c["S"], causal=static["causal"], kv_lengths=kw.get("kv_lengths"),
-                 segments=kw.get("segment_ids"))
+  vis = numpy_math.visible(B, c["T"], c["S"], causal=static["causal"],
+                           kv_lengths=kw.get("kv_lengths"), segments=kw.get("segment_ids"))
   np.testing.assert_allclose(np.asarray(out), _float64(q, k, v, vis), **F32)
 
 
@@ -85,7 +74,7 @@ def test_gradients_match_float64_finite_differences():
   q, k, v = inputs.qkv(B=1, T=9, N=4, K=2, H=4, h=3, seed=6)
   rng = np.random.default_rng(0)
   c = rng.standard_normal((1, 9, 4, 3))
-  vis = _visible(1, 9, 9, causal=True)
+  vis = numpy_math.visible(1, 9, 9, causal=True)
 
   def loss(q, k, v, gain, shift):
     out = normalized_attention_pooling(q, k, v, gain=gain, shift=shift, causal=True,
@@ -95,14 +84,8 @@ def test_gradients_match_float64_finite_differences():
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, GAIN, SHIFT)
   args = [np.asarray(x, np.float64) for x in (q, k, v, GAIN, SHIFT)]
   loss64 = lambda q, k, v, g, b: float(np.sum(_float64(q, k, v, vis, g, b) * c))
-  step = 1e-6
-  for i, name in enumerate(("q", "k", "v", "gain", "shift")):
-    d = rng.standard_normal(args[i].shape)
-    plus, minus = list(args), list(args)
-    plus[i], minus[i] = args[i] + step * d, args[i] - step * d
-    fd = (loss64(*plus) - loss64(*minus)) / (2 * step)
-    np.testing.assert_allclose(float(np.sum(np.asarray(grads[i], np.float64) * d)), fd,
-                               err_msg=name, **GRAD)
+  numpy_math.check_directional_derivatives(grads, args, loss64, ("q", "k", "v", "gain", "shift"),
+                                           rng=rng, tol=GRAD)
 
 
 def _weights(q, k, *, gain, shift, eps, kv_lengths=None, causal=False):
@@ -118,7 +101,7 @@ def test_weights_are_standardized_scores_over_the_visible_keys():
   lengths = np.array([13, 9])
   w = _weights(q, k, gain=jnp.ones(1), shift=jnp.zeros(1), eps=0.0, kv_lengths=jnp.asarray(lengths),
                causal=True)
-  vis = _visible(2, 13, 13, causal=True, kv_lengths=lengths)[:, 0]
+  vis = numpy_math.visible(2, 13, 13, causal=True, kv_lengths=lengths)[:, 0]
   assert np.all(w[~vis] == 0.0)                       # hidden keys: exactly no weight
   n = vis.sum(-1)
   rows = n >= 2

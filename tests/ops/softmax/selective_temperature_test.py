@@ -88,13 +88,9 @@ def test_gradients_match_a_dense_form(implementation):
   op = lambda q, k, v, uq, aq, uv, av: selective_temperature_attention(
       q, k, v, query_token_weight=uq, query_position_logit=aq, value_token_weight=uv,
       value_position_logit=av, causal=True, implementation=implementation)
-  loss = lambda f: lambda *a: jnp.sum(f(*a) * dout)
-  argnums = tuple(range(7))
-  got = jax.jit(jax.grad(loss(op), argnums=argnums))(q, k, v, *params)
-  want = jax.jit(jax.grad(loss(dense), argnums=argnums))(q, k, v, *params)
-  for name, g, w in zip(("dq", "dk", "dv", "duq", "daq", "duv", "dav"), got, want, strict=True):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), err_msg=name,
-                               **tolerances.grad(jnp.float32))
+  inputs.assert_same_gradients(op, dense, (q, k, v, *params), dout,
+                               ("dq", "dk", "dv", "duq", "daq", "duv", "dav"),
+                               tol=tolerances.grad(jnp.float32))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -16,6 +16,7 @@ import pytest
 
 from attnjax.ops.softmax import sinkhorn_attention, softmax_attention
 from tests import inputs
+from tests import numpy_math
 from tests import tolerances
 
 F32 = tolerances.output(jnp.float32)
@@ -146,15 +147,10 @@ def test_gradients_match_float64_finite_differences():
     plan = _sinkhorn_float64(_scores(q, k, 0.5), lengths, iterations=4, epsilon=0.8)
     return float(np.sum(_out(plan, v) * c))
 
-  step = 1e-6
   for i, name in enumerate("qkv"):
     assert np.isfinite(np.asarray(grads[i])).all(), name
-    d = rng.standard_normal(args[i].shape)
-    plus, minus = list(args), list(args)
-    plus[i], minus[i] = args[i] + step * d, args[i] - step * d
-    fd = (loss64(*plus) - loss64(*minus)) / (2 * step)
-    got = float(np.sum(np.asarray(grads[i], np.float64) * d))
-    np.testing.assert_allclose(got, fd, err_msg=name, **tolerances.grad(jnp.float32))
+  numpy_math.check_directional_derivatives(grads, args, loss64, "qkv", rng=rng,
+                                           tol=tolerances.grad(jnp.float32))
 
 
 def test_empty_rows_give_zeros_and_finite_gradients():

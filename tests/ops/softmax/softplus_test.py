@@ -15,6 +15,7 @@ import pytest
 
 from attnjax.ops.softmax import softplus_length_scaled_attention
 from tests import inputs
+from tests import numpy_math
 from tests import tolerances
 
 F32 = tolerances.output(jnp.float32)
@@ -89,14 +90,8 @@ def test_gradients_match_float64_finite_differences(power):
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   args = [np.asarray(x, np.float64) for x in (q, k, v)]
   loss64 = lambda *a: float(np.sum(_float64(*a, causal=True, power=power) * c))
-  step = 1e-6
-  for i, name in enumerate("qkv"):
-    d = rng.standard_normal(args[i].shape)
-    plus, minus = list(args), list(args)
-    plus[i], minus[i] = args[i] + step * d, args[i] - step * d
-    fd = (loss64(*plus) - loss64(*minus)) / (2 * step)
-    np.testing.assert_allclose(float(np.sum(np.asarray(grads[i], np.float64) * d)), fd,
-                               err_msg=name, **GRAD)
+  numpy_math.check_directional_derivatives(grads, args, loss64, "qkv", rng=rng,
+                                           tol=GRAD)
 
 
 def test_weights_are_a_distribution_over_the_visible_keys():
