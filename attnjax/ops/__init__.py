@@ -2,10 +2,12 @@
 
 from attnjax.ops import decode  # noqa: F401
 from attnjax.ops import linear  # noqa: F401
+from attnjax.ops import local  # noqa: F401
 from attnjax.ops import low_rank  # noqa: F401
 from attnjax.ops import memory  # noqa: F401
 from attnjax.ops import mixers  # noqa: F401
 from attnjax.ops import pooling  # noqa: F401
 from attnjax.ops import positional  # noqa: F401
 from attnjax.ops import softmax  # noqa: F401
+from attnjax.ops import sparse  # noqa: F401
 from attnjax.ops.softmax import dot_product_attention  # noqa: F401
