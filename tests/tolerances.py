@@ -7,6 +7,7 @@ for one kind of check, named by what it measures.
 """
 
 import jax.numpy as jnp
+import numpy as np
 
 # Output comparisons against a float32 / float64 reference: (atol, rtol).
 OUTPUT = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -107,6 +108,10 @@ FIRST_ORDER_RATIO = dict(rtol=1e-2)
 # marginal (rows are exact by construction): what is left of the iteration's convergence, not
 # rounding.
 SINKHORN_MARGINAL_ABS = 1e-3
+# Delta Attention's corrected output over the sliding window's, both against dense attention, when
+# queries vary slowly within a group (relative RMS; measured 0.37 and 0.39 on two draws): the
+# transferred anchor differences remove most of the sparse error, not all.
+DELTA_CORRECTION_ERROR_RATIO_MAX = 0.5
 
 # Memory growth of compiled forward+backward passes (XLA's sizes, bounded by the expected growth).
 # Largest intermediate at 2T over that at T: 2 for linear growth, plus tiling slack; a `[T, T]`
@@ -160,7 +165,8 @@ def grad(dtype):
 
 
 def rel_rms(a, b):
-  """||a - b|| / ||b|| in float32 (0 when both are zero)."""
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  den = jnp.sqrt(jnp.mean(b * b))
-  return float(jnp.sqrt(jnp.mean((a - b) ** 2)) / jnp.where(den == 0, 1.0, den))
+  """||a - b|| / ||b|| in float32 (0 when both are zero). On the host: an eager JAX reduction would
+  compile a program per shape."""
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  den = np.sqrt(np.mean(b * b))
+  return float(np.sqrt(np.mean((a - b) ** 2)) / (1.0 if den == 0 else den))
