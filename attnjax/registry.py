@@ -42,25 +42,37 @@ class ParamSpec:
   `shape(num_heads, num_kv_heads, head_dim)` gives its shape; `init` is a `jax.nn.initializers`
   initializer. `trainable=False` marks an array the paper keeps fixed (random features, fixed
   filters): the layer creates it in the `BUFFERS` collection instead of 'params', so no optimizer
-  moves it (it may still be redrawn, see `attnjax.nn.redraw_buffers`).
+  moves it (it may still be redrawn, see `attnjax.nn.redraw_buffers`). `settings` names mechanism
+  keywords the shape depends on (a kernel size, a grid's rank): `shape` then takes them as keywords,
+  given from the mechanism's settings when set there (`shape_for`).
   """
   name: str
-  shape: Callable[[int, int, int], tuple[int, ...]]
+  shape: Callable[..., tuple[int, ...]]
   init: Callable[..., Any]
   trainable: bool = True
+  settings: tuple[str, ...] = ()
+
+  def shape_for(self, N: int, K: int, H: int, settings: Optional[dict] = None) -> tuple[int, ...]:
+    """The shape for N query heads, K key/value heads, head dim H and the mechanism's keyword
+    `settings` (defaults and the caller's; only the names in `self.settings` are read, and a name
+    the settings lack keeps the shape function's default)."""
+    settings = settings or {}
+    chosen = {name: settings[name] for name in self.settings
+              if name in settings and settings[name] is not None}
+    return tuple(self.shape(N, K, H, **chosen))
 
 
 def example_params(specs, *, N: int = 4, K: int = 2, H: int = 8, seed: int = 0,
-                   perturb: float = 0.0) -> dict:
+                   perturb: float = 0.0, settings: Optional[dict] = None) -> dict:
   """Concrete float32 numpy arrays for the `ParamSpec`s `specs` at the given sizes (by default
-  those of the conformance suite): each spec's init plus `perturb`·N(0, 1), so that zero-initialized
-  gates and offsets are exercised too. For `Mechanism.example` functions."""
+  those of the conformance suite) and mechanism `settings`: each spec's init plus `perturb`·N(0, 1),
+  so that zero-initialized gates and offsets are exercised too. For `Mechanism.example` functions."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(specs))
   out = {}
   for key, spec in zip(keys, specs, strict=True):
-    shape = tuple(spec.shape(N, K, H))
+    shape = spec.shape_for(N, K, H, settings)
     value = np.asarray(spec.init(key, shape, np.float32))
     out[spec.name] = (value + perturb * rng.standard_normal(shape)).astype(np.float32)
   return out

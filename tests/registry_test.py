@@ -77,3 +77,14 @@ def test_importing_attnjax_starts_no_jax_backend():
                        cwd=pathlib.Path(__file__).resolve().parents[1])
   count, backends = out.stdout.split(" ", 1)
   assert int(count) > 0 and backends.strip() == "[]", out.stdout
+
+
+def test_param_shapes_read_the_settings_they_name():
+  """A ParamSpec whose shape depends on a mechanism keyword names it in `settings`: the shape reads
+  that keyword from the settings (other keywords and None values are ignored, defaults apply)."""
+  spec = registry.ParamSpec("table", lambda N, K, H, window=3: (N, 2 * window + 1), jnp.zeros,
+                            settings=("window",))
+  assert spec.shape_for(4, 2, 8) == (4, 7)
+  assert spec.shape_for(4, 2, 8, {"window": 5, "other": 1}) == (4, 11)
+  assert spec.shape_for(4, 2, 8, {"window": None}) == (4, 7)
+  assert registry.example_params((spec,), N=2, settings={"window": 1})["table"].shape == (2, 3)

@@ -219,7 +219,9 @@ class MultiHeadAttention(nn.Module):
 
     # The mechanism's learned arrays (e.g. gates, temperatures), passed to it as keywords; those its
     # paper keeps fixed (random features) live in 'buffers', out of the optimizer's reach.
-    extra = {spec.name: self._mechanism_array(spec, (N, K, H)) for spec in mech.params}
+    settings = {**mech.defaults, **dict(self.mechanism_kwargs or {})}
+    extra = {spec.name: self._mechanism_array(spec, spec.shape_for(N, K, H, settings))
+             for spec in mech.params}
     # Per-token arrays: projected from this layer's input, or given by the caller per call.
     tokens = {spec.name: layer_parts.token_input(
         mech.name, spec, (N, K, H), inputs_q if spec.side == "q" else kv_in, mechanism_args, dense)
@@ -283,8 +285,7 @@ class MultiHeadAttention(nn.Module):
                            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                            name="out")(out)
 
-  def _mechanism_array(self, spec: registry.ParamSpec, dims: tuple[int, int, int]) -> jax.Array:
-    shape = tuple(spec.shape(*dims))
+  def _mechanism_array(self, spec: registry.ParamSpec, shape: tuple[int, ...]) -> jax.Array:
     if spec.trainable:
       return self.param(spec.name, spec.init, shape, self.param_dtype)
     # Drawn once from the 'params' stream at init, like a parameter, but never trained.
