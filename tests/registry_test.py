@@ -82,7 +82,8 @@ def test_importing_attnjax_starts_no_jax_backend():
 def test_param_shapes_read_the_settings_they_name():
   """A ParamSpec whose shape depends on a mechanism keyword names it in `settings`: the shape reads
   that keyword from the settings (other keywords and None values are ignored, defaults apply)."""
-  spec = registry.ParamSpec("table", lambda N, K, H, window=3: (N, 2 * window + 1), jnp.zeros,
+  spec = registry.ParamSpec("table", lambda N, K, H, window=3: (N, 2 * window + 1),
+                            jax.nn.initializers.zeros,
                             settings=("window",))
   assert spec.shape_for(4, 2, 8) == (4, 7)
   assert spec.shape_for(4, 2, 8, {"window": 5, "other": 1}) == (4, 11)
