@@ -112,6 +112,17 @@ SINKHORN_MARGINAL_ABS = 1e-3
 # queries vary slowly within a group (relative RMS; measured 0.37 and 0.39 on two draws): the
 # transferred anchor differences remove most of the sparse error, not all.
 DELTA_CORRECTION_ERROR_RATIO_MAX = 0.5
+# Re-ttention's output from statistics cached one step earlier over the sparse output's, both against
+# full attention at the new step, inputs drifted by ε = 0.01-0.02 (relative RMS; measured 0.0085):
+# the error left is first order in the drift.
+RETTENTION_DRIFT_ERROR_RATIO_MAX = 0.05
+# QAdA's predicted bulk attention mass (a Gaussian model of ~1000 bulk keys' scores, fitted to their
+# mean and covariance) against the true mass, in [0, 1]: the sampling error of a log-normal sum
+# (measured at most 0.032 across the range).
+GAUSSIAN_BULK_MASS = dict(atol=0.05)
+# How far from the 0.5 threshold the oracle masses of heads built to be local or long-range lie, so
+# that the detector's labels are tested on unambiguous heads.
+HEAD_MASS_MARGIN = 0.3
 
 # Memory growth of compiled forward+backward passes (XLA's sizes, bounded by the expected growth).
 # Largest intermediate at 2T over that at T: 2 for linear growth, plus tiling slack; a `[T, T]`

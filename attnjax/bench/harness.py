@@ -121,7 +121,7 @@ def measure(case: Case, *, budget_bytes: int, min_repeats: int = 3,
             max_case_seconds: Optional[float] = None) -> Result:
   """Compiles (JAX) or builds (PyTorch) `case`, checks its memory against the budget, times it."""
   try:
-    if case.peer in peers_lib.JAX_PEERS:
+    if peers_lib.is_jax_peer(case.peer):
       return _measure_jax(case, budget_bytes, min_repeats, max_case_seconds)
     return _measure_torch(case, budget_bytes, min_repeats, max_case_seconds)
   except CaseSkipped as e:
@@ -186,16 +186,20 @@ def cases_from_config(config) -> list[Case]:
   keep = lambda peer: peer not in peers_lib.TORCH_PEERS or have_torch
   max_t = dict(config.get("peer_max_T") or {})
   common = dict(B=config.B, N=config.N, H=config.H, dtype=config.dtype, seed=config.seed)
+  mech_kwargs = dict(config.get("mechanism_kwargs") or {})
+  kw = lambda peer: tuple(sorted((name, tuple(x) if isinstance(x, list) else x)
+                                 for name, x in dict(mech_kwargs.get(peer) or {}).items()))
   cases = []
   for mode in config.modes:
     for mask in config.masks:
       for T in config.seq_lens:
         cases += [Case(peer, mask, T, mode, warmup=config.warmup, repeats=config.repeats,
-                       max_T=max_t.get(peer), **common)
+                       max_T=max_t.get(peer), kwargs=kw(peer), **common)
                   for peer in config.peers if keep(peer)]
   for extra in config.get("extra_cases", ()):
     cases += [Case(peer, extra.mask, extra.T, extra.mode, warmup=extra.get("warmup", config.warmup),
-                   repeats=extra.get("repeats", config.repeats), max_T=max_t.get(peer), **common)
+                   repeats=extra.get("repeats", config.repeats), max_T=max_t.get(peer),
+                   kwargs=kw(peer), **common)
               for peer in extra.peers if keep(peer)]
   return cases
 

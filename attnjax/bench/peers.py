@@ -12,6 +12,10 @@ Peers:
                   `lax.scan`), q and k through elu+1, a per-head scalar decay per step (the
                   Lightning-2 rates, as a traced `[B, T, N]` argument, i.e. data-dependent gates);
                   masks `causal` or `none` (non-causal `φ(Q)(φ(K)ᵀV)`).
+  mech:<name>     any registered mechanism by name (its `xla` path when it has one), with the case's
+                  `kwargs` (from the config's `mechanism_kwargs[peer]`); masks `causal` and `none`
+                  (`causal=True / False`). A `spatial_shape` of "square" ("cube") becomes the square
+                  (cubic) grid of T tokens, e.g. (128, 128) at T = 16384.
 
 Masks (names as in configs): `none`, `causal`, `window<W>` (causal, each query sees its last W keys,
 itself included: attnjax `sliding_window(W - 1, 0)`, jax.nn `local_window_size=(W - 1, 0)`) and
@@ -40,11 +44,27 @@ LINEAR_PEERS = ("linear_xla", "linear_parallel", "linear_reference")
 JAX_PEERS = ("xla", "reference", "jax_nn") + LINEAR_PEERS
 TORCH_PEERS = ("torch_sdpa", "torch_flex")
 PEERS = JAX_PEERS + TORCH_PEERS
+MECHANISM_PREFIX = "mech:"
 MODES = ("fwd", "fwd+bwd")
 PEER_LABELS = {"xla": "attnjax xla", "reference": "attnjax reference", "jax_nn": "jax.nn",
                "torch_sdpa": "torch sdpa", "torch_flex": "torch flex",
                "linear_xla": "linear xla (chunked)", "linear_parallel": "linear parallel",
                "linear_reference": "linear reference (scan)"}
+
+
+def is_mechanism_peer(peer: str) -> bool:
+  """Whether `peer` names a registered mechanism (`mech:<name>`)."""
+  return peer.startswith(MECHANISM_PREFIX)
+
+
+def is_jax_peer(peer: str) -> bool:
+  """Whether `peer` runs in JAX (built by `build_jax`)."""
+  return peer in JAX_PEERS or is_mechanism_peer(peer)
+
+
+def label(peer: str) -> str:
+  """The peer's column name in tables and plots."""
+  return PEER_LABELS.get(peer, peer[len(MECHANISM_PREFIX):] if is_mechanism_peer(peer) else peer)
 
 
 class CaseSkipped(Exception):
@@ -66,10 +86,12 @@ class Case:
   repeats: int = 5
   seed: int = 0
   max_T: Optional[int] = None      # compile and analyse, but do not run, when T exceeds this
+  kwargs: tuple = ()               # a mechanism peer's keyword arguments, as sorted (name, value)
 
   def __post_init__(self):
-    if self.peer not in PEERS:
-      raise ValueError(f"Case: unknown peer {self.peer!r}; expected one of {PEERS}")
+    if self.peer not in PEERS and not is_mechanism_peer(self.peer):
+      raise ValueError(f"Case: unknown peer {self.peer!r}; expected one of {PEERS} or "
+                       f"'{MECHANISM_PREFIX}<registered name>'")
     if self.mode not in MODES:
       raise ValueError(f"Case: unknown mode {self.mode!r}; expected one of {MODES}")
     parse_mask(self.mask)
@@ -136,8 +158,47 @@ def _linear_attention(peer: str, kind: str) -> Callable:
   return attend
 
 
+def _grid(value, T: int):
+  """A mechanism's `spatial_shape` setting at length T ("square" / "cube": the grid of T tokens)."""
+  if value not in ("square", "cube"):
+    return value
+  dims = 2 if value == "square" else 3
+  side = round(T ** (1 / dims))
+  if side ** dims != T:
+    raise CaseSkipped(f"T={T} is not a {value} grid")
+  return (side,) * dims
+
+
+def _mechanism_attention(case: Case, kind: str) -> Callable:
+  """`attend(q, k, v, seg) -> out`: a registered mechanism on the causal or none mask, with its
+  learned arrays at their initial values and its per-token inputs zero (before their activation)."""
+  from attnjax import registry  # pylint: disable=import-outside-toplevel
+  mech = registry.get(case.peer[len(MECHANISM_PREFIX):])
+  if kind not in ("causal", "none"):
+    raise CaseSkipped(f"{case.peer} runs the causal and none masks only, not {kind!r}")
+  kwargs = dict(case.kwargs)
+  if "spatial_shape" in kwargs:
+    kwargs["spatial_shape"] = _grid(kwargs["spatial_shape"], case.T)
+  if "xla" in mech.implementations:
+    kwargs.setdefault("implementation", "xla")
+  settings = {**mech.defaults, **kwargs}
+  arrays = {name: jnp.asarray(x) for name, x in registry.example_params(
+      mech.params, N=case.N, K=case.N, H=case.H, settings=settings).items()}
+  for spec in mech.token_inputs:
+    x = jnp.zeros((case.B, case.T) + tuple(spec.shape(case.N, case.N, case.H)),
+                  {"float": jnp.float32, "bool": bool, "int": jnp.int32}[spec.dtype])
+    arrays[spec.name] = spec.activation(x) if spec.activation is not None else x
+
+  def attend(q, k, v, seg):
+    del seg
+    return mech(q, k, v, causal=kind == "causal", **kwargs, **arrays)
+  return attend
+
+
 def _jax_attention(peer: str, kind: str, param: Optional[int]) -> Callable:
   """`attend(q, k, v, seg) -> out` for a JAX peer (seg is None unless the mask is documents)."""
+  if is_mechanism_peer(peer):
+    raise ValueError("mechanism peers are built by build_jax (they need the case's sizes)")
   if peer in LINEAR_PEERS:
     return _linear_attention(peer, kind)
   if peer in ("xla", "reference"):
@@ -166,7 +227,8 @@ def build_jax(case: Case) -> tuple[Callable, tuple]:
   mask inside the compiled function and jax.nn its dense mask, both from the same ids.
   """
   kind, param = parse_mask(case.mask)
-  attend = _jax_attention(case.peer, kind, param)
+  attend = (_mechanism_attention(case, kind) if is_mechanism_peer(case.peer)
+            else _jax_attention(case.peer, kind, param))
   q, k, v, do, seg = _inputs(case)
   qkv = tuple(jnp.asarray(x) for x in (q, k, v))
   extra = () if seg is None else (jnp.asarray(seg),)

@@ -102,7 +102,8 @@ def format_ms(ms: float) -> str:
 
 def _present_peers(results):
   seen = {r.case.peer for r in results}
-  return [p for p in peers_lib.PEERS if p in seen]
+  return [p for p in peers_lib.PEERS if p in seen] + sorted(
+      p for p in seen if peers_lib.is_mechanism_peer(p))
 
 
 def _groups(results):
@@ -117,7 +118,7 @@ def markdown(results: Sequence, env: Optional[str] = None) -> str:
   """Two tables: median time and temporary memory per peer, with the ratio to jax.nn in brackets."""
   peer_names = _present_peers(results)
   base = _baselines(results)
-  header = "| mode | mask | T | " + " | ".join(peers_lib.PEER_LABELS[p] for p in peer_names) + " |"
+  header = "| mode | mask | T | " + " | ".join(peers_lib.label(p) for p in peer_names) + " |"
   rule = "| --- | --- | ---: | " + " | ".join("---:" for _ in peer_names) + " |"
   notes: dict[str, int] = {}
 
@@ -203,7 +204,7 @@ def plot(results: Sequence, workdir: str) -> list[str]:
             continue
           color = f"C{k}"
           ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=color,
-                  label=peers_lib.PEER_LABELS[peer])
+                  label=peers_lib.label(peer))
           for T, y, ran in pts:
             ax.plot(T, y, "o", color=color, markerfacecolor=color if ran else "none")
         ax.set_xscale("log", base=2)

@@ -8,17 +8,25 @@
 `images [B, H, W, C] float → logits [B, num_classes] float32`; p must divide H and W. The patch
 projection is a Dense on flattened patches (the same function as big_vision's stride-p conv).
 
+Mechanisms over a 2-D token grid (neighborhood, window attention: an operator with a `spatial_shape`
+keyword) get the patch grid `(H/p, W/p)` as `spatial_shape` unless their kwargs set it; the tokens are
+then exactly the patches, so such a layer needs `pooling="mean"` (a CLS token is not on the grid).
+
 Paper: Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition at
 Scale", arXiv:2010.11929.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attnjax import registry
 from attnjax.models import classifier
 from attnjax.nn import blocks
 
@@ -30,6 +38,28 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     raise ValueError(f"patch_size ({patch_size}) must divide the image height and width, got "
                      f"{height}x{width}")
   return einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=patch_size, q=patch_size)
+
+
+def _takes_grid(mechanism) -> bool:
+  mech = mechanism if isinstance(mechanism, registry.Mechanism) else registry.get(mechanism)
+  return "spatial_shape" in inspect.signature(mech.fn).parameters
+
+
+def with_patch_grid(config: blocks.TransformerConfig, grid: tuple[int, int],
+                    pooling: str) -> blocks.TransformerConfig:
+  """`config` with `spatial_shape=grid` added to the kwargs of every layer whose mechanism takes a
+  `spatial_shape` and does not set one. Raises when such a layer would also see a CLS token."""
+  kwargs = []
+  for i, (mech, kw) in enumerate(zip(config.mechanisms, config.mechanism_kwargs, strict=True)):
+    kw = dict(kw)
+    if _takes_grid(mech) and kw.get("spatial_shape") is None:
+      if pooling != "mean":
+        raise ValueError(f"ViT: layer {i}'s mechanism attends over the patch grid (it takes "
+                         "`spatial_shape`), so the tokens must be the patches alone: use "
+                         "pooling='mean' (a CLS token is not on the grid)")
+      kw["spatial_shape"] = tuple(grid)
+    kwargs.append(kw)
+  return dataclasses.replace(config, mechanism_kwargs=tuple(kwargs))
 
 
 class ViT(nn.Module):
@@ -65,6 +95,8 @@ class ViT(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if cfg.dropout:
       x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
+    grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+    cfg = with_patch_grid(cfg, grid, self.pooling)
     x = blocks.Transformer(cfg, name="encoder")(x, train=train)
     return classifier.ClassifierHead(self.num_classes, dtype=cfg.dtype,
                                      param_dtype=cfg.param_dtype,

@@ -4,6 +4,7 @@ import csv
 import itertools
 import os
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -109,3 +110,20 @@ def test_linear_peers_skip_other_masks():
   result = harness.measure(peers.Case(peer="linear_xla", mask="window16", T=32, N=2, H=8),
                            budget_bytes=10**9)
   assert result.status == "skipped" and "causal and none" in result.reason
+
+
+def test_mechanism_peers_run_registered_mechanisms_with_their_arrays():
+  """`mech:<name>` runs the registered mechanism (learned arrays at their init, per-token inputs
+  zero before their activation) on the causal and none masks; other masks are skipped."""
+  case = peers.Case("mech:lexicon_film_attention", "causal", 24, "fwd", N=2, H=8,
+                    kwargs=())
+  fn, args = peers.build_jax(case)
+  out = jax.jit(fn)(*args)
+  assert out.shape == (1, 24, 2, 8) and np.isfinite(np.asarray(out)).all()
+  result = harness.measure(peers.Case("mech:cog_attention", "none", 16, "fwd+bwd", N=2, H=8,
+                                      warmup=0, repeats=1), budget_bytes=1 << 30)
+  assert result.status == "ok"
+  skipped = harness.measure(peers.Case("mech:cog_attention", "window8", 16, "fwd", N=2, H=8),
+                            budget_bytes=1 << 30)
+  assert skipped.status == "skipped" and "causal and none" in skipped.reason
+  assert peers.label("mech:cog_attention") == "cog_attention"

@@ -62,3 +62,17 @@ def test_shapes(pooling, patch_size):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     patches = vit.patchify(images, patch_size) @ params["patch_embed"]["kernel"]
     chex.assert_trees_all_close(patches, conv.reshape(B, -1, 32), **TOL)
+
+
+def test_grid_mechanisms_get_the_patch_grid():
+  """A mechanism over a 2-D token grid receives the patch grid (4 x 4 here) as `spatial_shape`, and its
+  learned relative bias is sized from it ([N, 2k-1, 2k-1]); with a CLS token it is a clear error."""
+  model = _model(pooling="mean", mechanism="neighborhood_attention_rpb",
+                 mechanism_kwargs={"kernel_size": 3})
+  variables = model.init(jax.random.PRNGKey(1), _images())
+  rpb = variables["params"]["encoder"]["layer_0"]["attention"]["rpb"]
+  chex.assert_shape(rpb, (4, 5, 5))
+  chex.assert_shape(model.apply(variables, _images()), (B, C))
+  with pytest.raises(ValueError, match="pooling='mean'"):
+    _model(pooling="cls", mechanism="neighborhood_attention",
+           mechanism_kwargs={"kernel_size": 3}).init(jax.random.PRNGKey(1), _images())

@@ -1,0 +1,223 @@
+"""NSA: native sparse attention, three gated branches per query (compressed, selected, sliding).
+
+For query t at absolute position p = q_offset + t (arXiv:2502.11089, section 3):
+
+  compressed   blocks of l keys with stride d, block i = k[i·d .. i·d + l - 1], each compressed by a
+               learned MLP φ with intra-block position encoding (eq. 7):
+                   k̃_i = φ_k(k_block_i) = W2 · gelu(W1 · vec(k_block_i + P_k))   (per key head)
+               (the same for values with φ_v); block i is visible when it ends at or before p
+               (i·d + l <= p + 1, causal) and lies within the real keys. o_cmp = softmax(q·k̃ᵀ)·ṽ.
+  selected     the compressed branch's probabilities p_cmp [B, N, T, nc] scored onto selection blocks
+               of l' keys (eq. 9): p_slc[j] = Σ_i (overlap of compression block i with selection
+               block j, in units of d) · p_cmp[i], summed over each GQA group (eq. 10: one selection
+               per group); the top n blocks (the first block and the 2 local blocks, the query's own
+               and the one before, always among them, as the paper fixes them) are attended with one
+               softmax over their keys (causal inside). o_slc.
+  sliding      the last w keys: o_win (causal; |p - j| < w without `causal`).
+
+    o_t = g_cmp · o_cmp + g_slc · o_slc + g_win · o_win,     g = `gates [B, T, N, 3]` in (0, 1)
+
+The gates are a per-token projection of the layer input through a sigmoid (`TokenInput` "gates").
+
+Interpretations. Eq. 9 as printed sums p_cmp[(l'/d)·j - m - n]; its weights (1, 2, ..., 2, 1 for
+l = 2d, l' = 4d) are the overlaps of the compression blocks with selection block j in units of d,
+which is what is computed here, on the blocks that do overlap block j (the printed index is shifted
+by l'/d - 1 blocks from them). φ is a two-layer GELU MLP over the flattened block with additive
+position embeddings (the paper says "MLP with intra-block position encoding"), hidden width the head
+dim; its block length l is the length of the learned `compress_pos_k` (so the learned arrays fix l).
+The paper gives each branch its own key/value projections; here the one k, v the layer projects are
+shared by the three branches. The compressed branch is a dense `[T, S/d]` softmax (its probabilities
+are needed for the selection anyway); the selected and sliding branches run on `flex_attention`
+(the `xla` path visits only the selected / window tiles). Selection is a top-k: not differentiable;
+gradients reach φ through o_cmp. A query with no complete block before it gets o_cmp = 0, and its
+selection is the forced blocks (ties of zero scores go to lower indices). Without `causal` (an
+extension; the paper is causal) every complete block is visible and candidate, and the window is
+symmetric. Packed documents are not supported (blocks are global positions): pass separate rows.
+
+Shapes: `q [B,T,N,H]`, `k [B,S,K,H]`, `v [B,S,K,h]`, `gates [B,T,N,3]`; `compress_pos_k [l,K,H]`,
+`compress_w1_k [K,l·H,H]`, `compress_w2_k [K,H,H]` and the same for v with h → `[B,T,N,h]`.
+Paper: Yuan et al., "Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse
+Attention", arXiv:2502.11089.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.core import checks
+from attnjax.core import contract
+from attnjax.core import flex
+from attnjax.core import masks
+from attnjax.core import param_tables
+from attnjax.core import sparse
+from attnjax.registry import Mechanism, TokenInput, example_params, register
+from attnjax.typing import Float, Array, Key, Lengths, Output, Query, Value
+
+__all__ = ["native_sparse_attention", "nsa_compress", "nsa_selection", "nsa_selection_weights",
+           "NSA_TABLE"]
+
+# Default compression block l (the learned arrays' length; the paper uses 32 with stride 16).
+COMPRESS_BLOCK = 16
+_init = jax.nn.initializers
+# (name, shape(N, K, H, h, block), letters, init): see `attnjax.core.param_tables`.
+NSA_TABLE = (
+    ("compress_pos_k", lambda N, K, H, h, block=COMPRESS_BLOCK: (block, K, H), "[l, K, H]",
+     _init.zeros),
+    ("compress_w1_k", lambda N, K, H, h, block=COMPRESS_BLOCK: (K, block * H, H), "[K, l·H, H]",
+     param_tables.fan_in_normal),
+    ("compress_w2_k", lambda N, K, H, h, block=COMPRESS_BLOCK: (K, H, H), "[K, H, H]",
+     param_tables.fan_in_normal),
+    ("compress_pos_v", lambda N, K, H, h, block=COMPRESS_BLOCK: (block, K, h), "[l, K, h]",
+     _init.zeros),
+    ("compress_w1_v", lambda N, K, H, h, block=COMPRESS_BLOCK: (K, block * h, h), "[K, l·h, h]",
+     param_tables.fan_in_normal),
+    ("compress_w2_v", lambda N, K, H, h, block=COMPRESS_BLOCK: (K, h, h), "[K, h, h]",
+     param_tables.fan_in_normal),
+)
+NSA_PARAMS = param_tables.param_specs(NSA_TABLE)
+# The per-token branch gates (g_cmp, g_slc, g_win) of each query head.
+Gates = Float[Array, "B T N 3"]
+
+
+def nsa_compress(x, pos, w1, w2, *, stride: int):
+  """φ over every complete block of `l = pos.shape[0]` tokens at `stride`: `x [B, S, K, D]` →
+  `[B, nc, K, D]` float32, nc = floor((S - l) / stride) + 1 (0 when S < l)."""
+  B, S, K, D = x.shape
+  block = pos.shape[0]
+  nc = max(0, (S - block) // stride + 1)
+  idx = np.arange(nc)[:, None] * stride + np.arange(block)[None]                # [nc, l]
+  blocks = x.astype(jnp.float32)[:, idx] + pos.astype(jnp.float32)               # [B, nc, l, K, D]
+  flat = jnp.moveaxis(blocks, 3, 2).reshape(B, nc, K, block * D)
+  hidden = jax.nn.gelu(jnp.einsum("bckf,kfe->bcke", flat, w1.astype(jnp.float32)))
+  return jnp.einsum("bcke,ked->bckd", hidden, w2.astype(jnp.float32))
+
+
+def nsa_selection_weights(num_compressed: int, S: int, *, block: int, stride: int,
+                          select_block: int) -> np.ndarray:
+  """`[nc, nb]` float32: the overlap of compression block i (`[i·stride, i·stride + block)`) with
+  selection block j (`[j·select_block, (j+1)·select_block)`), in units of `stride` (eq. 9)."""
+  nb = sparse.num_blocks(S, select_block)
+  start = np.arange(num_compressed)[:, None] * stride
+  lo = np.maximum(start, np.arange(nb)[None] * select_block)
+  hi = np.minimum(start + block, (np.arange(nb)[None] + 1) * select_block)
+  return (np.maximum(hi - lo, 0) / stride).astype(np.float32)
+
+
+def nsa_selection(p_cmp, *, S: int, K: int, block: int, compress_stride: int, select_block: int,
+                  num_selected: int, causal: bool = False, q_offset=0, kv_lengths=None):
+  """bool `[B, N, T, nb]`: the selection blocks each query attends to, from the compressed branch's
+  probabilities `p_cmp [B, N, T, nc]`: scored by eq. 9 (overlap weights), summed over each group of
+  N / K query heads (eq. 10, one selection per group), top `num_selected` among the candidates with
+  the first block and the 2 local blocks (the query's own and the one before) always among them."""
+  B, N, T, nc = p_cmp.shape
+  weights = nsa_selection_weights(nc, S, block=block, stride=compress_stride,
+                                  select_block=select_block)
+  p_slc = jnp.einsum("bntc,cj->bntj", p_cmp, weights)
+  group = jnp.sum(p_slc.reshape(B, K, N // K, T, -1), axis=2, keepdims=True)
+  p_slc = jnp.broadcast_to(group, (B, K, N // K) + group.shape[3:]).reshape(p_slc.shape)
+  dims = dict(B=B, T=T, S=S, q_block=1, block_size=select_block)
+  candidates = sparse.candidate_blocks(**dims, causal=causal, q_offset=q_offset, kv_lengths=kv_lengths)
+  forced = (sparse.own_and_first(**dims, q_offset=q_offset, include=("own", "first"))
+            | sparse.own_and_first(**dims, q_offset=jnp.asarray(q_offset) - select_block))
+  # Forced blocks score +inf so that they count among the n, as in the paper.
+  return sparse.top_k_blocks(jnp.where(forced, jnp.inf, p_slc), num_selected, candidates=candidates,
+                             always=forced)
+
+
+def _compressed_branch(q, kc, vc, *, visible, scale):
+  """Dense softmax over the compressed tokens: (o [B, T, N, h] float32, p [B, N, T, nc])."""
+  B, T, N, H = q.shape
+  K, nc = kc.shape[2], kc.shape[1]
+  if nc == 0:  # no complete block: nothing to attend to (and no max over an empty axis)
+    return jnp.zeros((B, T, N, vc.shape[-1]), jnp.float32), jnp.zeros((B, N, T, 0), jnp.float32)
+  s = jnp.einsum("btkgh,bckh->bkgtc", q.astype(jnp.float32).reshape(B, T, K, N // K, H), kc) * scale
+  s = jnp.where(visible[:, None, None], s, -jnp.inf)
+  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+  e = jnp.where(visible[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  den = jnp.sum(e, axis=-1, keepdims=True)
+  p = e / jnp.where(den > 0, den, 1.0)                                           # [B, K, G, T, nc]
+  o = jnp.einsum("bkgtc,bckh->btkgh", p, vc).reshape(B, T, N, vc.shape[-1])
+  return o, p.reshape(B, N, T, -1)
+
+
+def native_sparse_attention(
+    q: Query, k: Key, v: Value, *, gates: Gates, compress_pos_k: jax.Array,
+    compress_w1_k: jax.Array, compress_w2_k: jax.Array, compress_pos_v: jax.Array,
+    compress_w1_v: jax.Array, compress_w2_v: jax.Array, causal: bool = False, segment_ids=None,
+    q_offset=0, kv_lengths: Optional[Lengths] = None, scale: Optional[float] = None,
+    implementation: Optional[str] = None, compress_stride: int = 8, select_block: int = 32,
+    num_selected: int = 6, window: int = 64) -> Output:
+  """NSA (see the module docstring): gated sum of compressed, top-n selected and sliding-window
+  attention."""
+  op = "native_sparse_attention"
+  B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
+  block = jnp.shape(compress_pos_k)[0] if jnp.ndim(compress_pos_k) == 3 else 0
+  params = dict(compress_pos_k=compress_pos_k, compress_w1_k=compress_w1_k,
+                compress_w2_k=compress_w2_k, compress_pos_v=compress_pos_v,
+                compress_w1_v=compress_w1_v, compress_w2_v=compress_w2_v)
+  param_tables.check_table(op, NSA_TABLE, params, N=N, K=K, H=H, h=h, block=max(block, 1))
+  checks.check_shape(op, "gates", gates, (B, T, N, 3), "[B, T, N, 3]")
+  for name, value in (("compress_stride", compress_stride), ("select_block", select_block),
+                      ("num_selected", num_selected), ("window", window)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{op}: `{name}` must be a positive int, got {value!r}")
+  if segment_ids is not None:
+    raise ValueError(f"{op}: packed sequences (`segment_ids`) are not supported (NSA's blocks are "
+                     "global positions); pass documents as separate rows")
+  contract.check_self_attention(op, T=T, S=S, q_offset=q_offset, kv_lengths=kv_lengths)
+  scale = H ** -0.5 if scale is None else scale
+  length = contract.lengths_or_full(op, kv_lengths, B, S)
+  pos = contract.query_positions(B, T, q_offset)                                 # [B, T]
+
+  # Compressed branch: φ over complete blocks (unfilled cache slots zeroed first: they may be garbage).
+  kc = nsa_compress(contract.zero_padded(k, kv_lengths), compress_pos_k, compress_w1_k, compress_w2_k,
+                    stride=compress_stride)
+  vc = nsa_compress(contract.zero_padded(v, kv_lengths), compress_pos_v, compress_w1_v, compress_w2_v,
+                    stride=compress_stride)
+  ends = jnp.arange(kc.shape[1]) * compress_stride + block                       # [nc]
+  visible = ends[None, None, :] <= length[:, None, None]
+  if causal:
+    visible = visible & (ends[None, None, :] <= pos[..., None] + 1)
+  o_cmp, p_cmp = _compressed_branch(q, kc, vc, visible=visible, scale=scale)
+
+  # Selected branch: eq. 9 onto selection blocks, eq. 10 summed over each GQA group, top n.
+  selected = nsa_selection(p_cmp, S=S, K=K, block=block, compress_stride=compress_stride,
+                           select_block=select_block, num_selected=num_selected, causal=causal,
+                           q_offset=q_offset, kv_lengths=length)
+  base = contract.contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset,
+                                kv_lengths=kv_lengths, op=op)
+  block_mask, _ = sparse.selection_mask(selected, T=T, S=S, q_block=1, block_size=select_block,
+                                        base_mask=base)
+  o_slc = flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale,
+                              implementation=implementation)
+
+  # Sliding window branch.
+  o_win = contract.flex_with_contract(
+      op, q, k, v, causal=causal, segment_ids=None, q_offset=q_offset, kv_lengths=kv_lengths,
+      scale=scale, implementation=implementation,
+      mask_mod=masks.sliding_window(window - 1, 0 if causal else window - 1, offset=q_offset))
+
+  g = gates.astype(jnp.float32)
+  out = (g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc.astype(jnp.float32)
+         + g[..., 2:3] * o_win.astype(jnp.float32))
+  return out.astype(q.dtype)
+
+
+register(Mechanism(
+    name="native_sparse_attention", fn=native_sparse_attention, family="sparse-trainable",
+    seeds=(156,),
+    paper="Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention",
+    arxiv="2502.11089", patterns=frozenset({"self", "causal_self"}), packed=False,
+    complexity="O(T·(S/d + n·l' + w))", params=NSA_PARAMS,
+    token_inputs=(TokenInput("gates", side="q", shape=lambda N, K, H: (N, 3),
+                             activation=jax.nn.sigmoid),),
+    defaults=dict(compress_stride=8, select_block=32, num_selected=6, window=64),
+    example=lambda *, N, K, H, h: dict(
+        example_params(param_tables.param_specs(
+            [(name, lambda N, K, H, h, f=f: f(N, K, H, h, block=4), letters, init)
+             for name, f, letters, init in NSA_TABLE], h=h), N=N, K=K, H=H, perturb=0.5),
+        compress_stride=2, select_block=4, num_selected=4, window=4)))
