@@ -10,7 +10,7 @@ called directly takes its arrays at the value width of `v`.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +21,20 @@ from attnjax.registry import ParamSpec
 Row = tuple[str, Callable[..., tuple], str, Callable]
 
 
-def param_specs(table: Sequence[Row], *, h: Optional[int] = None) -> tuple[ParamSpec, ...]:
-  """The table's ParamSpecs, for value width `h` (None: h = H, as in the Flax layer)."""
-  return tuple(ParamSpec(name, lambda N, K, H, f=f: tuple(f(N, K, H, H if h is None else h)), init)
+def param_specs(table: Sequence[Row], *, h: Optional[int] = None,
+                settings: Optional[Mapping[str, str]] = None) -> tuple[ParamSpec, ...]:
+  """The table's ParamSpecs, for value width `h` (None: h = H, as in the Flax layer). `settings`
+  maps the rows' extra size keywords to the mechanism keywords that set them (e.g. `{"block":
+  "compress_block"}`), so the layer sizes the arrays from the mechanism's settings."""
+  settings = dict(settings or {})
+
+  def shape(f):
+    def sized(N, K, H, **chosen):
+      extra = {size: chosen[key] for size, key in settings.items() if key in chosen}
+      return tuple(f(N, K, H, H if h is None else h, **extra))
+    return sized
+
+  return tuple(ParamSpec(name, shape(f), init, settings=tuple(settings.values()))
                for name, f, _, init in table)
 
 

@@ -108,6 +108,13 @@ def test_demo_sweep_is_within_the_parameter_budget():
   assert states["cosine_linear"] == 2 * 2 * 32 * 32   # layers · heads · H · h (no normalizer)
 
 
+@pytest.mark.parametrize("name", ("lm_bytes_sinks", "sparse_mqar", "digits_na"))
+def test_recorded_sweeps_plan_within_their_budget(name):
+  """The sweeps behind docs/results.md build every run, at parameters within their tolerance."""
+  runs = sweep.plan(sweep.load_config(f"configs/sweeps/{name}.py"))
+  assert len(runs) >= 2
+
+
 def test_budget_check_rejects_a_run_outside_ten_percent():
   config = sweep.load_config("configs/sweeps/mqar_demo.py")
   config.runs = list(config.runs) + [{"name": "wide", "config": "configs/mqar.py",

@@ -60,25 +60,34 @@ from attnjax.typing import Float, Array, Key, Lengths, Output, Query, Value
 __all__ = ["native_sparse_attention", "nsa_compress", "nsa_selection", "nsa_selection_weights",
            "NSA_TABLE"]
 
-# Default compression block l (the learned arrays' length; the paper uses 32 with stride 16).
+# Default compression block l (the learned arrays' length; the paper uses 32 with stride 16). The MLP's
+# hidden width E defaults to the head dim. Both are mechanism settings the layer sizes the arrays from
+# (`compress_block`, `compress_hidden`).
 COMPRESS_BLOCK = 16
 _init = jax.nn.initializers
-# (name, shape(N, K, H, h, block), letters, init): see `attnjax.core.param_tables`.
+
+
+def _e(D, hidden):
+  return D if hidden is None else hidden
+
+
+# (name, shape(N, K, H, h, block, hidden), letters, init): see `attnjax.core.param_tables`.
 NSA_TABLE = (
-    ("compress_pos_k", lambda N, K, H, h, block=COMPRESS_BLOCK: (block, K, H), "[l, K, H]",
-     _init.zeros),
-    ("compress_w1_k", lambda N, K, H, h, block=COMPRESS_BLOCK: (K, block * H, H), "[K, l·H, H]",
-     param_tables.fan_in_normal),
-    ("compress_w2_k", lambda N, K, H, h, block=COMPRESS_BLOCK: (K, H, H), "[K, H, H]",
-     param_tables.fan_in_normal),
-    ("compress_pos_v", lambda N, K, H, h, block=COMPRESS_BLOCK: (block, K, h), "[l, K, h]",
-     _init.zeros),
-    ("compress_w1_v", lambda N, K, H, h, block=COMPRESS_BLOCK: (K, block * h, h), "[K, l·h, h]",
-     param_tables.fan_in_normal),
-    ("compress_w2_v", lambda N, K, H, h, block=COMPRESS_BLOCK: (K, h, h), "[K, h, h]",
-     param_tables.fan_in_normal),
+    ("compress_pos_k", lambda N, K, H, h, block=COMPRESS_BLOCK, hidden=None: (block, K, H),
+     "[l, K, H]", _init.zeros),
+    ("compress_w1_k", lambda N, K, H, h, block=COMPRESS_BLOCK, hidden=None:
+     (K, block * H, _e(H, hidden)), "[K, l·H, E]", param_tables.fan_in_normal),
+    ("compress_w2_k", lambda N, K, H, h, block=COMPRESS_BLOCK, hidden=None: (K, _e(H, hidden), H),
+     "[K, E, H]", param_tables.fan_in_normal),
+    ("compress_pos_v", lambda N, K, H, h, block=COMPRESS_BLOCK, hidden=None: (block, K, h),
+     "[l, K, h]", _init.zeros),
+    ("compress_w1_v", lambda N, K, H, h, block=COMPRESS_BLOCK, hidden=None:
+     (K, block * h, _e(h, hidden)), "[K, l·h, E]", param_tables.fan_in_normal),
+    ("compress_w2_v", lambda N, K, H, h, block=COMPRESS_BLOCK, hidden=None: (K, _e(h, hidden), h),
+     "[K, E, h]", param_tables.fan_in_normal),
 )
-NSA_PARAMS = param_tables.param_specs(NSA_TABLE)
+NSA_SETTINGS = {"block": "compress_block", "hidden": "compress_hidden"}
+NSA_PARAMS = param_tables.param_specs(NSA_TABLE, settings=NSA_SETTINGS)
 # The per-token branch gates (g_cmp, g_slc, g_win) of each query head.
 Gates = Float[Array, "B T N 3"]
 
@@ -150,16 +159,23 @@ def native_sparse_attention(
     compress_w1_v: jax.Array, compress_w2_v: jax.Array, causal: bool = False, segment_ids=None,
     q_offset=0, kv_lengths: Optional[Lengths] = None, scale: Optional[float] = None,
     implementation: Optional[str] = None, compress_stride: int = 8, select_block: int = 32,
-    num_selected: int = 6, window: int = 64) -> Output:
+    num_selected: int = 6, window: int = 64, compress_block: Optional[int] = None,
+    compress_hidden: Optional[int] = None) -> Output:
   """NSA (see the module docstring): gated sum of compressed, top-n selected and sliding-window
-  attention."""
+  attention. The compression block l and the MLP width are those of the learned arrays
+  (`compress_block` / `compress_hidden`, when given, must agree: the layer sizes the arrays by them)."""
   op = "native_sparse_attention"
   B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
   block = jnp.shape(compress_pos_k)[0] if jnp.ndim(compress_pos_k) == 3 else 0
+  block = max(block, 1) if compress_block is None else compress_block
   params = dict(compress_pos_k=compress_pos_k, compress_w1_k=compress_w1_k,
                 compress_w2_k=compress_w2_k, compress_pos_v=compress_pos_v,
                 compress_w1_v=compress_w1_v, compress_w2_v=compress_w2_v)
-  param_tables.check_table(op, NSA_TABLE, params, N=N, K=K, H=H, h=h, block=max(block, 1))
+  for rows, w2 in ((NSA_TABLE[:3], compress_w2_k), (NSA_TABLE[3:], compress_w2_v)):
+    # The MLP width E: the setting, else read off W2 [K, E, D] (checked against W1 by the table).
+    hidden = compress_hidden if compress_hidden is not None else (
+        jnp.shape(w2)[1] if jnp.ndim(w2) == 3 else None)
+    param_tables.check_table(op, rows, params, N=N, K=K, H=H, h=h, block=block, hidden=hidden)
   checks.check_shape(op, "gates", gates, (B, T, N, 3), "[B, T, N, 3]")
   for name, value in (("compress_stride", compress_stride), ("select_block", select_block),
                       ("num_selected", num_selected), ("window", window)):
@@ -217,7 +233,6 @@ register(Mechanism(
                              activation=jax.nn.sigmoid),),
     defaults=dict(compress_stride=8, select_block=32, num_selected=6, window=64),
     example=lambda *, N, K, H, h: dict(
-        example_params(param_tables.param_specs(
-            [(name, lambda N, K, H, h, f=f: f(N, K, H, h, block=4), letters, init)
-             for name, f, letters, init in NSA_TABLE], h=h), N=N, K=K, H=H, perturb=0.5),
+        example_params(param_tables.param_specs(NSA_TABLE, h=h, settings=NSA_SETTINGS), N=N, K=K,
+                       H=H, perturb=0.5, settings=dict(compress_block=4)),
         compress_stride=2, select_block=4, num_selected=4, window=4)))
