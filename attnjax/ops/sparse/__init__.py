@@ -15,12 +15,16 @@
   rettention.py Re-ttention: sparse softmax x cached normalizer ratio + cached residual (#160)
   head_detection.py  QAdA: Gaussian second-moment test of each head's long-context mass (#199)
   tidal_decode.py    TidalDecode: selection layers' top-k positions reused by sparse layers (#119)
+  flexprefill.py     FlexPrefill: per head, a query-aware or vertical-slash block pattern (sqrt JS
+                     divergence test on the last query block) covering gamma of the mass (#14)
 
 Each module registers its mechanisms or declares the rows it serves (`attnjax.catalog.serves`).
 """
 
 from attnjax.ops.sparse.delta import (delta_corrected_attention, delta_corrected_sliding_window,
                                       delta_correction)
+from attnjax.ops.sparse.flexprefill import (FlexPrefillSelection, cumulative_mass_cover,
+                                            flexprefill_attention, flexprefill_selection)
 from attnjax.ops.sparse.head_detection import (key_moments, long_context_head_detector,
                                                long_context_mass)
 from attnjax.ops.sparse.hip import hip_attention, hip_iterations, hip_selection
@@ -36,9 +40,11 @@ from attnjax.ops.sparse.seer import (seer_attention, seer_gate_logits, seer_gate
                                      seer_gate_target)
 from attnjax.ops.sparse.tidal_decode import tidal_layer_roles, tidal_select, tidal_sparse_attention
 
-__all__ = ["angular_lsh_buckets", "delta_corrected_attention", "delta_corrected_sliding_window",
-           "delta_correction", "gray_code_order", "hip_attention", "hip_iterations", "hip_selection",
-           "hyper_attention", "key_moments", "landmark_attention", "landmark_weights",
+__all__ = ["angular_lsh_buckets", "cumulative_mass_cover", "delta_corrected_attention",
+           "delta_corrected_sliding_window", "delta_correction", "flexprefill_attention",
+           "flexprefill_selection", "FlexPrefillSelection", "gray_code_order", "hip_attention",
+           "hip_iterations", "hip_selection", "hyper_attention", "key_moments", "landmark_attention",
+           "landmark_weights",
            "loki_attention", "loki_calibrate", "loki_scores", "long_context_head_detector",
            "long_context_mass", "longheads_attention", "longheads_selection", "longheads_summaries",
            "moba_attention", "moba_selection", "native_sparse_attention", "rettention_attention",
