@@ -17,6 +17,7 @@
   tidal_decode.py    TidalDecode: selection layers' top-k positions reused by sparse layers (#119)
   flexprefill.py     FlexPrefill: per head, a query-aware or vertical-slash block pattern (sqrt JS
                      divergence test on the last query block) covering gamma of the mass (#14)
+  spatial_sparse.py  SSA (Direct3D-S2): NSA's branches on a voxel grid, 3-D blocks and windows (#159)
 
 Each module registers its mechanisms or declares the rows it serves (`attnjax.catalog.serves`).
 """
@@ -38,6 +39,7 @@ from attnjax.ops.sparse.nsa import native_sparse_attention
 from attnjax.ops.sparse.rettention import rettention_attention, rettention_statistics
 from attnjax.ops.sparse.seer import (seer_attention, seer_gate_logits, seer_gate_loss,
                                      seer_gate_target)
+from attnjax.ops.sparse.spatial_sparse import spatial_sparse_attention
 from attnjax.ops.sparse.tidal_decode import tidal_layer_roles, tidal_select, tidal_sparse_attention
 
 __all__ = ["angular_lsh_buckets", "cumulative_mass_cover", "delta_corrected_attention",
@@ -49,4 +51,5 @@ __all__ = ["angular_lsh_buckets", "cumulative_mass_cover", "delta_corrected_atte
            "long_context_mass", "longheads_attention", "longheads_selection", "longheads_summaries",
            "moba_attention", "moba_selection", "native_sparse_attention", "rettention_attention",
            "rettention_statistics", "seer_attention", "seer_gate_logits", "seer_gate_loss",
-           "seer_gate_target", "tidal_layer_roles", "tidal_select", "tidal_sparse_attention"]
+           "seer_gate_target", "spatial_sparse_attention", "tidal_layer_roles", "tidal_select",
+           "tidal_sparse_attention"]
