@@ -17,6 +17,8 @@ pipeline; each paper differs only in how it scores blocks and which it keeps:
                      `flex_attention`'s `xla` path visits only selected tiles; built from the selection
                      table in O(T · nb), never from a dense `[T, S]` mask
   select_blocks      all of the above: `(block_mask, mask_mod, selected)` for MoBA-style top-k
+  attend_selected    attention over a selection table under the call contract (the last step of
+                     every selection mechanism)
   gather_tokens / token_top_k   the decode path: the `top_k` keys of each query by a score
                      `[B, N, T, S]`, gathered, and attention over them (exact when top_k = S)
 
@@ -35,9 +37,11 @@ import jax.numpy as jnp
 from attnjax.core import block_mask as bm
 from attnjax.core import checks
 from attnjax.core import contract
+from attnjax.core import flex
 
 __all__ = ["pool_blocks", "block_scores", "candidate_blocks", "top_k_blocks", "selection_mask",
-           "select_blocks", "token_top_k", "gather_tokens", "num_blocks", "own_and_first", "ALWAYS"]
+           "select_blocks", "attend_selected", "token_top_k", "gather_tokens", "num_blocks",
+           "own_and_first", "ALWAYS"]
 
 ALWAYS = ("own", "first")
 POOLS = ("mean", "max")
@@ -171,6 +175,21 @@ def selection_mask(selected, *, T: int, S: int, q_block: int, block_size: int, b
   block_mask = bm.BlockMask.from_classes(classes, seq_lengths=(T, S), block_size=(tile_q, block_size),
                                          mask_mod=mask_mod, varies=(True, Nm > 1))
   return block_mask, mask_mod
+
+
+def attend_selected(op: str, q, k, v, selected, *, q_block: int, block_size: int, causal: bool,
+                    q_offset=0, kv_lengths=None, segment_ids=None, scale: Optional[float] = None,
+                    implementation: Optional[str] = None):
+  """Attention of each query over the key blocks its unit selected (`selected [B, Nm, U, nb]`), under
+  the call contract: the selection's traced `BlockMask` (`selection_mask`) on `flex_attention`, so
+  the `xla` path visits only selected tiles. `[B, T, N, h]` in q's dtype."""
+  B, T, S = q.shape[0], q.shape[1], k.shape[1]
+  base = contract.contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset,
+                                segment_ids=segment_ids, kv_lengths=kv_lengths, op=op)
+  block_mask, _ = selection_mask(selected, T=T, S=S, q_block=q_block, block_size=block_size,
+                                 base_mask=base)
+  return flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale,
+                             implementation=implementation)
 
 
 def select_blocks(q, k, *, block_size: int, top_k: Optional[int] = None,

@@ -34,6 +34,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax import catalog
 from attnjax.core import checks
@@ -74,8 +75,10 @@ def layout_embedding(bbox: Boxes, x_table: Table, y_table: Table, h_table: Table
   x0, y0, x1, y1 = (bbox[..., i] for i in range(4))
   sizes = (y1 - y0, x1 - x0)
   if not isinstance(bbox, jax.core.Tracer):
-    low = min(int(jnp.min(bbox)), int(jnp.min(sizes[0])), int(jnp.min(sizes[1])))
-    if low < 0 or int(jnp.max(bbox)) >= M:
+    # On the host: jnp reductions inside an enclosing jit would be traced even for concrete boxes.
+    boxes = np.asarray(bbox)
+    low = min(boxes.min(), (boxes[..., 3] - boxes[..., 1]).min(), (boxes[..., 2] - boxes[..., 0]).min())
+    if low < 0 or boxes.max() >= M:
       raise ValueError(f"{op}: `bbox` coordinates must lie in [0, {M}) with x0 <= x1 and y0 <= y1 "
                        f"(tables of {M} rows)")
 

@@ -63,7 +63,6 @@ import jax.numpy as jnp
 
 from attnjax.core import checks
 from attnjax.core import contract
-from attnjax.core import flex
 from attnjax.core import sparse
 from attnjax.registry import Mechanism, register
 from attnjax.typing import Key, Lengths, Output, Query, Value
@@ -250,11 +249,9 @@ def flexprefill_attention(q: Query, k: Key, v: Value, *, causal: bool = True, se
   selection = flexprefill_selection(q, k, block_size=block_size, gamma=gamma, tau=tau,
                                     min_budget=min_budget, max_budget=max_budget,
                                     kv_lengths=kv_lengths, scale=scale)
-  base = contract.contract_mask(B=B, T=T, S=S, causal=True, kv_lengths=kv_lengths, op=op)
-  block_mask, _ = sparse.selection_mask(selection.selected, T=T, S=S, q_block=block_size,
-                                        block_size=block_size, base_mask=base)
-  return flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale,
-                             implementation=implementation)
+  return sparse.attend_selected(op, q, k, v, selection.selected, q_block=block_size,
+                                block_size=block_size, causal=True, kv_lengths=kv_lengths,
+                                scale=scale, implementation=implementation)
 
 
 register(Mechanism(

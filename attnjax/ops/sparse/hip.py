@@ -37,7 +37,6 @@ import jax.numpy as jnp
 
 from attnjax.core import checks
 from attnjax.core import contract
-from attnjax.core import flex
 from attnjax.core import sparse
 from attnjax.registry import Mechanism, register
 from attnjax.typing import Key, Lengths, Output, Query, Value
@@ -124,12 +123,9 @@ def hip_attention(q: Query, k: Key, v: Value, *, causal: bool = False, segment_i
                      "are global); pass documents as separate rows")
   selected = hip_selection(q, k, block_size=block_size, top_k=top_k, q_block=q_block,
                            causal=causal, q_offset=q_offset, kv_lengths=kv_lengths)
-  base = contract.contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset,
-                                kv_lengths=kv_lengths, op=op)
-  block_mask, _ = sparse.selection_mask(selected, T=T, S=S, q_block=q_block, block_size=block_size,
-                                        base_mask=base)
-  return flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale,
-                             implementation=implementation)
+  return sparse.attend_selected(op, q, k, v, selected, q_block=q_block, block_size=block_size,
+                                causal=causal, q_offset=q_offset, kv_lengths=kv_lengths,
+                                scale=scale, implementation=implementation)
 
 
 register(Mechanism(

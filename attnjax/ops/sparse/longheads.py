@@ -58,7 +58,6 @@ import jax.numpy as jnp
 
 from attnjax.core import checks
 from attnjax.core import contract
-from attnjax.core import flex
 from attnjax.core import sparse
 from attnjax.registry import Mechanism, register
 from attnjax.typing import Key, Lengths, Output, Query, Value
@@ -160,11 +159,9 @@ def longheads_attention(q: Query, k: Key, v: Value, *, causal: bool = True, segm
                      f"S={S}")
   selected = longheads_selection(q, k, v, chunk_size=chunk_size, top_k=top_k, summary=summary,
                                  kv_lengths=kv_lengths, scale=scale)
-  base = contract.contract_mask(B=B, T=T, S=S, causal=True, kv_lengths=kv_lengths, op=op)
-  block_mask, _ = sparse.selection_mask(selected, T=T, S=S, q_block=1, block_size=chunk_size,
-                                        base_mask=base)
-  return flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale,
-                             implementation=implementation)
+  return sparse.attend_selected(op, q, k, v, selected, q_block=1, block_size=chunk_size,
+                                causal=True, kv_lengths=kv_lengths, scale=scale,
+                                implementation=implementation)
 
 
 register(Mechanism(

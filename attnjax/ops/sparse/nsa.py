@@ -50,7 +50,6 @@ import numpy as np
 
 from attnjax.core import checks
 from attnjax.core import contract
-from attnjax.core import flex
 from attnjax.core import masks
 from attnjax.core import param_tables
 from attnjax.core import sparse
@@ -204,12 +203,9 @@ def native_sparse_attention(
   selected = nsa_selection(p_cmp, S=S, K=K, block=block, compress_stride=compress_stride,
                            select_block=select_block, num_selected=num_selected, causal=causal,
                            q_offset=q_offset, kv_lengths=length)
-  base = contract.contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset,
-                                kv_lengths=kv_lengths, op=op)
-  block_mask, _ = sparse.selection_mask(selected, T=T, S=S, q_block=1, block_size=select_block,
-                                        base_mask=base)
-  o_slc = flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale,
-                              implementation=implementation)
+  o_slc = sparse.attend_selected(op, q, k, v, selected, q_block=1, block_size=select_block,
+                                 causal=causal, q_offset=q_offset, kv_lengths=kv_lengths,
+                                 scale=scale, implementation=implementation)
 
   # Sliding window branch.
   o_win = contract.flex_with_contract(
