@@ -26,6 +26,15 @@ def qkv(*, B=2, T=13, S=None, N=4, K=2, H=8, h=6, seed=0, dtype=jnp.float32,
                for key, shape in zip(keys, ((B, T, N, H), (B, S, K, H), (B, S, K, h)), strict=True))
 
 
+def perturbed(variables, seed=1, std=0.3):
+  """Every leaf of a Flax variable tree moved by std·N(0, 1), so zero-initialized biases and unit
+  scales take part in a comparison."""
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(tree, [a + std * jax.random.normal(k, a.shape, a.dtype)
+                                   for a, k in zip(leaves, keys, strict=True)])
+
+
 def jit_with(fn, **static):
   """`fn` with the keywords `static` fixed, compiled as one program (eager dispatch compiles every
   primitive separately, several times slower); array arguments stay traced."""

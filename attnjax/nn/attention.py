@@ -256,9 +256,7 @@ class MultiHeadAttention(nn.Module):
         self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
       elif decode:
         # First call (init): size the cache on this full-length input, then run the full forward.
-        self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-        self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        layer_parts.init_kv_cache(self, key, value)
         for spec in mech.token_inputs:
           if spec.side == "kv":
             x = tokens[spec.name]

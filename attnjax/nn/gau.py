@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import catalog
+from attnjax.nn import layer_parts
 from attnjax.ops.positional import rope
 from attnjax.ops.softmax.gau import ACTIVATIONS, gated_attention_unit
 
@@ -143,9 +144,7 @@ class GatedAttentionUnit(nn.Module):
       o = self._decode_step(q, k, v, attend)
     else:
       if decode:  # first call: size the cache on this full-length input
-        self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        layer_parts.init_kv_cache(self, k, v)
       if self.rope_base is not None:
         if positions is None:
           positions = (jnp.arange(T, dtype=jnp.int32) if segment_ids is None

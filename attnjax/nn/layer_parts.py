@@ -18,8 +18,16 @@ from attnjax.ops.positional import fope as fope_lib
 from attnjax.ops.positional import rope
 from attnjax.ops.positional import rope_scaling as rope_scaling_lib
 
-__all__ = ["check_cache_room", "mechanism_kwargs", "plain_mechanism", "rotary", "row_end",
-           "token_input"]
+__all__ = ["check_cache_room", "init_kv_cache", "mechanism_kwargs", "plain_mechanism", "rotary",
+           "row_end", "token_input"]
+
+
+def init_kv_cache(self, k: jax.Array, v: jax.Array) -> None:
+  """Creates the layer's cache ('cached_key', 'cached_value' of the full-length k, v, and
+  'cache_index' 0) on the first decode call, sized by that input."""
+  self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+  self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+  self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
 
 
 def plain_mechanism(owner: str, mechanism, *, causal: bool, cross: bool) -> registry.Mechanism:

@@ -223,9 +223,7 @@ class LocalizedFilteringAttention(nn.Module):
       out = self._decode_step(mech, q, k, v, kwargs)
     else:
       if decode:  # first call: size the cache on this full-length input
-        self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        layer_parts.init_kv_cache(self, k, v)
       if self.rope_base is not None:
         if positions is None:
           positions = (jnp.arange(T, dtype=jnp.int32) if segment_ids is None

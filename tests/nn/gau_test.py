@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from attnjax.nn import MLP, GatedAttentionUnit, GatedCrossAttentionUnit, MultiHeadAttention
+from tests import inputs
 from tests import tolerances
 
 B, T, D, E, S_QK, L = 2, 11, 16, 24, 8, 6
@@ -27,13 +28,6 @@ F32 = tolerances.output(jnp.float32)
 def _x(shape=(B, T, D), seed=0):
   return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
 
-
-def _perturbed(variables, seed=1, std=0.3):
-  """Every parameter moved by std·N(0, 1), so zero-initialized offsets and biases take part."""
-  leaves, tree = jax.tree.flatten(variables)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(tree, [a + std * jax.random.normal(k, a.shape, a.dtype)
-                                   for a, k in zip(leaves, keys, strict=True)])
 
 
 def _layernorm(x, p):
@@ -82,7 +76,7 @@ def _unit(**kw):
 def test_unit_matches_the_papers_pseudo_code(causal, length):
   x = _x()
   unit = _unit(causal=causal, length=length)
-  variables = _perturbed(jax.jit(unit.init)(jax.random.PRNGKey(0), x))
+  variables = inputs.perturbed(jax.jit(unit.init)(jax.random.PRNGKey(0), x))
   got = jax.jit(unit.apply)(variables, x)
   np.testing.assert_allclose(np.asarray(got), _gau_float64(x, variables["params"], causal=causal,
                                                            length=length), **F32)
@@ -94,7 +88,7 @@ def test_single_head_shut_by_its_gate():
   attention computes."""
   x = _x()
   unit = _unit()
-  variables = _perturbed(jax.jit(unit.init)(jax.random.PRNGKey(0), x))
+  variables = inputs.perturbed(jax.jit(unit.init)(jax.random.PRNGKey(0), x))
   p = variables["params"]
   assert p["gamma"].shape == (2, S_QK) and p["uvz"]["kernel"].shape == (D, 2 * E + S_QK)
   closed = jax.tree.map(lambda a: a, variables)
@@ -108,7 +102,7 @@ def test_single_head_shut_by_its_gate():
 def test_causal_rows_ignore_the_future():
   x = _x()
   unit = _unit(causal=True, rope_base=10000.0)
-  variables = _perturbed(jax.jit(unit.init)(jax.random.PRNGKey(0), x))
+  variables = inputs.perturbed(jax.jit(unit.init)(jax.random.PRNGKey(0), x))
   apply = jax.jit(unit.apply)
   changed = x.at[:, 6:].set(_x(seed=5)[:, 6:])
   y, y2 = apply(variables, x), apply(variables, changed)
@@ -119,7 +113,7 @@ def test_causal_rows_ignore_the_future():
 def test_decode_over_the_cache_equals_the_full_forward():
   x = _x()
   unit = _unit(causal=True, rope_base=10000.0)
-  variables = _perturbed(jax.jit(unit.init)(jax.random.PRNGKey(0), x))
+  variables = inputs.perturbed(jax.jit(unit.init)(jax.random.PRNGKey(0), x))
   full = jax.jit(unit.apply)(variables, x)
   shapes = jax.eval_shape(lambda x: unit.init(jax.random.PRNGKey(0), x, decode=True), x)["cache"]
   assert shapes["cached_key"].shape == (B, T, 1, S_QK)
@@ -185,7 +179,7 @@ def test_cross_unit_matches_the_authors_code(activation):
   x, m = _x(), _x((B, 7, 12), seed=3)
   lengths = np.array([7, 4])
   unit = GatedCrossAttentionUnit(qk_dim=S_QK, activation=activation)
-  variables = _perturbed(jax.jit(unit.init)(jax.random.PRNGKey(0), x, m))
+  variables = inputs.perturbed(jax.jit(unit.init)(jax.random.PRNGKey(0), x, m))
   got = jax.jit(unit.apply)(variables, x, m, kv_lengths=jnp.asarray(lengths))
   want = _gca_float64(x, m, variables["params"], activation=activation, lengths=lengths)
   np.testing.assert_allclose(np.asarray(got), want, **F32)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from attnjax.nn import LocalizedFiltering, LocalizedFilteringAttention
+from tests import inputs
 from tests import tolerances
 
 B, T, D, N = 2, 11, 8, 2
@@ -25,13 +26,6 @@ F32 = tolerances.output(jnp.float32)
 def _x(shape=(B, T, D), seed=0):
   return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
 
-
-def _perturbed(variables, seed=1, std=0.3):
-  """Every parameter moved by std·N(0, 1), so zero-initialized biases and unit scales take part."""
-  leaves, tree = jax.tree.flatten(variables)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(tree, [a + std * jax.random.normal(k, a.shape, a.dtype)
-                                   for a, k in zip(leaves, keys, strict=True)])
 
 
 def _conv_authors(a, kernel, bias):
@@ -90,7 +84,7 @@ def _lfa_float64(x, p, *, K, rope):
 def test_filter_matches_authors_code():
   layer = LocalizedFiltering()
   x = _x()
-  variables = _perturbed(layer.init(jax.random.PRNGKey(0), x))
+  variables = inputs.perturbed(layer.init(jax.random.PRNGKey(0), x))
   got = jax.jit(layer.apply)(variables, x)
   np.testing.assert_allclose(np.asarray(got), _lf_float64(x, variables["params"]), **F32)
 
@@ -100,7 +94,7 @@ def test_layer_matches_float64_rewrite(K, rope):
   layer = LocalizedFilteringAttention(num_heads=N, num_kv_heads=K,
                                       rope_base=10000.0 if rope else None)
   x = _x()
-  variables = _perturbed(layer.init(jax.random.PRNGKey(0), x))
+  variables = inputs.perturbed(layer.init(jax.random.PRNGKey(0), x))
   got = jax.jit(layer.apply)(variables, x)
   np.testing.assert_allclose(np.asarray(got), _lfa_float64(x, variables["params"], K=K, rope=rope),
                              **F32)
@@ -112,13 +106,13 @@ def test_causal_and_local():
   and zero two steps back)."""
   layer = LocalizedFilteringAttention(num_heads=N)
   x = _x()
-  variables = _perturbed(layer.init(jax.random.PRNGKey(0), x))
+  variables = inputs.perturbed(layer.init(jax.random.PRNGKey(0), x))
   jac = np.asarray(jax.jit(jax.jacrev(lambda a: layer.apply(variables, a)))(x[:1]))[0, :, :, 0]
   block = np.abs(jac).sum(axis=(1, 3))            # [t_out, t_in]
   assert np.all(block[np.triu_indices(T, 1)] == 0.0)
   assert np.all(np.diag(block) > 0) and np.all(np.diag(block, -1) > 0)
   lf = LocalizedFiltering()
-  lf_vars = _perturbed(lf.init(jax.random.PRNGKey(0), x))
+  lf_vars = inputs.perturbed(lf.init(jax.random.PRNGKey(0), x))
   lf_jac = np.asarray(jax.jit(jax.jacrev(lambda a: lf.apply(lf_vars, a)))(x[:1]))[0, :, :, 0]
   lf_block = np.abs(lf_jac).sum(axis=(1, 3))
   assert np.all(np.diag(lf_block, -1) > 0) and np.all(np.diag(lf_block, -2) > 0)
@@ -131,7 +125,7 @@ def test_decode_equals_full_forward():
   full forward (RoPE on, GQA)."""
   layer = LocalizedFilteringAttention(num_heads=N, num_kv_heads=1, rope_base=10000.0)
   x = _x()
-  variables = _perturbed(layer.init(jax.random.PRNGKey(0), x))
+  variables = inputs.perturbed(layer.init(jax.random.PRNGKey(0), x))
   full = jax.jit(layer.apply)(variables, x)
   cache = layer.init(jax.random.PRNGKey(0), x, decode=True)["cache"]
   step = jax.jit(lambda c, xs: layer.apply({"params": variables["params"], "cache": c}, xs,
@@ -148,7 +142,7 @@ def test_packed_equals_separate():
   """Two documents packed in one row (the filter restarts at the boundary) == each run alone."""
   layer = LocalizedFilteringAttention(num_heads=N, rope_base=10000.0)
   x = _x((1, T, D))
-  variables = _perturbed(layer.init(jax.random.PRNGKey(0), x))
+  variables = inputs.perturbed(layer.init(jax.random.PRNGKey(0), x))
   cut = 5
   seg = jnp.asarray([[0] * cut + [1] * (T - cut)])
   apply = jax.jit(layer.apply)
