@@ -93,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.fope = placeholder(object)  # None, or FoPE settings {"train_length": L, "sigma": σ}
   # None, one bool per layer, or "every <n>: nope" (RNoPE: those layers without RoPE).
   config.model.layer_rope = placeholder(object)
+  # decoder_lm: None, or TidalDecode on decode steps {"top_k": k, "selection_layer": 2}.
+  config.model.tidal_decode = placeholder(object)
   config.model.position_embedding = "learned"  # "learned" | "none"
   config.model.tie_embeddings = False  # decoder_lm: logits through the input embedding
   config.model.pooling = "mean"  # classifiers: "mean" | "cls"

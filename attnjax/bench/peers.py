@@ -12,7 +12,8 @@ Peers:
                   `lax.scan`), q and k through elu+1, a per-head scalar decay per step (the
                   Lightning-2 rates, as a traced `[B, T, N]` argument, i.e. data-dependent gates);
                   masks `causal` or `none` (non-causal `φ(Q)(φ(K)ᵀV)`).
-  mech:<name>     any registered mechanism by name (its `xla` path when it has one), with the case's
+  mech:<name>     any registered mechanism by name (its fastest path, the first of its
+                  `implementations`, unless that is the reference), with the case's
                   `kwargs` (from the config's `mechanism_kwargs[peer]`); masks `causal` and `none`
                   (`causal=True / False`). A `spatial_shape` of "square" ("cube") becomes the square
                   (cubic) grid of T tokens, e.g. (128, 128) at T = 16384.
@@ -179,8 +180,9 @@ def _mechanism_attention(case: Case, kind: str) -> Callable:
   kwargs = dict(case.kwargs)
   if "spatial_shape" in kwargs:
     kwargs["spatial_shape"] = _grid(kwargs["spatial_shape"], case.T)
-  if "xla" in mech.implementations:
-    kwargs.setdefault("implementation", "xla")
+  if mech.implementations[0] != "reference":
+    # Its fastest path (the registry lists them fastest first), never the dense reference.
+    kwargs.setdefault("implementation", mech.implementations[0])
   settings = {**mech.defaults, **kwargs}
   arrays = {name: jnp.asarray(x) for name, x in registry.example_params(
       mech.params, N=case.N, K=case.N, H=case.H, settings=settings).items()}

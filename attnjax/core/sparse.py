@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from attnjax.core import block_gather
 from attnjax.core import block_mask as bm
 from attnjax.core import checks
 from attnjax.core import contract
@@ -41,9 +42,11 @@ from attnjax.core import flex
 
 __all__ = ["pool_blocks", "block_scores", "candidate_blocks", "top_k_blocks", "selection_mask",
            "select_blocks", "attend_selected", "token_top_k", "gather_tokens", "num_blocks",
-           "own_and_first", "ALWAYS"]
+           "own_and_first", "ALWAYS", "GATHERED"]
 
 ALWAYS = ("own", "first")
+# The `implementation` of `attend_selected` that gathers each block's queries into tiles.
+GATHERED = "gathered"
 POOLS = ("mean", "max")
 
 
@@ -179,13 +182,28 @@ def selection_mask(selected, *, T: int, S: int, q_block: int, block_size: int, b
 
 def attend_selected(op: str, q, k, v, selected, *, q_block: int, block_size: int, causal: bool,
                     q_offset=0, kv_lengths=None, segment_ids=None, scale: Optional[float] = None,
-                    implementation: Optional[str] = None):
+                    implementation: Optional[str] = None, per_query: Optional[int] = None):
   """Attention of each query over the key blocks its unit selected (`selected [B, Nm, U, nb]`), under
-  the call contract: the selection's traced `BlockMask` (`selection_mask`) on `flex_attention`, so
-  the `xla` path visits only selected tiles. `[B, T, N, h]` in q's dtype."""
+  the call contract. `[B, T, N, h]` in q's dtype.
+
+  Two forms of one computation: the selection's traced `BlockMask` (`selection_mask`) on
+  `flex_attention` (`implementation` "xla" / "reference": a tile is visited when any of its queries
+  chose the block), and, when each query token chooses its own blocks (`q_block == 1`) at most
+  `per_query` of them, `block_gather.attend_block_lists` (`implementation` "gathered", the default
+  then: the queries that chose a block form its tiles, so the work is T·per_query blocks however
+  little the queries of a tile agree)."""
   B, T, S = q.shape[0], q.shape[1], k.shape[1]
   base = contract.contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset,
                                 segment_ids=segment_ids, kv_lengths=kv_lengths, op=op)
+  gathered = per_query is not None and q_block == 1
+  if implementation == GATHERED and not gathered:
+    raise ValueError(f"{op}: implementation {GATHERED!r} needs one selection per query token and "
+                     "`per_query` (the most blocks a query selects)")
+  if gathered and implementation in (None, GATHERED):
+    blocks, valid = block_gather.block_lists(selected, per_query)
+    return block_gather.attend_block_lists(q, k, v, blocks, valid, block_size=block_size,
+                                           mask_mod=base, scale=scale,
+                                           tile_q=block_gather.tile_rows(T * per_query, S, block_size))
   block_mask, _ = selection_mask(selected, T=T, S=S, q_block=q_block, block_size=block_size,
                                  base_mask=base)
   return flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale,

@@ -25,6 +25,7 @@ from attnjax.nn.blocks import MLP_KINDS, NORM_KINDS, TransformerConfig
 from attnjax.ops.positional import fope as fope_lib
 from attnjax.ops.positional import rope
 from attnjax.ops.positional import rope_scaling as rope_scaling_lib
+from attnjax.ops.sparse import tidal_decode as tidal_decode_lib
 
 ARCHS = ("decoder_lm", "encoder_classifier", "vit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -40,6 +41,8 @@ _SCHEDULE = re.compile(r"^\s*every\s+(\d+)\s*:\s*([A-Za-z0-9_]+)\s*$")
 # arXiv:2501.18795, catalog row 174) is this model option: `layer_rope="every 4: nope"` with
 # `mechanism="sliding_window"` and `layer_mechanisms="every 4: softmax"`.
 catalog.register_server("attnjax.models.ModelConfig.layer_rope", (174,), kind="model option")
+# TidalDecode (arXiv:2410.05076, row 119) in the decoder: `tidal_decode={"top_k": k, ...}`.
+catalog.register_server("attnjax.models.ModelConfig.tidal_decode", (119,), kind="model option")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,11 @@ class ModelConfig:
     patch_size: vit: side of a square patch (must divide the image).
     pad_id: encoder_classifier, optional: tokens equal to it are masked out of attention and
       pooling (a token id of the task: checked by `build_model`).
+    tidal_decode: decoder_lm: None, or TidalDecode on single-token decode steps {"top_k": k,
+      "selection_layer": 2, "reselection_layer": None} (attnjax/ops/sparse/tidal_decode.py): full
+      attention before `selection_layer`, top-k positions chosen there (and at `reselection_layer`),
+      attention over them only in the other layers; the layers from `selection_layer` on must be
+      "softmax".
     use_bias: biases on the projections.
     dropout: residual/embedding dropout rate in [0, 1), active with `apply(..., train=True,
       rngs={"dropout": key})`.
@@ -105,6 +113,7 @@ class ModelConfig:
   pooling: Optional[str] = None
   patch_size: Optional[int] = None
   pad_id: Optional[int] = None
+  tidal_decode: Optional[Mapping[str, Any]] = None
   use_bias: bool = True
   dropout: float = 0.0
   dtype: str = "float32"
@@ -171,7 +180,9 @@ class ModelConfig:
                          "use 'learned' (or leave it unset)")
       values["patch_size"] = _positive_int("patch_size", values["patch_size"])
     config = cls(**values)
-    config.layers()  # checks the mechanisms and their keyword arguments
+    names, _ = config.layers()  # checks the mechanisms and their keyword arguments
+    if values["tidal_decode"] is not None:
+      config = dataclasses.replace(config, tidal_decode=_tidal_decode(values, names))
     return config
 
   @property
@@ -222,7 +233,7 @@ class ModelConfig:
         num_kv_heads=self.num_kv_heads, mlp_dim=self.mlp_dim, mlp=self.mlp, norm=self.norm,
         causal=self.causal, rope_base=self.rope_base, rope_scaling=self.rope_scaling,
         fope=self.fope, layer_rope=layer_rope(self.layer_rope, self.depth),
-        use_bias=self.use_bias,
+        tidal_decode=self.tidal_decode, use_bias=self.use_bias,
         dropout=self.dropout, dtype=DTYPES[self.dtype], param_dtype=DTYPES[self.param_dtype])
 
 
@@ -277,6 +288,22 @@ def _check_rope_options(values: dict[str, Any]):
   if values["fope"] is not None and values["rope_scaling"] is not None:
     raise ValueError("model.fope and model.rope_scaling are not combined; set one")
   layer_rope(values["layer_rope"], values["depth"])
+
+
+def _tidal_decode(values: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+  """The checked `tidal_decode` settings (defaults filled in)."""
+  if values["arch"] != "decoder_lm":
+    raise ValueError(f"model.tidal_decode is a decoder_lm option (decoding), got arch "
+                     f"{values['arch']!r}")
+  try:
+    settings = tidal_decode_lib.decode_settings(values["tidal_decode"], values["depth"])
+  except ValueError as e:
+    raise ValueError(f"model.{e}") from None
+  later = list(names[settings["selection_layer"]:])
+  if any(name != "softmax" for name in later):
+    raise ValueError(f"model.tidal_decode: the layers from selection_layer "
+                     f"{settings['selection_layer']} on must be 'softmax', got {later}")
+  return settings
 
 
 def layer_rope(schedule: Any, depth: int) -> Optional[tuple[bool, ...]]:

@@ -60,8 +60,11 @@ import jax.numpy as jnp
 from attnjax import registry
 from attnjax.nn import layer_parts
 from attnjax.ops.positional import rope
+from attnjax.ops.sparse import tidal_decode
 
 Initializer = Callable[..., Any]
+# TidalDecode's key positions `(indices, valid)`, each `[B, N, T, k]`.
+Selection = tuple[jax.Array, jax.Array]
 
 
 class MultiHeadAttention(nn.Module):
@@ -148,7 +151,8 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array] = None, *,
                segment_ids=None, kv_lengths=None, positions=None, kv_positions=None,
-               decode: bool = False, **mechanism_args) -> jax.Array:
+               decode: bool = False, selection: Optional[Selection] = None,
+               select_top_k: Optional[int] = None, **mechanism_args):
     """Projects, applies RoPE, runs the mechanism and projects back.
 
     Args:
@@ -165,12 +169,21 @@ class MultiHeadAttention(nn.Module):
         forward; later calls append `T` tokens and attend over everything cached so far (a
         causal `recurrent` mechanism advances its fixed-size state instead). Positions come from the
         cache index. Apply with `mutable=['cache']`.
+      selection: TidalDecode's sparse layer: `(indices, valid)` `[B, N, 1, k]` key positions of the
+        cache chosen by an earlier layer; on a single-token decode step the layer attends over
+        them only (`tidal_sparse_attention`) instead of running the mechanism. Softmax layers only.
+      select_top_k: TidalDecode's selection layer: the call returns `(y, selection)`, the `top_k`
+        cache positions of the highest scores of each query head on a single-token decode step
+        (`tidal_select`), None on any other call. Softmax layers only.
       **mechanism_args: per-call keyword arguments for the mechanism, over `mechanism_kwargs`.
 
     Returns:
-      `[B, T, F]`.
+      `[B, T, F]`, or `([B, T, F], selection)` when `select_top_k` is given.
     """
     mech = self._mechanism()
+    if (selection is not None or select_top_k is not None) and mech.name != "softmax":
+      raise ValueError(f"MultiHeadAttention: TidalDecode's `selection` / `select_top_k` replace "
+                       f"softmax attention; the layer's mechanism is {mech.name!r}")
     if jnp.ndim(inputs_q) != 3:
       raise ValueError(f"MultiHeadAttention: `inputs_q` must have shape [B, T, D], "
                        f"got shape {jnp.shape(inputs_q)}")
@@ -234,6 +247,7 @@ class MultiHeadAttention(nn.Module):
 
     recurrent = mech.recurrent and self.causal
     initialized = self.has_variable("cache", "state" if recurrent else "cached_key")
+    chosen = None
     if decode and initialized:
       if segment_ids is not None or kv_lengths is not None or positions is not None:
         raise ValueError("MultiHeadAttention: with decode=True over a cache, `segment_ids`, "
@@ -242,7 +256,8 @@ class MultiHeadAttention(nn.Module):
       if recurrent:
         out = self._recurrent_step(mech, query, key, value, {**kwargs, **tokens}, rotate)
       else:
-        out = self._decode_step(mech, query, key, value, kwargs, tokens, rotate)
+        out, chosen = self._decode_step(mech, query, key, value, kwargs, tokens, rotate,
+                                        selection, select_top_k)
     else:
       if decode and recurrent:
         # First call (init): the state before any token, zeros shaped as this input's final state.
@@ -277,11 +292,12 @@ class MultiHeadAttention(nn.Module):
                          segment_ids=segment_ids, kv_lengths=kv_lengths,
                          kwargs={**kwargs, **tokens})
 
-    return nn.DenseGeneral(features=out_features, axis=(-2, -1),
-                           kernel_init=self.out_kernel_init or self.kernel_init,
-                           bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
-                           dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                           name="out")(out)
+    y = nn.DenseGeneral(features=out_features, axis=(-2, -1),
+                        kernel_init=self.out_kernel_init or self.kernel_init,
+                        bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
+                        dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                        name="out")(out)
+    return y if select_top_k is None else (y, chosen)
 
   def _mechanism_array(self, spec: registry.ParamSpec, shape: tuple[int, ...]) -> jax.Array:
     if spec.trainable:
@@ -290,9 +306,10 @@ class MultiHeadAttention(nn.Module):
     return self.variable(registry.BUFFERS, spec.name,
                          lambda: spec.init(self.make_rng("params"), shape, self.param_dtype)).value
 
-  def _decode_step(self, mech, query, key, value, kwargs, tokens, rotate):
+  def _decode_step(self, mech, query, key, value, kwargs, tokens, rotate, selection, select_top_k):
     """Writes the new keys/values (and side-"kv" per-token arrays) at `cache_index` and attends
-    over the whole cache."""
+    over the whole cache (over the `selection` only, on a TidalDecode sparse layer's single-token
+    step); returns the output and, for `select_top_k`, the step's selection (else None)."""
     cached_key = self.variable("cache", "cached_key")
     cached_value = self.variable("cache", "cached_value")
     cache_index = self.variable("cache", "cache_index")
@@ -326,9 +343,21 @@ class MultiHeadAttention(nn.Module):
             cached.value, new, (zero, index) + (zero,) * (new.ndim - 2))
         tokens[spec.name] = cached.value
     cache_index.value = index + T
-    return self._attend(mech, query, cached_key.value, cached_value.value, causal=self.causal,
-                        cross=False, segment_ids=None, kv_lengths=jnp.full((B,), index + T),
-                        kwargs={**kwargs, **tokens, "q_offset": index})
+    kv_lengths = jnp.full((B,), index + T)
+    # TidalDecode acts on single-token steps only; a prefill (T > 1) is full attention.
+    chosen = None
+    if select_top_k is not None and T == 1:
+      chosen = tidal_decode.tidal_select(query, cached_key.value, select_top_k, q_offset=index,
+                                         kv_lengths=kv_lengths, scale=self.scale)
+    if selection is not None and T == 1:
+      indices, valid = selection
+      out = tidal_decode.tidal_sparse_attention(query, cached_key.value, cached_value.value,
+                                                indices, valid, scale=self.scale)
+    else:
+      out = self._attend(mech, query, cached_key.value, cached_value.value, causal=self.causal,
+                         cross=False, segment_ids=None, kv_lengths=kv_lengths,
+                         kwargs={**kwargs, **tokens, "q_offset": index})
+    return out, chosen
 
   def _recurrent_step(self, mech, query, key, value, kwargs, rotate):
     """Advances the mechanism's recurrent state over the new tokens (`Mechanism.recurrent`)."""

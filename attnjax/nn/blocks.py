@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.nn.attention import MultiHeadAttention
+from attnjax.ops.sparse import tidal_decode
 
 MLP_KINDS = ("gelu", "swiglu")
 NORM_KINDS = ("rmsnorm", "layernorm")
@@ -66,6 +67,9 @@ class TransformerConfig:
     fope: FoPE settings (None: plain RoPE); see `MultiHeadAttention`.
     layer_rope: per layer, whether it applies RoPE (None: every layer does when `rope_base` is set);
       a layer without is NoPE (e.g. RNoPE's full-attention layers).
+    tidal_decode: TidalDecode on single-token decode steps (None: off): {"top_k": k,
+      "selection_layer": 2, "reselection_layer": None} (`attnjax.ops.sparse.tidal_decode`); the
+      layers from `selection_layer` on must be softmax.
     use_bias: biases on the attention and MLP projections (norms keep theirs).
     dropout: residual dropout rate (active only with `train=True`).
     dtype: compute dtype; param_dtype: parameter dtype.
@@ -83,6 +87,7 @@ class TransformerConfig:
   rope_scaling: Optional[Mapping[str, Any]] = None
   fope: Optional[Mapping[str, Any]] = None
   layer_rope: Optional[tuple[bool, ...]] = None
+  tidal_decode: Optional[Mapping[str, Any]] = None
   use_bias: bool = True
   dropout: float = 0.0
   dtype: Any = jnp.float32
@@ -99,6 +104,23 @@ class TransformerConfig:
     if self.layer_rope is not None and len(self.layer_rope) != len(self.mechanisms):
       raise ValueError(f"TransformerConfig: {len(self.mechanisms)} mechanisms but "
                        f"{len(self.layer_rope)} layer_rope entries (one per layer)")
+    if self.tidal_decode is not None:
+      try:
+        settings = tidal_decode.decode_settings(self.tidal_decode, len(self.mechanisms))
+      except ValueError as e:
+        raise ValueError(f"TransformerConfig: {e}") from None
+      names = [getattr(m, "name", m) for m in self.mechanisms[settings["selection_layer"]:]]
+      if any(name != "softmax" for name in names) or not self.causal:
+        raise ValueError(f"TransformerConfig: tidal_decode needs causal softmax layers from layer "
+                         f"{settings['selection_layer']} on, got {names}")
+
+  def decode_roles(self) -> Optional[tuple[str, ...]]:
+    """TidalDecode's role of each layer ("full", "select", "sparse"), None when it is off."""
+    if self.tidal_decode is None:
+      return None
+    settings = tidal_decode.decode_settings(self.tidal_decode, self.depth)
+    return tidal_decode.tidal_layer_roles(self.depth, selection_layer=settings["selection_layer"],
+                                          reselection_layer=settings["reselection_layer"])
 
   @property
   def depth(self) -> int:
@@ -181,8 +203,11 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, decode: bool = False,
-               segment_ids: Optional[jax.Array] = None) -> jax.Array:
-    """`x [B, T, D] → [B, T, D]`; `segment_ids [B, T]` keeps tokens to their own segment."""
+               segment_ids: Optional[jax.Array] = None, selection=None):
+    """`x [B, T, D] → [B, T, D]`; `segment_ids [B, T]` keeps tokens to their own segment.
+
+    With `config.tidal_decode`, returns `(y, selection)`: this layer's TidalDecode role reads the
+    carried `selection` ("sparse") or replaces it ("select", on single-token decode steps)."""
     cfg = self.config
     # A NoPE layer of a hybrid (layer_rope False) gets no positional transform at all.
     rope_on = cfg.rope_base is not None and (cfg.layer_rope is None or cfg.layer_rope[self.layer])
@@ -203,12 +228,24 @@ class TransformerBlock(nn.Module):
     def drop(y):
       return nn.Dropout(cfg.dropout)(y, deterministic=not train) if cfg.dropout else y
 
-    h = x + drop(attention(norm("attention_norm")(x), decode=decode, segment_ids=segment_ids))
+    roles = cfg.decode_roles()
+    role = None if roles is None else roles[self.layer]
+    tidal = {}
+    if role == "select":
+      tidal = {"select_top_k": cfg.tidal_decode["top_k"]}
+    elif role == "sparse":
+      tidal = {"selection": selection}
+    a = attention(norm("attention_norm")(x), decode=decode, segment_ids=segment_ids, **tidal)
+    if role == "select":
+      a, chosen = a
+      selection = selection if chosen is None else chosen
+    h = x + drop(a)
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     mlp = MLP(cfg.mlp_dim, kind=cfg.mlp, use_bias=cfg.use_bias, dtype=cfg.dtype,
               param_dtype=cfg.param_dtype, name="mlp")
     y = h + drop(mlp(norm("mlp_norm")(h)))
-    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+    y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
+    return y if roles is None else (y, selection)
 
 
 class Transformer(nn.Module):
@@ -222,8 +259,16 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, decode: bool = False,
                segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    tidal = self.config.tidal_decode is not None
+    selection = None
     for i in range(self.config.depth):
-      x = TransformerBlock(self.config, i, name=f"layer_{i}")(x, train=train, decode=decode,
-                                                              segment_ids=segment_ids)
+      x = TransformerBlock(self.config, i, name=f"layer_{i}")(
+          x, train=train, decode=decode, segment_ids=segment_ids,
+          **({"selection": selection} if tidal else {}))
+      if tidal:
+        x, selection = x
+    if selection is not None:
+      # The positions the sparse layers read on this step (for analysis and tests).
+      self.sow("intermediates", "tidal_selection", selection)
     return make_norm(self.config.norm, dtype=self.config.dtype,
                      param_dtype=self.config.param_dtype, name="final_norm")(x)

@@ -19,9 +19,12 @@ head's key head's block means). Non-causal self-attention (`causal=False`) is th
 block a candidate (the own block still forced); the paper itself is causal. Selecting every block
 (`top_k >= ceil(S / block_size)`) gives exactly full attention.
 
-The selection is the table `selected [B, N, T, nb]` of `attnjax.core.sparse` and the attention runs
-on `flex_attention` under the traced `BlockMask` of the selected tiles (the `xla` path skips the
-others). Decoding over a KV cache equals the full forward (block means over the real keys, blocks by
+The selection is the table `selected [B, N, T, nb]` of `attnjax.core.sparse`. The attention runs, by
+default (`implementation="gathered"`), as the authors' efficient form: the queries that chose each block
+gathered into dense tiles and the partial results merged by log-sum-exp
+(`attnjax.core.block_gather`), so the work is T·top_k blocks; `"xla"` / `"reference"` run
+`flex_attention` under the traced `BlockMask` of the tiles any of whose queries chose the block.
+Decoding over a KV cache equals the full forward (block means over the real keys, blocks by
 absolute position). Packed documents are not supported: the authors' varlen code restarts the blocks
 at each document, which global blocks only match when every document starts at a multiple of
 `block_size`; pass separate rows instead.
@@ -79,7 +82,7 @@ def moba_attention(q: Query, k: Key, v: Value, *, causal: bool = False, segment_
                             q_offset=q_offset, kv_lengths=kv_lengths)
   return sparse.attend_selected(op, q, k, v, selected, q_block=1, block_size=block_size,
                                 causal=causal, q_offset=q_offset, kv_lengths=kv_lengths,
-                                scale=scale, implementation=implementation)
+                                scale=scale, implementation=implementation, per_query=top_k)
 
 
 register(Mechanism(
@@ -87,5 +90,6 @@ register(Mechanism(
     paper="MoBA: Mixture of Block Attention for Long-Context LLMs", arxiv="2502.13189",
     patterns=frozenset({"self", "causal_self"}), packed=False,
     complexity="O(T·(S/block_size + top_k·block_size))",
+    implementations=(sparse.GATHERED, "xla", "reference"),
     defaults=dict(block_size=512, top_k=3),
     example=dict(block_size=4, top_k=2)))

@@ -27,10 +27,14 @@ position embeddings (the paper says "MLP with intra-block position encoding"), h
 dim; its block length l is the length of the learned `compress_pos_k` (so the learned arrays fix l).
 The paper gives each branch its own key/value projections; here the one k, v the layer projects are
 shared by the three branches. The compressed branch is a dense `[T, S/d]` softmax (its probabilities
-are needed for the selection anyway); the selected and sliding branches run on `flex_attention`
-(the `xla` path visits only the selected / window tiles). Selection is a top-k: not differentiable;
-gradients reach φ through o_cmp. A query with no complete block before it gets o_cmp = 0, and its
-selection is the forced blocks (ties of zero scores go to lower indices). Without `causal` (an
+are needed for the selection anyway), computed by query chunks that stay in cache, each chunk's
+probabilities projected onto the selection blocks at once (eq. 9 as shifted sums); the selected
+branch runs by default as the paper's kernel groups its loads, each selected block's queries
+gathered into dense tiles (`implementation="gathered"`, `attnjax.core.block_gather`: the work is
+T·n blocks), and on `flex_attention` under the selection's `BlockMask` with "xla" / "reference";
+the sliding branch runs on `flex_attention` (the `xla` path visits only the window tiles).
+Selection is a top-k: not differentiable; gradients reach φ through o_cmp. A query with no
+complete block before it gets o_cmp = 0, and its selection is the forced blocks (ties of zero scores go to lower indices). Without `causal` (an
 extension; the paper is causal) every complete block is visible and candidate, and the window is
 symmetric. Packed documents are not supported (blocks are global positions): pass separate rows.
 
@@ -115,16 +119,66 @@ def nsa_selection_weights(num_compressed: int, S: int, *, block: int, stride: in
   return (np.maximum(hi - lo, 0) / stride).astype(np.float32)
 
 
+def _banded(weights: np.ndarray):
+  """The overlap weights `[nc, nb]` as R bands: per compressed block i its r-th overlapped selection
+  block `cols [R, nc]` (non-decreasing in i) and weight `vals [R, nc]` (0 past its last)."""
+  nc = weights.shape[0]
+  R = max(1, int((weights > 0).sum(axis=1).max(initial=0)))
+  cols = np.zeros((R, nc), np.int32)
+  vals = np.zeros((R, nc), np.float32)
+  for i in range(nc):
+    nz = np.flatnonzero(weights[i])
+    first = nz[0] if len(nz) else 0
+    for r in range(R):
+      j = min(first + r, weights.shape[1] - 1)
+      cols[r, i], vals[r, i] = j, weights[i, j] if r < len(nz) else 0.0
+  return cols, vals
+
+
+def _onto_selection_blocks(p, weights: np.ndarray, *, block: int, stride: int, select_block: int):
+  """Eq. 9: `p [..., nc]` → `[..., nb]`, Σ_i weights[i, j] p_i, in O(nc) work, not O(nc · nb).
+
+  When d divides l and l', the overlap of compression block i with selection block j in units of d
+  is the number of its l/d stride segments (u = i .. i + l/d - 1, each d keys) inside block j, so
+  p_slc[j] = Σ_{u // (l'/d) = j} M_u with M_u = Σ_{i = u - l/d + 1 .. u} p_i: shifted sums and one
+  reshape. Otherwise a sorted segment sum per band of the weights."""
+  nc, nb = weights.shape
+  if block % stride == 0 and select_block % stride == 0:
+    span, per_block = block // stride, select_block // stride
+    segments = nb * per_block            # segments past nb·l' start at or after S: no block reaches them
+    width = max(segments, nc + span - 1)
+    padded = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, width - nc)])
+    mass = sum(jnp.pad(padded, [(0, 0)] * (p.ndim - 1) + [(shift, 0)])[..., :width]
+               for shift in range(span))
+    return mass[..., :segments].reshape(p.shape[:-1] + (nb, per_block)).sum(axis=-1)
+  cols, vals = _banded(weights)
+  lead = jnp.moveaxis(p, -1, 0)                                                  # [nc, ...]
+  out = 0.0
+  for r in range(cols.shape[0]):
+    scaled = lead * vals[r].reshape((-1,) + (1,) * (lead.ndim - 1))
+    out = out + jax.ops.segment_sum(scaled, cols[r], num_segments=weights.shape[1],
+                                    indices_are_sorted=True)
+  return jnp.moveaxis(out, 0, -1)
+
+
 def nsa_selection(p_cmp, *, S: int, K: int, block: int, compress_stride: int, select_block: int,
                   num_selected: int, causal: bool = False, q_offset=0, kv_lengths=None):
   """bool `[B, N, T, nb]`: the selection blocks each query attends to, from the compressed branch's
   probabilities `p_cmp [B, N, T, nc]`: scored by eq. 9 (overlap weights), summed over each group of
   N / K query heads (eq. 10, one selection per group), top `num_selected` among the candidates with
   the first block and the 2 local blocks (the query's own and the one before) always among them."""
-  B, N, T, nc = p_cmp.shape
-  weights = nsa_selection_weights(nc, S, block=block, stride=compress_stride,
+  weights = nsa_selection_weights(p_cmp.shape[-1], S, block=block, stride=compress_stride,
                                   select_block=select_block)
-  p_slc = jnp.einsum("bntc,cj->bntj", p_cmp, weights)
+  p_slc = _onto_selection_blocks(p_cmp, weights, block=block, stride=compress_stride,
+                                 select_block=select_block)
+  return _select(p_slc, S=S, K=K, select_block=select_block,
+                 num_selected=num_selected, causal=causal, q_offset=q_offset,
+                 kv_lengths=kv_lengths)
+
+
+def _select(p_slc, *, S, K, select_block, num_selected, causal, q_offset, kv_lengths):
+  """`nsa_selection` from the eq.-9 scores `p_slc [B, N, T, nb]`."""
+  B, N, T, _ = p_slc.shape
   group = jnp.sum(p_slc.reshape(B, K, N // K, T, -1), axis=2, keepdims=True)
   p_slc = jnp.broadcast_to(group, (B, K, N // K) + group.shape[3:]).reshape(p_slc.shape)
   dims = dict(B=B, T=T, S=S, q_block=1, block_size=select_block)
@@ -136,20 +190,48 @@ def nsa_selection(p_cmp, *, S: int, K: int, block: int, compress_stride: int, se
                              always=forced)
 
 
-def _compressed_branch(q, kc, vc, *, visible, scale):
-  """Dense softmax over the compressed tokens: (o [B, T, N, h] float32, p [B, N, T, nc])."""
+# Scores held at once by the compressed branch (one query chunk of every head): small enough to stay
+# in cache, where the dense branch is compute- rather than memory-bound.
+_CHUNK_SCORES = 1 << 19
+
+
+def _compressed_branch(q, kc, vc, *, visible, scale, weights: np.ndarray, block: int, stride: int,
+                       select_block: int):
+  """Dense softmax over the compressed tokens, by query chunks whose scores stay in cache (the
+  backward recomputes them, as flash attention does): `(o [B, T, N, h] float32, p_slc [B, N, T, nb])`
+  with p_slc the probabilities projected onto the selection blocks (eq. 9; no gradient: it only
+  ranks)."""
   B, T, N, H = q.shape
-  K, nc = kc.shape[2], kc.shape[1]
+  K, nc, h = kc.shape[2], kc.shape[1], vc.shape[-1]
+  G, nb = N // K, weights.shape[1]
   if nc == 0:  # no complete block: nothing to attend to (and no max over an empty axis)
-    return jnp.zeros((B, T, N, vc.shape[-1]), jnp.float32), jnp.zeros((B, N, T, 0), jnp.float32)
-  s = jnp.einsum("btkgh,bckh->bkgtc", q.astype(jnp.float32).reshape(B, T, K, N // K, H), kc) * scale
-  s = jnp.where(visible[:, None, None], s, -jnp.inf)
-  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-  e = jnp.where(visible[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-  den = jnp.sum(e, axis=-1, keepdims=True)
-  p = e / jnp.where(den > 0, den, 1.0)                                           # [B, K, G, T, nc]
-  o = jnp.einsum("bkgtc,bckh->btkgh", p, vc).reshape(B, T, N, vc.shape[-1])
-  return o, p.reshape(B, N, T, -1)
+    return jnp.zeros((B, T, N, h), jnp.float32), jnp.zeros((B, N, T, nb), jnp.float32)
+  rows = max(1, min(T, _CHUNK_SCORES // (B * N * nc)))
+  chunks = -(-T // rows)
+  pad = chunks * rows - T
+  qc = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+  qc = jnp.moveaxis(qc.reshape(B, chunks, rows, K, G, H), 1, 0)
+  vis = jnp.pad(jnp.broadcast_to(visible, (B, T, nc)), ((0, 0), (0, pad), (0, 0)))
+  vis = jnp.moveaxis(vis.reshape(B, chunks, rows, nc), 1, 0)
+
+  @jax.checkpoint
+  def chunk(args):
+    qq, vv = args                                                                # [B, rows, K, G, H]
+    s = jnp.einsum("btkgh,bckh->bkgtc", qq, kc) * scale
+    s = jnp.where(vv[:, None, None], s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    e = jnp.where(vv[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    den = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(den > 0, den, 1.0)                                         # [B, K, G, rows, nc]
+    o = jnp.einsum("bkgtc,bckh->btkgh", p, vc)
+    return o, _onto_selection_blocks(jax.lax.stop_gradient(p), weights, block=block, stride=stride,
+                                     select_block=select_block)
+
+  # [chunks, B, rows, K, G, h] and [chunks, B, K, G, rows, nb]
+  o, p_slc = jax.lax.map(chunk, (qc, vis))
+  o = jnp.moveaxis(o, 0, 1).reshape(B, chunks * rows, N, h)[:, :T]
+  p_slc = jnp.moveaxis(p_slc, 0, 3).reshape(B, N, chunks * rows, nb)[:, :, :T]
+  return o, p_slc
 
 
 def native_sparse_attention(
@@ -197,20 +279,22 @@ def native_sparse_attention(
   visible = ends[None, None, :] <= length[:, None, None]
   if causal:
     visible = visible & (ends[None, None, :] <= pos[..., None] + 1)
-  o_cmp, p_cmp = _compressed_branch(q, kc, vc, visible=visible, scale=scale)
+  weights = nsa_selection_weights(kc.shape[1], S, block=block, stride=compress_stride,
+                                  select_block=select_block)
+  o_cmp, p_slc = _compressed_branch(q, kc, vc, visible=visible, scale=scale, weights=weights,
+                                    block=block, stride=compress_stride, select_block=select_block)
 
-  # Selected branch: eq. 9 onto selection blocks, eq. 10 summed over each GQA group, top n.
-  selected = nsa_selection(p_cmp, S=S, K=K, block=block, compress_stride=compress_stride,
-                           select_block=select_block, num_selected=num_selected, causal=causal,
-                           q_offset=q_offset, kv_lengths=length)
+  # Selected branch: eq. 9 onto selection blocks (above), eq. 10 summed over each GQA group, top n.
+  selected = _select(p_slc, S=S, K=K, select_block=select_block, num_selected=num_selected,
+                     causal=causal, q_offset=q_offset, kv_lengths=length)
   o_slc = sparse.attend_selected(op, q, k, v, selected, q_block=1, block_size=select_block,
                                  causal=causal, q_offset=q_offset, kv_lengths=kv_lengths,
-                                 scale=scale, implementation=implementation)
+                                 scale=scale, implementation=implementation, per_query=num_selected)
 
   # Sliding window branch.
   o_win = contract.flex_with_contract(
       op, q, k, v, causal=causal, segment_ids=None, q_offset=q_offset, kv_lengths=kv_lengths,
-      scale=scale, implementation=implementation,
+      scale=scale, implementation=None if implementation == sparse.GATHERED else implementation,
       mask_mod=masks.sliding_window(window - 1, 0 if causal else window - 1, offset=q_offset))
 
   g = gates.astype(jnp.float32)
@@ -225,6 +309,7 @@ register(Mechanism(
     paper="Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention",
     arxiv="2502.11089", patterns=frozenset({"self", "causal_self"}), packed=False,
     complexity="O(T·(S/d + n·l' + w))", params=NSA_PARAMS,
+    implementations=(sparse.GATHERED, "xla", "reference"),
     token_inputs=(TokenInput("gates", side="q", shape=lambda N, K, H: (N, 3),
                              activation=jax.nn.sigmoid),),
     defaults=dict(compress_stride=8, select_block=32, num_selected=6, window=64),

@@ -28,8 +28,12 @@ layer's selection):
   tidal_layer_roles       each layer's role in a stack: "full", "select" or "sparse"
 
 With `top_k` at least the number of visible keys the sparse layers are exactly full attention.
-A model integrates it by carrying `(indices, valid)` from the last "select" layer through the
-decode step of the stack (see `tidal_layer_roles`).
+
+In the decoder: `model.tidal_decode = {"top_k": k, "selection_layer": 2, "reselection_layer": None}`
+(`decode_settings` checks it) gives every single-token decode step of `DecoderLM` these roles; the
+stack carries `(indices, valid)` from the last "select" layer to the "sparse" layers after it
+(`attnjax.nn.blocks.Transformer`). Prefill (more than one new token) is full attention in every
+layer, as in the authors' code (`q_len > 1`).
 
 Shapes: `q [B,T,N,H]`, `k [B,S,K,H]`, `v [B,S,K,h]` → `[B,T,N,h]`.
 Paper: Yang, Zhang, Chen, Li, Jia, "TidalDecode: Fast and Accurate LLM Decoding with Position
@@ -48,7 +52,7 @@ from attnjax.core import dense
 from attnjax.core import sparse
 from attnjax.typing import Bool, Int, Key, Lengths, Output, Query, Value
 
-__all__ = ["tidal_select", "tidal_sparse_attention", "tidal_layer_roles", "ROLES"]
+__all__ = ["tidal_select", "tidal_sparse_attention", "tidal_layer_roles", "decode_settings", "ROLES"]
 
 ROLES = ("full", "select", "sparse")
 Indices = Int[jax.Array, "B N T k"]
@@ -101,3 +105,27 @@ def tidal_layer_roles(num_layers: int, *, selection_layer: int = 2,
   return tuple("full" if i < selection_layer
                else "select" if i in (selection_layer, reselection_layer) else "sparse"
                for i in range(num_layers))
+
+
+def decode_settings(settings, num_layers: int) -> dict:
+  """The checked `tidal_decode` settings of a `num_layers` stack: {"top_k": int >= 1,
+  "selection_layer": int (2), "reselection_layer": int or None}, defaults filled in."""
+  op = "tidal_decode"
+  if not hasattr(settings, "keys"):
+    raise ValueError(f"{op}: expected a dict with 'top_k' (and optionally 'selection_layer', "
+                     f"'reselection_layer'), got {settings!r}")
+  unknown = sorted(set(settings) - {"top_k", "selection_layer", "reselection_layer"})
+  if unknown:
+    raise ValueError(f"{op}: unknown keys {unknown}; expected 'top_k', 'selection_layer', "
+                     "'reselection_layer'")
+  top_k = settings.get("top_k")
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    raise ValueError(f"{op}: 'top_k' must be an int >= 1, got {top_k!r}")
+  out = {"top_k": top_k, "selection_layer": settings.get("selection_layer", 2),
+         "reselection_layer": settings.get("reselection_layer")}
+  try:
+    tidal_layer_roles(num_layers, selection_layer=out["selection_layer"],
+                      reselection_layer=out["reselection_layer"])
+  except ValueError as e:
+    raise ValueError(f"{op}: {e}") from None
+  return out

@@ -145,3 +145,15 @@ def test_rejects_packed_sequences_and_bad_gates():
                                 segment_ids=jnp.zeros((B, T), jnp.int32))
   with pytest.raises(ValueError, match="native_sparse_attention.*gates"):
     nsa.native_sparse_attention(q, k, v, gates=jnp.ones((B, T, N)), **kw)
+
+
+@pytest.mark.parametrize("S,l,d,l_sel", [(64, 32, 16, 64), (37, 4, 2, 4), (100, 6, 3, 9),
+                                         (50, 5, 3, 7)])
+def test_eq9_projection_equals_the_overlap_weights(S, l, d, l_sel):
+  """The shifted-sum form (d divides l and l') and the banded form (otherwise) of eq. 9 both equal
+  the dense product with the overlap weights."""
+  nc = (S - l) // d + 1
+  weights = nsa.nsa_selection_weights(nc, S, block=l, stride=d, select_block=l_sel)
+  p = np.random.default_rng(0).random((3, nc)).astype(np.float32)
+  got = nsa._onto_selection_blocks(jnp.asarray(p), weights, block=l, stride=d, select_block=l_sel)
+  np.testing.assert_allclose(np.asarray(got), p @ weights, **tolerances.output(jnp.float32))
