@@ -34,9 +34,10 @@ gathered into dense tiles (`implementation="gathered"`, `attnjax.core.block_gath
 T·n blocks), and on `flex_attention` under the selection's `BlockMask` with "xla" / "reference";
 the sliding branch runs on `flex_attention` (the `xla` path visits only the window tiles).
 Selection is a top-k: not differentiable; gradients reach φ through o_cmp. A query with no
-complete block before it gets o_cmp = 0, and its selection is the forced blocks (ties of zero scores go to lower indices). Without `causal` (an
-extension; the paper is causal) every complete block is visible and candidate, and the window is
-symmetric. Packed documents are not supported (blocks are global positions): pass separate rows.
+complete block before it gets o_cmp = 0, and its selection is the forced blocks (ties of zero
+scores go to lower indices). Without `causal` (an extension; the paper is causal) every complete
+block is visible and candidate, and the window is symmetric. Packed documents are not supported
+(blocks are global positions): pass separate rows.
 
 Shapes: `q [B,T,N,H]`, `k [B,S,K,H]`, `v [B,S,K,h]`, `gates [B,T,N,3]`; `compress_pos_k [l,K,H]`,
 `compress_w1_k [K,l·H,H]`, `compress_w2_k [K,H,H]` and the same for v with h → `[B,T,N,h]`.
