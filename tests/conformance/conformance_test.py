@@ -198,28 +198,33 @@ def _fast_path(m):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_patterns_supported_or_clear_error(mech, pattern):
+def test_unsupported_patterns_raise_a_clear_error(mech, pattern):
+  """A pattern the record does not list raises, naming the mechanism (a supported one is run and
+  checked by test_supported_patterns_run_and_implementations_agree)."""
+  if pattern in mech.patterns:
+    pytest.skip("supported: run by test_supported_patterns_run_and_implementations_agree")
   causal, cross, s = _pattern_args(pattern)
   q, k, v = _inputs(mech, s=s)
-  if pattern in mech.patterns:
-    # The program test_implementations_agree_with_reference compiles for this pattern (shared).
-    out, _ = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation=_fast_path(mech))
-    chex.assert_shape(out, (B, T, N, HV))
-    chex.assert_tree_all_finite(out)
-  else:
-    with pytest.raises(ValueError, match=mech.name):
-      _call(mech, q, k, v, causal=causal, cross=cross)
+  with pytest.raises(ValueError, match=mech.name):
+    _call(mech, q, k, v, causal=causal, cross=cross)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dtype_preserved_and_gradients_finite(mech, dtype):
+def test_dtype_preserved_gradients_finite_and_bf16_close_to_fp32(mech):
+  """fp32 and bf16 inputs: the output keeps their dtype, the gradients are finite and shaped as
+  their inputs, and the bf16 output is close to the fp32 one. The fp32 program is the one the
+  implementations check compiles (shared)."""
   causal, cross, s = _pattern_args(_some_pattern(mech))
-  q, k, v = _inputs(mech, s=s, dtype=dtype)
-  out, grads = _gradients(mech, q, k, v, causal=causal, cross=cross)
-  assert out.dtype == dtype
-  chex.assert_tree_all_finite(grads)
-  for name, x in zip(("dq", "dk", "dv"), (q, k, v), strict=True):
-    chex.assert_equal_shape([grads[name], x])
+  outs = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    q, k, v = _inputs(mech, s=s, dtype=dtype)
+    out, grads = _gradients(mech, q, k, v, causal=causal, cross=cross,
+                            implementation=_fast_path(mech))
+    assert out.dtype == dtype
+    chex.assert_tree_all_finite(grads)
+    for name, x in zip(("dq", "dk", "dv"), (q, k, v), strict=True):
+      chex.assert_equal_shape([grads[name], x])
+    outs[dtype] = _host(out).astype(np.float32)
+  assert tolerances.rel_rms(outs[jnp.bfloat16], outs[jnp.float32]) < tolerances.BF16_VS_FP32_REL_RMS
 
 
 def test_jit_equals_eager(mech):
@@ -235,8 +240,9 @@ def test_two_runs_of_a_compiled_program_are_bitwise_equal(mech):
   order-dependent reductions, no hidden randomness)."""
   causal, cross, s = _pattern_args(_some_pattern(mech))
   q, k, v = _inputs(mech, s=s)
-  first_out, first = _gradients(mech, q, k, v, causal=causal, cross=cross)
-  second_out, second = _gradients(mech, q, k, v, causal=causal, cross=cross)
+  impl = _fast_path(mech)   # the program the implementations check compiles (shared)
+  first_out, first = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation=impl)
+  second_out, second = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation=impl)
   chex.assert_trees_all_equal(second_out, first_out)
   for name in first:
     np.testing.assert_array_equal(second[name], first[name], err_msg=f"{name} differs between runs")
@@ -256,19 +262,25 @@ def test_causal_rows_ignore_future_keys(mech):
   chex.assert_trees_all_close(out2[:, :cut + 1], out[:, :cut + 1], **tolerances.output(jnp.float32))
 
 
-@pytest.mark.parametrize("pattern", ["self", "causal_self", "cross"])
-def test_implementations_agree_with_reference(mech, pattern):
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_supported_patterns_run_and_implementations_agree(mech, pattern):
+  """Each supported pattern runs (shape, finite output) and every implementation agrees with the
+  reference in the output and in each gradient (a mechanism with the reference alone is run)."""
   if pattern not in mech.patterns:
     pytest.skip(f"{pattern} unsupported")
-  others = [impl for impl in mech.implementations if impl != "reference"]
-  if not others:
-    pytest.skip("the reference is the only implementation: nothing to compare")
   causal, cross, s = _pattern_args(pattern)
   q, k, v = _inputs(mech, s=s)
+  fast = _fast_path(mech)
+  out, grads = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation=fast)
+  chex.assert_shape(out, (B, T, N, HV))
+  chex.assert_tree_all_finite(out)
+  if fast == "reference":
+    return
   ref_out, ref_grads = _gradients(mech, q, k, v, causal=causal, cross=cross,
                                   implementation="reference")
-  for impl in others:
-    out, grads = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation=impl)
+  for impl in [impl for impl in mech.implementations if impl != "reference"]:
+    if impl != fast:
+      out, grads = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation=impl)
     np.testing.assert_allclose(out, ref_out, err_msg=f"{impl}: output differs from the reference",
                                **tolerances.output(jnp.float32))
     _assert_close_by_name(grads, ref_grads, tolerances.grad(jnp.float32),
@@ -354,15 +366,6 @@ def test_packed_equals_separate(mech, causal):
     alone = _host(_call(mech, q[:, part], k[:, part], v[:, part], causal=causal))
     chex.assert_trees_all_close(packed[:, part], alone, **tolerances.output(jnp.float32))
     start += n
-
-
-def test_bf16_close_to_fp32(mech):
-  causal, cross, s = _pattern_args(_some_pattern(mech))
-  q, k, v = _inputs(mech, s=s)
-  out32 = _call(mech, q, k, v, causal=causal, cross=cross)
-  out16 = _call(mech, *(x.astype(jnp.bfloat16) for x in (q, k, v)), causal=causal, cross=cross)
-  out32, out16 = _host(out32), _host(out16).astype(np.float32)
-  assert tolerances.rel_rms(out16, out32) < tolerances.BF16_VS_FP32_REL_RMS
 
 
 def test_examples_of_a_batch_are_independent(mech):

@@ -200,7 +200,8 @@ def test_fully_masked_rows_zero_output_finite_grads():
         out, lse = flex.flex_attention(q, k, v, mask_mod=mod, normalizer=normalizer,
                                        return_residuals=True, implementation=impl)
         return jnp.sum(out ** 2) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
-      (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+      (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+          q, k, v)
       np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
       assert np.all(np.isneginf(np.asarray(lse)[empty])), (impl, normalizer)
       assert np.all(np.isfinite(np.asarray(lse)[~empty]))
@@ -216,11 +217,11 @@ def test_all_masked_gives_zeros():
   nothing = lambda b, n, q_idx, kv_idx: jnp.zeros(jnp.broadcast_shapes(q_idx.shape, kv_idx.shape), bool)
   for impl in IMPLS:
     f = lambda q: jnp.sum(flex.flex_attention(q, q, q, mask_mod=nothing, implementation=impl))
-    out, lse = flex.flex_attention(q, q, q, mask_mod=nothing, implementation=impl,
-                                   return_residuals=True)
+    out, lse = jax.jit(lambda q: flex.flex_attention(q, q, q, mask_mod=nothing, implementation=impl,
+                                                     return_residuals=True))(q)
     np.testing.assert_array_equal(out, 0.0)
     assert bool(jnp.all(jnp.isneginf(lse)))
-    np.testing.assert_array_equal(jax.grad(f)(q), 0.0)
+    np.testing.assert_array_equal(jax.jit(jax.grad(f))(q), 0.0)
 
 
 @pytest.mark.parametrize("normalizer", ["softpick", "sigmoid", "relu"])
@@ -261,9 +262,11 @@ def test_block_mask_equals_mask_mod():
   mod = masks.and_masks(masks.causal(), masks.document(jnp.asarray(consts["seg"])))
   block = bm.create_block_mask(mod, case.B, case.N, case.T, case.S, block_q=16, block_kv=8)
   for impl in IMPLS:
-    want = flex.flex_attention(q, k, v, mask_mod=mod, implementation=impl)
+    want = jax.jit(lambda q, k, v: flex.flex_attention(q, k, v, mask_mod=mod, implementation=impl))(
+        q, k, v)
     for kwargs in (dict(block_mask=block), dict(block_mask=block, mask_mod=mod)):
-      got = flex.flex_attention(q, k, v, implementation=impl, **kwargs)
+      got = jax.jit(lambda q, k, v, kwargs=kwargs: flex.flex_attention(
+          q, k, v, implementation=impl, **kwargs))(q, k, v)
       chex.assert_trees_all_close(got, want, **tolerances.output(jnp.float32))
   with pytest.raises(ValueError, match="block_mask"):
     flex.flex_attention(q[:, :20], k, v, block_mask=block)

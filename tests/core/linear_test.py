@@ -12,6 +12,10 @@ from attnjax.core import linear
 from tests import tolerances
 
 IMPLS = ("xla", "parallel")
+# Compiled, with its flags static: eager dispatch would compile every primitive separately (the file
+# is compile-bound).
+gla = jax.jit(aj.gated_linear_attention, static_argnames=(
+    "normalize", "causal", "scale", "return_final_state", "chunk_size", "implementation"))
 
 
 def _inputs(B=2, T=37, N=4, K=2, F=8, h=6, seed=0, positive=True):
@@ -50,8 +54,8 @@ def test_forms_agree_with_recurrence(impl, decay, normalize, packed):
   s0 = jnp.abs(jax.random.normal(jax.random.PRNGKey(3), (B, N, F, h + normalize)))
   kw = dict(log_decay=decays[decay], normalize=normalize, segment_ids=seg, initial_state=s0,
             return_final_state=True, chunk_size=8)
-  out, state = aj.gated_linear_attention(q, k, v, implementation=impl, **kw)
-  ref_out, ref_state = aj.gated_linear_attention(q, k, v, implementation="reference", **kw)
+  out, state = gla(q, k, v, implementation=impl, **kw)
+  ref_out, ref_state = gla(q, k, v, implementation="reference", **kw)
   _assert_rel(out, ref_out, tolerances.REL_RMS[jnp.float32])
   _assert_rel(state, ref_state, tolerances.REL_RMS[jnp.float32])
 
@@ -65,7 +69,7 @@ def test_gradients_agree_with_recurrence(impl, decay):
   g0 = decays[decay]
 
   def loss(impl, q, k, v, g, s0):
-    out, state = aj.gated_linear_attention(q, k, v, log_decay=g, initial_state=s0,
+    out, state = gla(q, k, v, log_decay=g, initial_state=s0,
                                            return_final_state=True, chunk_size=8,
                                            segment_ids=_seg(B, T), implementation=impl)
     return jnp.sum(out * jnp.sin(out)) + jnp.sum(state ** 2)
@@ -81,8 +85,8 @@ def test_gradients_agree_with_recurrence(impl, decay):
 def test_chunked_equals_recurrent_long_and_ragged(T):
   q, k, v, decays = _inputs(B=1, T=T, N=2, K=1, F=16, h=16)
   for g in (None, decays["scalar"] * 0.05):
-    out = aj.gated_linear_attention(q, k, v, log_decay=g, normalize=True, implementation="xla")
-    ref = aj.gated_linear_attention(q, k, v, log_decay=g, normalize=True,
+    out = gla(q, k, v, log_decay=g, normalize=True, implementation="xla")
+    ref = gla(q, k, v, log_decay=g, normalize=True,
                                     implementation="reference")
     _assert_rel(out, ref, tolerances.REL_RMS[jnp.float32])
 
@@ -91,9 +95,9 @@ def test_prefill_then_steps_equal_full():
   q, k, v, decays = _inputs()
   g = decays["per_dim"]
   B, T, N, F = q.shape
-  full = aj.gated_linear_attention(q, k, v, log_decay=g, normalize=True)
+  full = gla(q, k, v, log_decay=g, normalize=True)
   prefill = 20
-  out, state = aj.gated_linear_attention(q[:, :prefill], k[:, :prefill], v[:, :prefill],
+  out, state = gla(q[:, :prefill], k[:, :prefill], v[:, :prefill],
                                          log_decay=g[:, :prefill], normalize=True,
                                          return_final_state=True)
   chex.assert_trees_all_close(out, full[:, :prefill], **tolerances.output(jnp.float32))
@@ -107,9 +111,9 @@ def test_packed_equals_separate():
   q, k, v, decays = _inputs(B=1, T=30)
   g = decays["scalar"]
   seg = jnp.asarray([[0] * 12 + [1] * 18])
-  packed = aj.gated_linear_attention(q, k, v, log_decay=g, segment_ids=seg, chunk_size=8)
+  packed = gla(q, k, v, log_decay=g, segment_ids=seg, chunk_size=8)
   for part in (slice(0, 12), slice(12, 30)):
-    alone = aj.gated_linear_attention(q[:, part], k[:, part], v[:, part], log_decay=g[:, part],
+    alone = gla(q[:, part], k[:, part], v[:, part], log_decay=g[:, part],
                                       chunk_size=8)
     chex.assert_trees_all_close(packed[:, part], alone, **tolerances.output(jnp.float32))
 
@@ -122,9 +126,9 @@ def test_padding_leaves_state_unchanged(impl):
   # Garbage (inf) in the padded slots must not reach the state or the outputs.
   k_bad = k.at[0, 17:].set(jnp.inf)
   g_bad = g.at[0, 17:].set(-50.0)
-  _, state = aj.gated_linear_attention(q, k_bad, v, log_decay=g_bad, kv_lengths=lengths,
+  _, state = gla(q, k_bad, v, log_decay=g_bad, kv_lengths=lengths,
                                        return_final_state=True, implementation=impl)
-  _, state_short = aj.gated_linear_attention(q[:1, :17], k[:1, :17], v[:1, :17],
+  _, state_short = gla(q[:1, :17], k[:1, :17], v[:1, :17],
                                              log_decay=g[:1, :17], return_final_state=True)
   chex.assert_trees_all_close(state[0], state_short[0], **tolerances.output(jnp.float32))
 
@@ -135,7 +139,7 @@ def test_noncausal_is_q_times_kv_per_document(impl, packed):
   q, k, v, _ = _inputs(T=21)
   B, T = q.shape[:2]
   seg = _seg(B, T) if packed else None
-  out = aj.gated_linear_attention(q, k, v, causal=False, normalize=True, segment_ids=seg,
+  out = gla(q, k, v, causal=False, normalize=True, segment_ids=seg,
                                   implementation=impl, chunk_size=4)
   # Explicit: weights q_t·k_s over the document, normalized by their sum.
   kr, vr = (jnp.repeat(x, 2, axis=2) for x in (k, v))
@@ -149,13 +153,13 @@ def test_noncausal_is_q_times_kv_per_document(impl, packed):
 def test_cross_attention_noncausal():
   q, _, _, _ = _inputs(T=5)
   _, k, v, _ = _inputs(T=9, seed=1)
-  out = aj.gated_linear_attention(q, k, v, causal=False)
+  out = gla(q, k, v, causal=False)
   chex.assert_shape(out, (2, 5, 4, 6))
 
 
 def test_fully_padded_row_gives_zeros_not_nan():
   q, k, v, _ = _inputs(T=8)
-  f = lambda q, k, v: aj.gated_linear_attention(q, k, v, normalize=True,
+  f = lambda q, k, v: gla(q, k, v, normalize=True,
                                                 kv_lengths=jnp.array([0, 8]))
   out = f(q, k, v)
   assert bool(jnp.all(out[0] == 0))
@@ -164,8 +168,8 @@ def test_fully_padded_row_gives_zeros_not_nan():
 
 def test_bf16_close_to_fp32():
   q, k, v, decays = _inputs(T=50)
-  out32 = aj.gated_linear_attention(q, k, v, log_decay=decays["scalar"], normalize=True)
-  out16 = aj.gated_linear_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)),
+  out32 = gla(q, k, v, log_decay=decays["scalar"], normalize=True)
+  out16 = gla(*(x.astype(jnp.bfloat16) for x in (q, k, v)),
                                     log_decay=decays["scalar"], normalize=True)
   assert out16.dtype == jnp.bfloat16
   assert tolerances.rel_rms(out16, out32) < tolerances.BF16_VS_FP32_REL_RMS
@@ -173,8 +177,8 @@ def test_bf16_close_to_fp32():
 
 def test_gqa_equals_repeated_heads():
   q, k, v, _ = _inputs()
-  out = aj.gated_linear_attention(q, k, v)
-  rep = aj.gated_linear_attention(q, jnp.repeat(k, 2, 2), jnp.repeat(v, 2, 2))
+  out = gla(q, k, v)
+  rep = gla(q, jnp.repeat(k, 2, 2), jnp.repeat(v, 2, 2))
   chex.assert_trees_all_close(out, rep, **tolerances.output(jnp.float32))
 
 
@@ -182,7 +186,7 @@ def test_memory_of_chunked_backward_is_linear_in_length():
   def temp_bytes(T):
     q = jnp.zeros((1, T, 2, 16))
     v = jnp.zeros((1, T, 2, 16))
-    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(aj.gated_linear_attention(
+    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(gla(
         q, k, v, implementation="xla", chunk_size=32)), argnums=(0, 1, 2)))
     return f.lower(q, q, v).compile().memory_analysis().temp_size_in_bytes
   small, large = temp_bytes(1024), temp_bytes(8192)
@@ -199,12 +203,12 @@ def test_memory_of_chunked_backward_is_linear_in_length():
 def test_bad_input_names_the_argument(bad, match):
   q, k, v, _ = _inputs(T=5)
   with pytest.raises(ValueError, match=match):
-    aj.gated_linear_attention(q, k, v, **bad)
+    gla(q, k, v, **bad)
 
 
 def test_bad_shapes():
   q, k, v, _ = _inputs(T=5)
   with pytest.raises(ValueError, match="k must have shape"):
-    aj.gated_linear_attention(q, k[..., :3], v)
+    gla(q, k[..., :3], v)
   with pytest.raises(ValueError, match="causal attention needs T == S"):
-    aj.gated_linear_attention(q, k[:, :3], v[:, :3])
+    gla(q, k[:, :3], v[:, :3])

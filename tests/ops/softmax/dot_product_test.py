@@ -1,6 +1,8 @@
 """dot_product_attention: parity with `jax.nn.dot_product_attention`, a float64 dense reference over
 random shapes (hypothesis), and clear errors for every bad input."""
 
+import functools
+
 import beartype
 import chex
 import hypothesis
@@ -89,10 +91,12 @@ def test_parity_with_jax_nn(name, impl):
   rng = np.random.default_rng(0)
   q, k, v = _qkv(rng)
   ours_kw, theirs_kw = PARITY[name]
-  ours = lambda q, k, v: dpa(q, k, v, implementation=impl, **ours_kw)
-  theirs = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla", **theirs_kw)
+  # Compiled (eager dispatch would compile every primitive separately).
+  ours = jax.jit(lambda q, k, v: dpa(q, k, v, implementation=impl, **ours_kw))
+  theirs = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla",
+                                                                **theirs_kw))
   chex.assert_trees_all_close(ours(q, k, v), theirs(q, k, v), **tolerances.output(jnp.float32))
-  loss = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))(q, k, v)
   chex.assert_trees_all_close(loss(ours), loss(theirs), **tolerances.grad(jnp.float32))
 
 
@@ -103,11 +107,13 @@ def test_parity_bias_and_mask(impl):
   mask = jnp.asarray(rng.random((2, 1, 9, 14)) > 0.3).at[..., 0].set(True)   # no empty row
   for bias_shape in [(2, 6, 9, 14), (1, 6, 1, 14)]:
     bias = _rand(rng, *bias_shape)
-    ours = lambda q, k, v, bias: dpa(q, k, v, bias=bias, mask=mask, implementation=impl)
-    theirs = lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+    ours = jax.jit(lambda q, k, v, bias: dpa(q, k, v, bias=bias, mask=mask, implementation=impl))
+    theirs = jax.jit(lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias,
+                                                                        mask=mask))
     chex.assert_trees_all_close(ours(q, k, v, bias), theirs(q, k, v, bias),
                                 **tolerances.output(jnp.float32))
-    grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3)))(
+        q, k, v, bias)
     chex.assert_trees_all_close(grad(ours), grad(theirs), **tolerances.grad(jnp.float32))
 
 
@@ -116,14 +122,14 @@ def test_parity_gqa_mqa(impl):
   rng = np.random.default_rng(2)
   for K in (1, 2, 8):
     q, k, v = _qkv(rng, T=10, S=13, N=8, K=K, H=4, h=6)
-    ours = dpa(q, k, v, causal=True, implementation=impl)
+    ours = jax.jit(functools.partial(dpa, causal=True, implementation=impl))(q, k, v)
     chex.assert_shape(ours, (2, 10, 8, 6))
     # jax.nn needs equal head dims; compare with repeated heads and our contract's reference.
     want, _ = numpy_attention(q, k, v, causal=True)
     chex.assert_trees_all_close(ours, want, **tolerances.output(jnp.float32))
     q2, k2, v2 = _qkv(rng, T=10, S=13, N=8, K=K, H=4)
-    chex.assert_trees_all_close(dpa(q2, k2, v2, implementation=impl),
-                                jax.nn.dot_product_attention(q2, k2, v2),
+    chex.assert_trees_all_close(jax.jit(functools.partial(dpa, implementation=impl))(q2, k2, v2),
+                                jax.jit(jax.nn.dot_product_attention)(q2, k2, v2),
                                 **tolerances.output(jnp.float32))
 
 
@@ -132,9 +138,9 @@ def test_parity_sequence_lengths(impl):
   rng = np.random.default_rng(3)
   q, k, v = _qkv(rng, B=3, T=12, S=15)
   q_len, kv_len = jnp.asarray([12, 5, 1], jnp.int32), jnp.asarray([15, 3, 9], jnp.int32)
-  ours = dpa(q, k, v, q_lengths=q_len, kv_lengths=kv_len, implementation=impl)
-  theirs = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=q_len,
-                                        key_value_seq_lengths=kv_len)
+  ours = inputs.jit_with(dpa, implementation=impl)(q, k, v, q_lengths=q_len, kv_lengths=kv_len)
+  theirs = jax.jit(jax.nn.dot_product_attention)(q, k, v, query_seq_lengths=q_len,
+                                                 key_value_seq_lengths=kv_len)
   # Rows jax.nn leaves masked differ.
   valid = np.arange(12)[None, :] < np.asarray(q_len)[:, None]
   chex.assert_trees_all_close(np.asarray(ours)[valid], np.asarray(theirs)[valid],
@@ -147,15 +153,17 @@ def test_segment_ids_softcap_and_offset(impl):
   rng = np.random.default_rng(4)
   q, k, v = _qkv(rng, B=2, T=16, S=16)
   seg = jnp.asarray(np.sort(rng.integers(0, 3, (2, 16)), axis=1), jnp.int32)
-  got = dpa(q, k, v, segment_ids=seg, causal=True, softcap=0.5, implementation=impl)
+  capped = inputs.jit_with(dpa, causal=True, softcap=0.5, implementation=impl)
+  got = capped(q, k, v, segment_ids=seg)
   want, _ = numpy_attention(q, k, v, segment_ids=seg, causal=True, softcap=0.5)
   chex.assert_trees_all_close(got, want, **tolerances.output(jnp.float32))
   # Cross-attention segment pair equals the single array when T == S.
-  pair = dpa(q, k, v, segment_ids=(seg, seg), causal=True, softcap=0.5, implementation=impl)
+  pair = capped(q, k, v, segment_ids=(seg, seg))
   chex.assert_trees_all_close(pair, got, **tolerances.output(jnp.float32))
   # q_offset: the last 4 queries of a 16-token causal run.
-  tail = dpa(q[:, 12:], k, v, causal=True, q_offset=12, implementation=impl)
-  full = dpa(q, k, v, causal=True, implementation=impl)
+  causal = inputs.jit_with(dpa, causal=True, implementation=impl)
+  tail = causal(q[:, 12:], k, v, q_offset=12)
+  full = causal(q, k, v)
   chex.assert_trees_all_close(tail, full[:, 12:], **tolerances.output(jnp.float32))
 
 
@@ -253,7 +261,11 @@ def _materialize(shape, kw, seed):
 def test_property_valid_inputs_match_dense_reference(config):
   shape, kw, impl, seed = config
   q, k, v, kw = _materialize(shape, kw, seed)
-  got = dpa(q, k, v, implementation=impl, **kw)
+  # One compiled program per example (eager dispatch would compile every primitive at these shapes).
+  arrays = {key: x for key, x in kw.items() if isinstance(x, jax.Array)}
+  static = {key: x for key, x in kw.items() if key not in arrays}
+  got = jax.jit(lambda q, k, v, arrays: dpa(q, k, v, implementation=impl, **static, **arrays))(
+      q, k, v, arrays)
   want, rows = numpy_attention(q, k, v, **kw)
   B, T, S, N, K, H, h = shape
   chex.assert_shape(got, (B, T, N, h))
