@@ -33,7 +33,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from attnjax.typing import MaskMod
+from attnjax.typing import Bool, Int, Key, MaskMod, Output, Query, Value
+
+# Each query head's (or each query's, broadcast over heads) listed key blocks and their validity.
+BlockLists = Int[jax.Array, "B Nm T m"]
+ListValid = Bool[jax.Array, "B Nm T m"]
 
 __all__ = ["attend_block_lists", "block_lists", "tile_rows"]
 
@@ -61,8 +65,9 @@ def tile_rows(pairs: int, S: int, block_size: int) -> int:
   return 8
 
 
-def attend_block_lists(q, k, v, blocks, valid, *, block_size: int, mask_mod: Optional[MaskMod] = None,
-                       scale: Optional[float] = None, tile_q: int = 256):
+def attend_block_lists(q: Query, k: Key, v: Value, blocks: BlockLists, valid: ListValid, *,
+                       block_size: int, mask_mod: Optional[MaskMod] = None,
+                       scale: Optional[float] = None, tile_q: int = 256) -> Output:
   """Softmax attention of each query head over the keys of its listed blocks (module docstring),
   restricted to the pairs `mask_mod(b, n, q_idx, kv_idx)` keeps."""
   B, T, N, H = q.shape

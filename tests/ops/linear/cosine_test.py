@@ -35,21 +35,20 @@ def test_cottention_recurrent_decode_with_per_row_offsets_and_padding():
   """Rows at different positions decode together; the `n_t^σ` count comes from each row's
   q_offset, and new tokens past kv_lengths leave the state alone."""
   q, k, v = qkv(T=12)
-  full = lin.cosine_linear_attention(q, k, v, causal=True)
+  # Compiled (eager dispatch compiles every primitive separately); flags static, arrays traced.
+  attend = jax.jit(lin.cosine_linear_attention, static_argnames=("causal", "return_final_state"))
+  full = attend(q, k, v, causal=True)
   # Row 0 has consumed 5 tokens, row 1 has consumed 8; each then reads its next 3.
   starts = (5, 8)
-  _, s0 = lin.cosine_linear_attention(q[:1, :5], k[:1, :5], v[:1, :5], causal=True,
-                                     return_final_state=True)
-  _, s1 = lin.cosine_linear_attention(q[1:, :8], k[1:, :8], v[1:, :8], causal=True,
-                                     return_final_state=True)
+  _, s0 = attend(q[:1, :5], k[:1, :5], v[:1, :5], causal=True, return_final_state=True)
+  _, s1 = attend(q[1:, :8], k[1:, :8], v[1:, :8], causal=True, return_final_state=True)
   take = lambda x: jnp.stack([x[0, 5:8], x[1, 8:11]])
-  out, state = lin.cosine_linear_attention(
+  out, state = attend(
       take(q), take(k), take(v), causal=True, q_offset=jnp.array(starts),
       initial_state=jnp.concatenate([s0, s1]), return_final_state=True,
       kv_lengths=jnp.array([3, 2]))
   assert_rel(out[0], full[0, 5:8])
   assert_rel(out[1, :2], full[1, 8:10])
   # Row 1's third token was padding: its state is the state after token 9.
-  _, after = lin.cosine_linear_attention(q[1:, :10], k[1:, :10], v[1:, :10], causal=True,
-                                        return_final_state=True)
+  _, after = attend(q[1:, :10], k[1:, :10], v[1:, :10], causal=True, return_final_state=True)
   assert_rel(state[1:], after)
