@@ -28,6 +28,19 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip)
+  _group_by_mechanism(items)
+
+
+def _group_by_mechanism(items):
+  """Runs each mechanism's conformance checks one after another (in place of pytest's order, test
+  function by test function), so they land on one xdist worker (`worksteal` hands out contiguous
+  runs) and share the programs that worker compiled for that mechanism (the suite is compile-bound).
+  Other tests keep their places."""
+  slots = [i for i, item in enumerate(items)
+           if "mech" in getattr(getattr(item, "callspec", None), "params", {})]
+  ordered = sorted((items[i] for i in slots), key=lambda item: item.callspec.params["mech"])
+  for i, item in zip(slots, ordered, strict=True):
+    items[i] = item
 
 
 # Half the kernel's default per-process limit on memory mappings (`vm.max_map_count`, 65530).
