@@ -13,6 +13,10 @@ Implementations:
              `BlockMask` and skipping the elementwise mask on full tiles; a custom VJP recomputes the
              scores tile by tile instead of storing them, so memory is linear in sequence length
              (`flex_xla.py`).
+  pallas_triton  the same algorithm as Pallas kernels lowered through Triton (forward; dq and dk/dv
+             backward), listed for GPUs only; named on a CPU it runs in Pallas' interpret mode
+             (`kernels/flex_triton.py`). Mods it cannot compile raise NotImplementedError, so
+             automatic dispatch falls back to `xla`.
 
 Paper: Dong et al., "Flex Attention: A Programming Model for Generating Optimized Attention Kernels",
 arXiv:2412.05496; the tiling is FlashAttention-2 (Dao, arXiv:2307.08691).
@@ -30,6 +34,7 @@ from attnjax.core import checks
 from attnjax.core import flex_xla
 from attnjax.core import implementations
 from attnjax.core.normalizers import Normalizer, get_normalizer
+from attnjax.kernels import flex_triton
 from attnjax.typing import Key, LogSumExp, MaskMod, Output, Query, ScoreMod, Value
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,7 +59,7 @@ def flex_attention(q: Query, k: Key, v: Value, *, score_mod: Optional[ScoreMod] 
     normalizer: "softmax" or another registered `Normalizer` (see `normalizers`).
     scale: multiplies q·k; defaults to `H ** -0.5`.
     return_residuals: also return `lse: [B, T, N]` (float32).
-    implementation: "reference", "xla", or None for the best available.
+    implementation: "pallas_triton", "xla", "reference", or None for the best available.
 
   Returns:
     `[B, T, N, h]` in q's dtype, and `lse` when `return_residuals`.
@@ -160,6 +165,7 @@ default_block_size = flex_xla.default_block_size
 
 
 _IMPLEMENTATIONS = (
+    ("pallas_triton", flex_triton.flex_triton_attention, ("gpu",)),
     ("xla", flex_xla.xla_flex_attention, ()),
     ("reference", _reference, ()),
 )

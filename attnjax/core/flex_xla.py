@@ -19,6 +19,7 @@ import numpy as np
 
 from attnjax.core import block_mask as bm
 from attnjax.core import implementations
+from attnjax.core.closures import closure_convert_all
 from attnjax.core.normalizers import Normalizer
 
 __all__ = ["DEFAULT_BLOCK", "default_block_size", "head_index", "xla_flex_attention"]
@@ -277,11 +278,11 @@ def xla_flex_attention(q, k, v, *, score_mod, mask_mod, block_mask, normalizer, 
   score_fn, score_consts, mask_fn, mask_consts = None, (), None, ()
   if score_mod is not None:
     ex_s = jax.ShapeDtypeStruct((Bk, K, G, bq, bk), jnp.float32)
-    score_fn, score_consts = _closure_convert(
+    score_fn, score_consts = closure_convert_all(
         lambda s, b, n, qi, ki: score_mod(s, b, n, qi, ki).astype(jnp.float32),
         ex_s, ex_b, ex_n, ex_q, ex_k)
   if mask_mod is not None:
-    mask_fn, mask_consts = _closure_convert(
+    mask_fn, mask_consts = closure_convert_all(
         lambda b, n, qi, ki: jnp.broadcast_to(mask_mod(b, n, qi, ki), (Bk, K, G, bq, bk)),
         ex_b, ex_n, ex_q, ex_k)
   cfg = _Config(score_fn, mask_fn, normalizer, float(scale), S, bq, bk)
@@ -298,23 +299,6 @@ def xla_flex_attention(q, k, v, *, score_mod, mask_mod, block_mask, normalizer, 
   out = out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, hv)[:, :T].astype(q.dtype)
   lse = lse.transpose(0, 3, 1, 2).reshape(B, Tp, N)[:, :T]
   return out, lse
-
-
-def _closure_convert(fn, *example_args):
-  """Hoists every array `fn` closes over into explicit trailing arguments: returns
-  `(converted(*args, *consts), consts)`.
-
-  Unlike `jax.closure_convert`, which hoists only values that may carry a tangent, this hoists all of
-  them (integer segment ids, tracers of an enclosing `vmap`): the custom VJP's backward pass is traced
-  after the enclosing transformation has returned, so nothing traced may stay in a closure.
-  """
-  closed = jax.make_jaxpr(fn)(*example_args)
-  num_args = len(example_args)
-
-  def converted(*args):
-    return jax.core.eval_jaxpr(closed.jaxpr, args[num_args:], *args[:num_args])[0]
-
-  return converted, tuple(closed.consts)
 
 
 def _is_float(x) -> bool:

@@ -96,7 +96,8 @@ def decode_attention(q: Query, cache: KVCache, *, num_splits: Optional[int] = No
       `DEFAULT_SPLIT_SIZE` keys). The last chunk may be shorter.
     scale: defaults to `H ** -0.5`.
     causal: mask keys after each query's position (False: every filled key is visible).
-    implementation: flex_attention implementation for the chunks.
+    implementation: flex_attention implementation for the chunks, or `"pallas_triton"` for the
+      split-K decode kernel (see `split_k_attention`).
 
   Returns:
     `[B, T, N, h]` in q's dtype, equal to full attention over the filled prefix.
@@ -140,7 +141,10 @@ def split_k_attention(q: Query, k: Key, v: Value, *, split_size: int, q_offset=0
     causal: hide keys after the query's absolute position.
     extra_mask: a mask_mod in global key positions, and-ed with the causal / length masks.
     scale: defaults to `H ** -0.5`.
-    implementation: flex_attention implementation for the chunks.
+    implementation: flex_attention implementation for the chunks; `"pallas_triton"` without an
+      `extra_mask` runs the whole split-K in one Pallas kernel (`attnjax.kernels.decode_triton`,
+      interpret mode on a CPU), whose chunks are rounded to whole key tiles (the merge is exact, so
+      only rounding differs).
 
   Returns:
     `[B, T, N, h]` in q's dtype.
@@ -149,6 +153,12 @@ def split_k_attention(q: Query, k: Key, v: Value, *, split_size: int, q_offset=0
   if split_size < 1:
     raise ValueError(f"split_k_attention: `split_size` must be >= 1, got {split_size}")
   splits = -(-S // split_size)
+  if implementation == "pallas_triton" and extra_mask is None:
+    # Imported here: the core package does not load Pallas unless a kernel is asked for.
+    from attnjax.kernels import decode_triton  # pylint: disable=import-outside-toplevel
+    return decode_triton.decode_attention(q, k, v, kv_lengths=kv_lengths, q_offset=q_offset,
+                                          causal=causal, scale=scale, num_splits=splits,
+                                          implementation=implementation)
   pad = splits * split_size - S
   chunked = lambda x: jnp.moveaxis(
       jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, splits, split_size, K, -1), 1, 0)

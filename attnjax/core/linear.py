@@ -9,6 +9,9 @@ is None (G = 1), one value per head and step `[B,T,N]` (RetNet / Lightning / Mam
 key dimension `[B,T,N,F]` (GLA style), given in log space so long products stay stable.
 
 Forms (`implementation=`), all equal up to float rounding:
+  "pallas_triton"  the chunked form as Pallas kernels lowered through Triton (`kernels/gla_triton.py`:
+              one program per head and value tile walks the chunks carrying the state, custom VJP with
+              a reverse-walk kernel); listed for "gpu" only, interpret mode when named on a CPU.
   "xla"       chunked (Lightning Attention-2 tiling, arXiv:2401.04658): within a chunk of C steps the
               quadratic form with the decay mask, across chunks the state recurrence
               `S_c = A_c ⊙ S_{c-1} + U_c` run as an associative scan. Every intermediate is O(T·C) or
@@ -16,7 +19,7 @@ Forms (`implementation=`), all equal up to float rounding:
   "parallel"  the quadratic form `o = ((Q Kᵀ) ⊙ D) V` with `D_ts = exp(Λ_t - Λ_s)` for s ≤ t
               (short sequences).
   "reference" a `lax.scan` over steps, float32, the definition above.
-The forms are in `linear_forms.py`. `gated_linear_attention_step` advances a state by one token
+The XLA forms are in `linear_forms.py`. `gated_linear_attention_step` advances a state by one token
 (decoding).
 
 Non-causal form (encoders, cross-attention): `o = Q (Kᵀ V)` (and `/ (Q Σ_s k_s)`), no decay.
@@ -39,6 +42,7 @@ import jax.numpy as jnp
 from attnjax.core import contract
 from attnjax.core import implementations
 from attnjax.core import linear_forms
+from attnjax.kernels import gla_triton
 from attnjax.typing import (Key, Output, Query, State, TokenKey, TokenOutput, TokenQuery, TokenValue,
                             Value)
 
@@ -100,7 +104,8 @@ def _to_heads(x, N):
 
 
 def _causal_impls(chunk_size):
-  return (("xla", functools.partial(linear_forms.chunked, chunk_size=chunk_size), ()),
+  return (("pallas_triton", functools.partial(gla_triton.chunked, chunk_size=chunk_size), ("gpu",)),
+          ("xla", functools.partial(linear_forms.chunked, chunk_size=chunk_size), ()),
           ("parallel", linear_forms.parallel, ()),
           ("reference", linear_forms.recurrent, ()))
 
@@ -147,7 +152,8 @@ def gated_linear_attention(q: Query, k: Key, v: Value, *, log_decay=None, normal
     segment_ids: `[B,T]` packed documents; the state resets where the id changes.
     kv_lengths: `[B]`; steps at or past the length leave the state unchanged.
     chunk_size: C of the chunked form.
-    implementation: "xla", "parallel" or "reference" (None: the first that serves the input).
+    implementation: "pallas_triton" (causal only), "xla", "parallel" or "reference" (None: the first
+      that serves the input on this platform).
 
   Returns:
     `[B,T,N,h]` in q's dtype, and with `return_final_state` the float32 state `[B,N,F,h(+1)]`.
@@ -182,6 +188,9 @@ def gated_linear_attention(q: Query, k: Key, v: Value, *, log_decay=None, normal
     o, S_T = implementations.dispatch("gated_linear_attention", _causal_impls(chunk_size),
                                       implementation, qh, kh, vh, g, run, state0)
   else:
+    if implementation == "pallas_triton":
+      raise NotImplementedError("gated_linear_attention: the pallas_triton kernel is the causal "
+                                "recurrence; the non-causal form is 'xla', 'parallel' or 'reference'")
     if implementation not in (None, "xla", "parallel", "reference"):
       raise ValueError(f"gated_linear_attention: unknown implementation {implementation!r}")
     o = _noncausal(qh, kh, vh, run, run, implementation=implementation, chunk_size=chunk_size)
