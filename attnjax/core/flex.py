@@ -28,6 +28,7 @@ from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
+from jax.interpreters import ad
 
 from attnjax.core import block_mask as bm
 from attnjax.core import checks
@@ -87,10 +88,25 @@ def flex_attention(q: Query, k: Key, v: Value, *, score_mod: Optional[ScoreMod] 
     mask_mod = block_mask.mask_mod
   if scale is None:
     scale = H ** -0.5
+  implementation = _forward_mode_implementation(implementation, q, k, v)
   out, lse = implementations.dispatch(
       "flex_attention", _IMPLEMENTATIONS, implementation, q, k, v, score_mod=score_mod,
       mask_mod=mask_mod, block_mask=block_mask, normalizer=normalizer, scale=scale)
   return (out, lse) if return_residuals else out
+
+
+def _forward_mode_implementation(implementation, *arrays):
+  """The implementation to use when `arrays` may be under forward-mode autodiff (`jax.jvp`,
+  `jax.jacfwd`): the tiled implementations define a custom VJP (reverse mode only), so automatic
+  dispatch takes the dense `reference` there, and a named tiled one is a clear error."""
+  if not any(isinstance(x, ad.JVPTracer) for x in arrays):
+    return implementation
+  if implementation in (None, "reference"):
+    return "reference"
+  raise ValueError(
+      f"flex_attention: implementation={implementation!r} differentiates in reverse mode only (a "
+      "custom VJP); for forward-mode autodiff (jax.jvp, jax.jacfwd) use implementation='reference' "
+      "or None, which picks it")
 
 
 def attention_weights(q, k, *, score_mod=None, mask_mod=None, normalizer="softmax", scale=None):

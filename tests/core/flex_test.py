@@ -382,3 +382,19 @@ def test_bad_shapes_raise(bad, match):
   args = [jnp.ones(shapes[n]) for n in ("q", "k", "v")]
   with pytest.raises(ValueError, match=match):
     flex.flex_attention(*args)
+
+
+def test_forward_mode_autodiff_takes_the_reference_or_names_it():
+  """jax.jvp / jacfwd: automatic dispatch takes the dense reference (the tiled paths have a custom
+  VJP, reverse mode only) and gives its tangents; a named tiled implementation says what to use."""
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 9, 2, 4)) for i in range(3))
+  tangent = jax.random.normal(jax.random.PRNGKey(7), q.shape)
+  run = lambda impl: (lambda q: flex.flex_attention(q, k, v, mask_mod=masks.causal(),
+                                                    implementation=impl))
+  auto = jax.jit(lambda q, t: jax.jvp(run(None), (q,), (t,)))(q, tangent)
+  # Central differences of the reference: the tangent is the directional derivative.
+  eps = 1e-3
+  numeric = (run("reference")(q + eps * tangent) - run("reference")(q - eps * tangent)) / (2 * eps)
+  np.testing.assert_allclose(auto[1], numeric, **tolerances.CENTRAL_DIFFERENCE_FP32)
+  with pytest.raises(ValueError, match="implementation='reference'"):
+    jax.jvp(run("xla"), (q,), (tangent,))
