@@ -25,7 +25,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]} (flags are --name=value)", "error")
   results = harness.run_benchmark(_CONFIG.value, _WORKDIR.value)
-  print(report.markdown(results))
+  print(report.markdown(results, tflops=_CONFIG.value.get("report_tflops", False)))
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def cases_from_config(config) -> list[Case]:
   have_torch = peers_lib.torch_available()
   keep = lambda peer: peer not in peers_lib.TORCH_PEERS or have_torch
   max_t = dict(config.get("peer_max_T") or {})
-  common = dict(B=config.B, N=config.N, H=config.H, dtype=config.dtype, seed=config.seed)
+  common = dict(B=config.B, N=config.N, H=config.H, K=config.get("K"), dtype=config.dtype,
+                seed=config.seed)
   mech_kwargs = dict(config.get("mechanism_kwargs") or {})
   kw = lambda peer: tuple(sorted((name, tuple(x) if isinstance(x, list) else x)
                                  for name, x in dict(mech_kwargs.get(peer) or {}).items()))
@@ -197,9 +198,11 @@ def cases_from_config(config) -> list[Case]:
                        max_T=max_t.get(peer), kwargs=kw(peer), **common)
                   for peer in config.peers if keep(peer)]
   for extra in config.get("extra_cases", ()):
+    # An extra case may set its own shape (B, N, H, K), e.g. a grid at a fixed number of tokens.
+    shape = {**common, **{f: extra[f] for f in ("B", "N", "H", "K") if f in extra}}
     cases += [Case(peer, extra.mask, extra.T, extra.mode, warmup=extra.get("warmup", config.warmup),
                    repeats=extra.get("repeats", config.repeats), max_T=max_t.get(peer),
-                   kwargs=kw(peer), **common)
+                   kwargs=kw(peer), **shape)
               for peer in extra.peers if keep(peer)]
   return cases
 
@@ -229,7 +232,8 @@ def run_benchmark(config, workdir: str, *, log: Callable[[str], None] = print) -
   max_case_seconds (None: no cap), peer_max_T ({peer: T}: larger T is compiled and its memory
   analysed but not run), memory_fraction, memory_budget_gb (None: from RAM), block_size
   (None: attnjax's default tiles on this platform, else `(block_q, block_kv)` for the xla path),
-  extra_cases (list of {peer list `peers`, mask, T, mode, optional warmup/repeats}).
+  extra_cases (list of {peer list `peers`, mask, T, mode, optional warmup/repeats and shape B, N, H,
+  K}), K (key/value heads, None: N), report_tflops (add a TFLOP/s table to results.md).
   """
   os.makedirs(workdir, exist_ok=True)
   block_size = config.get("block_size")
@@ -251,7 +255,8 @@ def run_benchmark(config, workdir: str, *, log: Callable[[str], None] = print) -
     log(f"[{len(done)}/{len(cases)}] {c.mode:7s} {c.mask:12s} T={c.T:<6d} {c.peer:10s} "
         f"{result.status}: {figure}{memory}")
     report.write_csv(done, os.path.join(workdir, "results.csv"))
-    report.write_markdown(done, os.path.join(workdir, "results.md"), env=env)
+    report.write_markdown(done, os.path.join(workdir, "results.md"), env=env,
+                          tflops=config.get("report_tflops", False))
 
   try:
     results = run_cases(

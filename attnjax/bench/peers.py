@@ -4,6 +4,11 @@ Peers:
   xla, reference  attnjax `flex_attention` with that implementation.
   jax_nn          `jax.nn.dot_product_attention(implementation="xla")` (is_causal,
                   local_window_size, or a dense boolean mask for documents).
+  GPU peers (reported as skipped, with the reason, where the default backend is not a GPU):
+  pallas_triton   attnjax `flex_attention(implementation="pallas_triton")` (the Pallas kernels
+                  compiled through Triton).
+  jax_nn_cudnn    `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN's flash attention;
+                  bf16 / fp16; masks as jax_nn).
   torch_sdpa      `torch.nn.functional.scaled_dot_product_attention` (is_causal or a dense mask).
   torch_flex      `torch.nn.attention.flex_attention.flex_attention` under `torch.compile`, with a
                   `create_block_mask` built outside the timed step (the FlexAttention usage).
@@ -23,7 +28,13 @@ itself included: attnjax `sliding_window(W - 1, 0)`, jax.nn `local_window_size=(
 `documents<L>` (packed documents of about L tokens, causal within each document, from segment ids).
 
 Every builder returns the same thing for a mode: `fwd` computes the output; `fwd+bwd` computes the
-output and the gradients of `<out, dout>` with respect to q, k and v.
+output and the gradients of `<out, dout>` with respect to q, k and v. A case with `K < N` has K
+key/value heads (GQA) for the peers that take them (flex, jax.nn).
+
+`attention_flops(case)` counts FLOPs in the FlashAttention convention: 4·B·N·T·S·H for the forward
+(two matmuls), times the fraction of (query, key) pairs the mask keeps (1/2 for causal, as in the
+FlashAttention papers; the exact pair count for windows and documents), and 3.5× that for
+forward+backward (the backward is 2.5× the forward).
 """
 
 from __future__ import annotations
@@ -42,12 +53,14 @@ from attnjax.core import masks
 from attnjax.core.linear import gated_linear_attention
 
 LINEAR_PEERS = ("linear_xla", "linear_parallel", "linear_reference")
-JAX_PEERS = ("xla", "reference", "jax_nn") + LINEAR_PEERS
+GPU_PEERS = ("pallas_triton", "jax_nn_cudnn")
+JAX_PEERS = ("xla", "reference", "jax_nn") + LINEAR_PEERS + GPU_PEERS
 TORCH_PEERS = ("torch_sdpa", "torch_flex")
 PEERS = JAX_PEERS + TORCH_PEERS
 MECHANISM_PREFIX = "mech:"
 MODES = ("fwd", "fwd+bwd")
 PEER_LABELS = {"xla": "attnjax xla", "reference": "attnjax reference", "jax_nn": "jax.nn",
+               "pallas_triton": "attnjax pallas_triton", "jax_nn_cudnn": "jax.nn cudnn",
                "torch_sdpa": "torch sdpa", "torch_flex": "torch flex",
                "linear_xla": "linear xla (chunked)", "linear_parallel": "linear parallel",
                "linear_reference": "linear reference (scan)"}
@@ -88,6 +101,11 @@ class Case:
   seed: int = 0
   max_T: Optional[int] = None      # compile and analyse, but do not run, when T exceeds this
   kwargs: tuple = ()               # a mechanism peer's keyword arguments, as sorted (name, value)
+  K: Optional[int] = None          # key/value heads (GQA when < N); None: N
+
+  @property
+  def kv_heads(self) -> int:
+    return self.N if self.K is None else self.K
 
   def __post_init__(self):
     if self.peer not in PEERS and not is_mechanism_peer(self.peer):
@@ -96,6 +114,8 @@ class Case:
     if self.mode not in MODES:
       raise ValueError(f"Case: unknown mode {self.mode!r}; expected one of {MODES}")
     parse_mask(self.mask)
+    if self.K is not None and (self.K < 1 or self.N % self.K):
+      raise ValueError(f"Case: K={self.K} key/value heads must divide N={self.N}")
 
 
 def parse_mask(name: str) -> tuple[str, Optional[int]]:
@@ -121,11 +141,32 @@ def document_segment_ids(B: int, T: int, doc_len: int, seed: int = 0) -> np.ndar
   return np.stack(rows)
 
 
+def attention_flops(case: Case) -> float:
+  """FLOPs of one step of `case` in the FlashAttention convention (module docstring)."""
+  kind, param = parse_mask(case.mask)
+  pairs = float(case.T) * case.T
+  if kind == "causal":
+    kept = 0.5 * pairs
+  elif kind == "window":
+    w = min(param, case.T)
+    kept = w * case.T - w * (w - 1) / 2
+  elif kind == "documents":
+    seg = document_segment_ids(case.B, case.T, param, case.seed)
+    kept = float(np.mean([sum(n * (n + 1) / 2 for n in np.bincount(row)) for row in seg]))
+  else:
+    kept = pairs
+  forward = 4.0 * case.B * case.N * kept * case.H
+  return forward * (3.5 if case.mode == "fwd+bwd" else 1.0)
+
+
 def _inputs(case: Case):
-  """q, k, v, dout `[B, T, N, H]` (numpy, the case's dtype) and segment ids (or None)."""
+  """q, dout `[B, T, N, H]`, k, v `[B, T, K, H]` (numpy, the case's dtype) and segment ids (or
+  None)."""
   rng = np.random.default_rng(case.seed)
   shape = (case.B, case.T, case.N, case.H)
-  q, k, v, do = (rng.standard_normal(shape, dtype=np.float32).astype(case.dtype) for _ in range(4))
+  kv_shape = (case.B, case.T, case.kv_heads, case.H)
+  q, k, v, do = (rng.standard_normal(s, dtype=np.float32).astype(case.dtype)
+                 for s in (shape, kv_shape, kv_shape, shape))
   kind, param = parse_mask(case.mask)
   seg = document_segment_ids(case.B, case.T, param, case.seed) if kind == "documents" else None
   return q, k, v, do, seg
@@ -203,11 +244,14 @@ def _jax_attention(peer: str, kind: str, param: Optional[int]) -> Callable:
     raise ValueError("mechanism peers are built by build_jax (they need the case's sizes)")
   if peer in LINEAR_PEERS:
     return _linear_attention(peer, kind)
-  if peer in ("xla", "reference"):
+  if peer in GPU_PEERS and jax.default_backend() != "gpu":
+    raise CaseSkipped(f"{peer} needs a GPU (default backend: {jax.default_backend()})")
+  if peer in ("xla", "reference", "pallas_triton"):
     def attend(q, k, v, seg):
       return flex.flex_attention(q, k, v, mask_mod=_attnjax_mask_mod(kind, param, seg),
                                  implementation=peer)
     return attend
+  implementation = "cudnn" if peer == "jax_nn_cudnn" else "xla"
 
   def attend(q, k, v, seg):
     kwargs = {}
@@ -218,7 +262,7 @@ def _jax_attention(peer: str, kind: str, param: Optional[int]) -> Callable:
     elif kind == "documents":
       kwargs["is_causal"] = True
       kwargs["mask"] = seg[:, None, :, None] == seg[:, None, None, :]   # [B, 1, T, S]
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
   return attend
 
 

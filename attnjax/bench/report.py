@@ -1,5 +1,6 @@
 """Benchmark output: CSV, markdown tables (times and temporary memory, each with its ratio to
-`jax.nn.dot_product_attention` in the same run) and PNG plots."""
+`jax.nn.dot_product_attention` in the same run; optionally TFLOP/s in the FlashAttention convention,
+`peers.attention_flops`) and PNG plots."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from attnjax.bench import peers as peers_lib
 
 CSV_FIELDS = ("mode", "mask", "T", "B", "N", "H", "dtype", "peer", "status", "reason",
               "median_ms", "min_ms", "runs", "compile_s", "temp_bytes", "argument_bytes",
-              "output_bytes", "total_bytes", "time_vs_jax_nn", "temp_vs_jax_nn")
+              "output_bytes", "total_bytes", "time_vs_jax_nn", "temp_vs_jax_nn", "K", "tflops")
 BASELINE = "jax_nn"
 
 
@@ -43,11 +44,18 @@ def environment(block: Optional[tuple[int, int]] = None) -> str:
 
 
 def _group_key(case):
-  return (case.mode, case.mask, case.T)
+  return (case.mode, case.mask, case.T, case.B, case.N, case.kv_heads, case.H)
+
+
+def tflops_per_second(result) -> Optional[float]:
+  """TFLOP/s of a timed result (`peers.attention_flops` over the median time); None if not run."""
+  if not result.median_ms:
+    return None
+  return peers_lib.attention_flops(result.case) / (result.median_ms * 1e-3) / 1e12
 
 
 def _baselines(results):
-  """{(mode, mask, T): jax.nn Result}."""
+  """{(mode, mask, T, B, N, K, H): jax.nn Result}."""
   return {_group_key(r.case): r for r in results if r.case.peer == BASELINE}
 
 
@@ -70,7 +78,8 @@ def rows(results) -> list[dict]:
         compile_s=r.compile_s, temp_bytes=r.temp_bytes, argument_bytes=r.argument_bytes,
         output_bytes=r.output_bytes, total_bytes=r.total_bytes,
         time_vs_jax_nn=_ratio(r.median_ms, b.median_ms if b else None),
-        temp_vs_jax_nn=_ratio(r.temp_bytes, b.temp_bytes if b else None)))
+        temp_vs_jax_nn=_ratio(r.temp_bytes, b.temp_bytes if b else None), K=c.kv_heads,
+        tflops=tflops_per_second(r)))
   return out
 
 
@@ -114,12 +123,16 @@ def _groups(results):
   return list(groups.items())
 
 
-def markdown(results: Sequence, env: Optional[str] = None) -> str:
-  """Two tables: median time and temporary memory per peer, with the ratio to jax.nn in brackets."""
+def markdown(results: Sequence, env: Optional[str] = None, tflops: bool = False) -> str:
+  """Two tables: median time and temporary memory per peer, with the ratio to jax.nn in brackets;
+  with `tflops` a third, TFLOP/s per peer. A shape column (B, N, K, H) appears when shapes vary."""
   peer_names = _present_peers(results)
   base = _baselines(results)
-  header = "| mode | mask | T | " + " | ".join(peers_lib.label(p) for p in peer_names) + " |"
-  rule = "| --- | --- | ---: | " + " | ".join("---:" for _ in peer_names) + " |"
+  show_shape = len({_group_key(r.case)[3:] for r in results}) > 1
+  shape_head, shape_rule = ("B×N/K×H | ", "---: | ") if show_shape else ("", "")
+  header = ("| mode | mask | T | " + shape_head + " | ".join(peers_lib.label(p) for p in peer_names)
+            + " |")
+  rule = "| --- | --- | ---: | " + shape_rule + " | ".join("---:" for _ in peer_names) + " |"
   notes: dict[str, int] = {}
 
   def note(text):
@@ -154,27 +167,38 @@ def markdown(results: Sequence, env: Optional[str] = None) -> str:
       cell += " (not run)"
     return cell
 
+  def tflops_cell(r, b):
+    del b
+    if r is None:
+      return "—"
+    value = tflops_per_second(r)
+    return r.status if value is None else (f"{value:.1f}" if value >= 1 else f"{value:.3f}")
+
+  tables = [("Median time (ratio to jax.nn)", time_cell),
+            ("Temporary memory from the compiled executable (ratio to jax.nn)", memory_cell)]
+  if tflops:
+    tables.append(("TFLOP/s (FlashAttention convention: 4·B·N·T²·H forward, ×½ causal, ×3.5 "
+                   "forward+backward)", tflops_cell))
   lines = []
   if env:
     lines += [f"Machine: {env}.", ""]
-  for title, cell in (("Median time (ratio to jax.nn)", time_cell),
-                      ("Temporary memory from the compiled executable (ratio to jax.nn)",
-                       memory_cell)):
+  for title, cell in tables:
     lines += [f"**{title}**", "", header, rule]
-    for (mode, mask, T), by_peer in _groups(results):
-      b = base.get((mode, mask, T))
-      cells = [cell(by_peer.get(p), b) for p in peer_names]
-      lines.append(f"| {mode} | {mask} | {T} | " + " | ".join(cells) + " |")
+    for key, by_peer in _groups(results):
+      mode, mask, T, B, N, K, H = key
+      shape = f"{B}×{N}/{K}×{H} | " if show_shape else ""
+      cells = [cell(by_peer.get(p), base.get(key)) for p in peer_names]
+      lines.append(f"| {mode} | {mask} | {T} | {shape}" + " | ".join(cells) + " |")
     lines.append("")
   if notes:
     lines += [f"[{i}] {text}" for text, i in notes.items()] + [""]
   return "\n".join(lines)
 
 
-def write_markdown(results, path: str, env: Optional[str] = None) -> None:
-  """Writes `markdown(results, env=env)` to `path`."""
+def write_markdown(results, path: str, env: Optional[str] = None, tflops: bool = False) -> None:
+  """Writes `markdown(results, env=env, tflops=tflops)` to `path`."""
   with open(path, "w") as f:
-    f.write(markdown(results, env=env))
+    f.write(markdown(results, env=env, tflops=tflops))
 
 
 def plot(results: Sequence, workdir: str) -> list[str]:
