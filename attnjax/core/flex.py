@@ -17,6 +17,10 @@ Implementations:
              backward), listed for GPUs only; named on a CPU it runs in Pallas' interpret mode
              (`kernels/flex_triton.py`). Mods it cannot compile raise NotImplementedError, so
              automatic dispatch falls back to `xla`.
+  pallas_mosaic_gpu  FlashAttention-3-style forward for Hopper GPUs through Pallas' Mosaic GPU (TMA
+             pipeline, wgmma; `kernels/flex_mosaic_gpu.py`), backward by the pallas_triton kernels:
+             softmax, bf16/fp16, head dims 64/128/256, static block masks, index-arithmetic mask_mods,
+             no score_mod; NotImplementedError otherwise and off Hopper (no CPU interpret mode).
 
 Paper: Dong et al., "Flex Attention: A Programming Model for Generating Optimized Attention Kernels",
 arXiv:2412.05496; the tiling is FlashAttention-2 (Dao, arXiv:2307.08691).
@@ -35,7 +39,7 @@ from attnjax.core import checks
 from attnjax.core import flex_xla
 from attnjax.core import implementations
 from attnjax.core.normalizers import Normalizer, get_normalizer
-from attnjax.kernels import flex_triton
+from attnjax.kernels import flex_mosaic_gpu, flex_triton
 from attnjax.typing import Key, LogSumExp, MaskMod, Output, Query, ScoreMod, Value
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,7 +64,8 @@ def flex_attention(q: Query, k: Key, v: Value, *, score_mod: Optional[ScoreMod] 
     normalizer: "softmax" or another registered `Normalizer` (see `normalizers`).
     scale: multiplies q·k; defaults to `H ** -0.5`.
     return_residuals: also return `lse: [B, T, N]` (float32).
-    implementation: "pallas_triton", "xla", "reference", or None for the best available.
+    implementation: "pallas_triton", "pallas_mosaic_gpu", "xla", "reference", or None for the best
+      available.
 
   Returns:
     `[B, T, N, h]` in q's dtype, and `lse` when `return_residuals`.
@@ -182,6 +187,7 @@ default_block_size = flex_xla.default_block_size
 
 _IMPLEMENTATIONS = (
     ("pallas_triton", flex_triton.flex_triton_attention, ("gpu",)),
+    ("pallas_mosaic_gpu", flex_mosaic_gpu.flex_mosaic_gpu_attention, ("gpu",)),
     ("xla", flex_xla.xla_flex_attention, ()),
     ("reference", _reference, ()),
 )

@@ -52,7 +52,13 @@ DEFAULT_BLOCK_SIZES: dict[str, dict[str, int]] = {
     # gla_triton.py (chunked gated linear attention, forward and backward): value columns per program
     # (the state tile is [F, block_v], carried across chunks in registers). Not yet measured.
     "gla_triton": dict(block_v=64, num_warps=4, num_stages=1),
+    # flex_mosaic_gpu.py (Hopper forward): block_q = 64 · compute warpgroups, block_kv keys per
+    # pipeline step, `stages` slots in the K/V ring. Not yet measured (FlashAttention-3's choices:
+    # 2 x 64 query rows, 128 keys for H <= 128, fewer keys at H = 256 to fit shared memory).
+    "flex_mosaic_gpu": dict(block_q=128, block_kv=128, stages=2),
 }
+BLOCK_SIZES.update({("flex_mosaic_gpu", "", 256, dt): dict(block_q=128, block_kv=64, stages=2)
+                    for dt in ("bfloat16", "float16")})
 # flex_triton on a CPU runs in interpret mode (head dim = the padded power of two): small tiles keep
 # tests fast and still cover several tiles per sequence.
 BLOCK_SIZES.update({("flex_triton", "cpu", d, dt): dict(block_q=16, block_kv=16, num_warps=4,
