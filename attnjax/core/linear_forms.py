@@ -11,7 +11,9 @@ recurrent forms:
   recurrent  a `lax.scan` over steps: the definition.
   parallel   `o = ((Q Kᵀ) ⊙ D) V` with `D_ts = exp(Λ_t - Λ_s)` for s ≤ t: quadratic in T.
   chunked    Lightning Attention-2 tiling: the quadratic form within chunks of C steps, the state
-             recurrence across chunks as an associative scan; memory linear in T.
+             recurrence across chunks as an associative scan; memory linear in T. With one gate per
+             key channel (GLA) the intra-chunk weights come from `_halving_intra`: matmuls of
+             queries and keys rescaled at block boundaries (exponents ≤ 0), never `[C, C, F]`.
 
 Papers: Yang et al., "Gated Linear Attention Transformers with Hardware-Efficient Training",
 arXiv:2312.06635; Qin et al., "Lightning Attention-2", arXiv:2401.04658.
@@ -69,6 +71,44 @@ def masked_scores(q, k, L_q, L_k, visible):
   return jnp.einsum("...tf,...sf,...tsf->...ts", q, k, _decay_weights(L_q, L_k, visible))
 
 
+def _halving_intra(q, k, v, L, run, C):
+  """Intra-chunk term `Σ_{s ≤ t} (Σ_f q_tf k_sf e^{L_tf - L_sf}) v_s` for a per-channel decay.
+
+  q, k `[B,N,T,F]`, v `[B,N,T,hv]`, L `[B,N,T,F]` (cumulative log decay, non-increasing within each
+  chunk of C = 2^m steps; T a multiple of C), run `[B,T]` or None. Each block of b steps (b = 2, 4,
+  ..., C) is halved; the pairs (t in the second half, s in the first) go through a plain matmul with
+  the decay factored at the boundary β = L at the first half's last step:
+
+      e^{L_t - L_s} = e^{L_t - β} · e^{β - L_s},    both exponents ≤ 0 (L_t ≤ β ≤ L_s),
+
+  so nothing overflows however strong the decay (a factor that underflows belongs to a weight that
+  does too). The pairs within each half are the level below's; s = t is the diagonal `q_t · k_t`.
+  The levels' blocks are assembled into the chunk's `[C, C]` weights, applied to v in one matmul: one
+  `exp` per step and level, no `[C, C, F]` weights (GLA's secondary-level chunking, arXiv:2312.06635
+  §4, taken down to single steps).
+  """
+  B, N, T, _ = q.shape
+  # s = t. An einsum, not sum(q * k, -1): XLA:CPU runs that minor-axis reduce ~50x slower.
+  A = jnp.einsum("bntf,bntf->bnt", q, k)[..., None, None]                  # [B,N,T,1,1]
+  b = 1
+  while b < C:
+    b *= 2
+    half = b // 2
+    split = lambda x: x.reshape(x.shape[:2] + (T // b, 2, half) + x.shape[3:])
+    qb, kb, Lb = split(q), split(k), split(L)
+    beta = Lb[:, :, :, 0, half - 1:, :]                               # [B,N,T/b,1,F]
+    qt = qb[:, :, :, 1] * jnp.exp(Lb[:, :, :, 1] - beta)
+    ks = kb[:, :, :, 0] * jnp.exp(beta - Lb[:, :, :, 0])
+    cross = jnp.einsum("bnmtf,bnmsf->bnmts", qt, ks)
+    if run is not None:
+      rb = run.reshape(B, T // b, 2, half)
+      cross = jnp.where((rb[:, :, 1, :, None] == rb[:, :, 0, None, :])[:, None], cross, 0.0)
+    A = A.reshape(B, N, T // b, 2, half, half)
+    A = jnp.concatenate([jnp.concatenate([A[:, :, :, 0], jnp.zeros_like(cross)], axis=-1),
+                         jnp.concatenate([cross, A[:, :, :, 1]], axis=-1)], axis=-2)
+  return jnp.einsum("bncts,bncsh->bncth", A, v.reshape(B, N, T // C, C, v.shape[-1]))
+
+
 def parallel(q, k, v, g, run, state0):
   """The masked quadratic form with cumulative log decays Λ; the final state from the last run."""
   B, N, T, F = q.shape
@@ -112,10 +152,9 @@ def chunked(q, k, v, g, run, state0, *, chunk_size):
   B, N, T, F = q.shape
   hv = v.shape[-1]
   C = min(chunk_size, T)
-  if g is not None and g.shape[-1] > 1:
-    # A per-dimension gate makes intra-chunk weights [C, C, F]: keep chunks small so that tensor
-    # stays ~T·16·F, the size of the inputs times 16.
-    C = min(C, 16)
+  per_channel = g is not None and g.shape[-1] > 1
+  if per_channel:   # `_halving_intra` halves blocks down to single steps: C = 2^m (≤ chunk_size)
+    C = 1 << (C.bit_length() - 1)
   nc = -(-T // C)
   pad = nc * C - T
   if pad:
@@ -126,22 +165,34 @@ def chunked(q, k, v, g, run, state0, *, chunk_size):
     run = None if run is None else jnp.pad(run, ((0, 0), (0, pad)), mode="edge")
   chunks = lambda x: x.reshape(x.shape[:2] + (nc, C) + x.shape[3:])
   qc, kc, vc = chunks(q), chunks(k), chunks(v)
-  L = jnp.zeros((B, N, nc, C, 1), _F32) if g is None else jnp.cumsum(chunks(g), axis=3)
+  if g is None:
+    L = jnp.zeros((B, N, nc, C, 1), _F32)
+  elif per_channel:
+    # The cumulative sum as a batched matmul, whose output XLA:CPU materializes in this layout: a
+    # cumsum (reduce-window) would be fused, with a transpose, into each of the many consumers below.
+    tril = jnp.broadcast_to(jnp.tril(jnp.ones((C, C), _F32)), (B * N * nc, C, C))
+    L = jnp.einsum("mts,msf->mtf", tril, g.reshape(B * N * nc, C, F),
+                   precision=jax.lax.Precision.HIGHEST).reshape(B, N, nc, C, F)
+  else:
+    L = jnp.cumsum(chunks(g), axis=3)
   runc = None if run is None else run.reshape(B, nc, C)
   # run of the step before each chunk (the run the carried state belongs to)
   prev_run = None if run is None else jnp.concatenate([run[:, :1], runc[:, :-1, -1]], 1)
 
   # Intra-chunk: causal quadratic form with local cumulative decays (all exponents ≤ 0).
-  visible = jnp.tril(jnp.ones((C, C), bool))
-  if runc is not None:
-    visible = visible & (runc[..., :, None] == runc[..., None, :])   # [B, nc, C, C]
-    visible = visible[:, None]
-  if g is None:
-    # where, not multiply: a hidden (future) key may hold inf, and inf * 0 is NaN.
-    scores = jnp.where(visible, jnp.einsum("bnctf,bncsf->bncts", qc, kc), 0.0)
+  if per_channel:
+    o = _halving_intra(q, k, v, L.reshape(q.shape), run, C)
   else:
-    scores = masked_scores(qc, kc, L, L, visible)
-  o = jnp.einsum("bncts,bncsh->bncth", scores, vc)
+    visible = jnp.tril(jnp.ones((C, C), bool))
+    if runc is not None:
+      visible = visible & (runc[..., :, None] == runc[..., None, :])   # [B, nc, C, C]
+      visible = visible[:, None]
+    if g is None:
+      # where, not multiply: a hidden (future) key may hold inf, and inf * 0 is NaN.
+      scores = jnp.where(visible, jnp.einsum("bnctf,bncsf->bncts", qc, kc), 0.0)
+    else:
+      scores = masked_scores(qc, kc, L, L, visible)
+    o = jnp.einsum("bncts,bncsh->bncth", scores, vc)
 
   # Chunk summaries: U_c = Σ_s exp(L_end - L_s) k_s v_sᵀ over the chunk's last run; A_c the decay.
   L_end = L[:, :, :, -1:, :]                                          # [B,N,nc,1,G]

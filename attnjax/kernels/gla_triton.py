@@ -22,7 +22,7 @@ relative to the chunk's start (queries) and end (keys), and the intra-chunk expo
 to s ≤ t before `exp`. With one gate per head the decay factors out of the dot product:
 A = (Q Kᵀ) ⊙ exp(Λ_t - Λ_s). A per-channel gate does not factor (q e^{Λ}) (k e^{-Λ})ᵀ stably (e^{-Λ}
 overflows for strong decays), so A is built column by column, `[C, F]` elementwise per key step, in
-chunks of 16 (as `linear_forms.chunked` and fla's intra-sub-chunk kernel do).
+chunks of 16 (as fla's intra-sub-chunk kernel does; the xla form factors it at block boundaries instead).
 
 Backward (custom VJP): the forward run under differentiation also stores the state before each chunk
 (and the final one), `[B·N, (n_chunks + 1)·F, hv]`: chunk states are stored, not recomputed (the

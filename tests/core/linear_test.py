@@ -91,6 +91,32 @@ def test_chunked_equals_recurrent_long_and_ragged(T):
     _assert_rel(out, ref, tolerances.REL_RMS[jnp.float32])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_strong_per_channel_decay_over_long_chunks(packed):
+  # Log decays of -5 ... -20 per step (e^{±Λ} over a 64-step chunk is far outside float32) on some
+  # channels, none on others: the chunked form must neither overflow nor lose the slow channels.
+  q, k, v, _ = _inputs(B=2, T=200, N=2, K=2, F=8, h=4, seed=5)
+  B, T, N, F = q.shape
+  strong = -jax.random.uniform(jax.random.PRNGKey(6), (B, T, N, F), minval=5.0, maxval=20.0)
+  g = jnp.where(jnp.arange(F) < F // 2, strong, -0.01)
+  seg = _seg(B, T) if packed else None
+  s0 = jax.random.normal(jax.random.PRNGKey(7), (B, N, F, v.shape[-1]))
+
+  def loss(impl, q, k, v, g, s0):
+    out, state = gla(q, k, v, log_decay=g, initial_state=s0, segment_ids=seg,
+                     return_final_state=True, chunk_size=64, implementation=impl)
+    return jnp.sum(out * jnp.sin(out)) + jnp.sum(state ** 2), (out, state)
+
+  grad = jax.grad(loss, argnums=(1, 2, 3, 4, 5), has_aux=True)
+  grads, (out, state) = grad("xla", q, k, v, g, s0)
+  ref_grads, (ref_out, ref_state) = grad("reference", q, k, v, g, s0)
+  chex.assert_tree_all_finite((grads, out, state))
+  _assert_rel(out, ref_out, tolerances.REL_RMS[jnp.float32])
+  _assert_rel(state, ref_state, tolerances.REL_RMS[jnp.float32])
+  for a, b in zip(grads, ref_grads, strict=True):
+    _assert_rel(a, b, tolerances.GRAD_REL_RMS[jnp.float32])
+
+
 def test_prefill_then_steps_equal_full():
   q, k, v, decays = _inputs()
   g = decays["per_dim"]
