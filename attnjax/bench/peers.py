@@ -17,6 +17,9 @@ Peers:
                   `lax.scan`), q and k through elu+1, a per-head scalar decay per step (the
                   Lightning-2 rates, as a traced `[B, T, N]` argument, i.e. data-dependent gates);
                   masks `causal` or `none` (non-causal `φ(Q)(φ(K)ᵀV)`).
+  linear_xla_channel, linear_reference_channel
+                  the same with one gate per key channel (GLA's `[B, T, N, H]` log decay,
+                  log σ(x)/16 for x ~ N(0, 1), a traced argument).
   mech:<name>     any registered mechanism by name (its fastest path, the first of its
                   `implementations`, unless that is the reference), with the case's
                   `kwargs` (from the config's `mechanism_kwargs[peer]`); masks `causal` and `none`
@@ -52,7 +55,9 @@ from attnjax.core import flex
 from attnjax.core import masks
 from attnjax.core.linear import gated_linear_attention
 
-LINEAR_PEERS = ("linear_xla", "linear_parallel", "linear_reference")
+CHANNEL_SUFFIX = "_channel"     # a linear peer with a per-channel gate
+LINEAR_PEERS = ("linear_xla", "linear_parallel", "linear_reference", "linear_xla_channel",
+                "linear_reference_channel")
 GPU_PEERS = ("pallas_triton", "jax_nn_cudnn")
 JAX_PEERS = ("xla", "reference", "jax_nn") + LINEAR_PEERS + GPU_PEERS
 TORCH_PEERS = ("torch_sdpa", "torch_flex")
@@ -63,7 +68,9 @@ PEER_LABELS = {"xla": "attnjax xla", "reference": "attnjax reference", "jax_nn":
                "pallas_triton": "attnjax pallas_triton", "jax_nn_cudnn": "jax.nn cudnn",
                "torch_sdpa": "torch sdpa", "torch_flex": "torch flex",
                "linear_xla": "linear xla (chunked)", "linear_parallel": "linear parallel",
-               "linear_reference": "linear reference (scan)"}
+               "linear_reference": "linear reference (scan)",
+               "linear_xla_channel": "linear xla (chunked), per-channel gate",
+               "linear_reference_channel": "linear reference (scan), per-channel gate"}
 
 
 def is_mechanism_peer(peer: str) -> bool:
@@ -190,7 +197,7 @@ def _linear_attention(peer: str, kind: str) -> Callable:
   """`attend(q, k, v, log_decay) -> out`: the gated linear recurrence with implementation `peer`."""
   if kind not in ("causal", "none"):
     raise CaseSkipped(f"{peer} runs the causal and none masks only, not {kind!r}")
-  implementation = peer[len("linear_"):]
+  implementation = peer[len("linear_"):].removesuffix(CHANNEL_SUFFIX)
 
   def attend(q, k, v, log_decay):
     causal = kind == "causal"
@@ -278,7 +285,10 @@ def build_jax(case: Case) -> tuple[Callable, tuple]:
   q, k, v, do, seg = _inputs(case)
   qkv = tuple(jnp.asarray(x) for x in (q, k, v))
   extra = () if seg is None else (jnp.asarray(seg),)
-  if case.peer in LINEAR_PEERS:   # the gates, in place of segment ids
+  if case.peer.endswith(CHANNEL_SUFFIX):   # per-channel gates, in place of segment ids
+    x = jax.random.normal(jax.random.PRNGKey(case.seed + 1), (case.B, case.T, case.N, case.H))
+    extra = (jax.nn.log_sigmoid(x) / 16,)
+  elif case.peer in LINEAR_PEERS:   # the gates, in place of segment ids
     rates = -masks.alibi_slopes(case.N)
     extra = (jnp.broadcast_to(rates, (case.B, case.T, case.N)).astype(jnp.float32),)
 

@@ -14,6 +14,11 @@ Issue targets, read from the table (docs/benchmarks.md records a run): chunked x
 least 10x faster than the scan at T=4096; 16x the length (1k -> 16k) costs at most 20x the time;
 faster than causal softmax xla at T=16384; temporary memory linear in T.
 `:small` runs T in {1024, 4096} only (a few minutes).
+
+`:channel` is the per-channel gate (GLA's `[B, T, N, H]` log decay) against the per-head one, chunked
+`xla` and the scan, causal fwd+bwd at T=4096 (the kernels issue's target: chunked ≥ 10x the scan):
+
+  python -m experiments.bench --config=configs/bench/linear.py:channel --workdir=/tmp/attnjax_bench_gla
 """
 
 import ml_collections
@@ -41,6 +46,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.extra_cases = []
   if arg == "small":
     config.seq_lens = (1024, 4096)
+  elif arg == "channel":
+    config.seq_lens = (4096,)
+    config.modes = ("fwd+bwd",)
+    config.masks = ("causal",)
+    config.peers = ("linear_xla_channel", "linear_reference_channel", "linear_xla",
+                    "linear_reference")
   elif arg:
-    raise ValueError(f"configs/bench/linear.py: unknown argument {arg!r}; expected '' or 'small'")
+    raise ValueError(f"configs/bench/linear.py: unknown argument {arg!r}; expected '', 'small' or "
+                     "'channel'")
   return config
