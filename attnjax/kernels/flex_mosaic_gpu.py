@@ -409,7 +409,7 @@ def flex_mosaic_gpu_attention(q: Query, k: Key, v: Value, *, score_mod: Optional
     classes[..., -1] = np.where(classes[..., -1] == bm.FULL, bm.PARTIAL, classes[..., -1])
   block_mask = bm.BlockMask.from_classes(classes, seq_lengths=(T, S), block_size=(bq, bk),
                                          mask_mod=mask_mod, varies=block_mask.varies)
-  lists, rlists = flex_triton._block_lists(block_mask)
+  lists, rlists = flex_triton.block_lists(block_mask)
   Bm, Nm = lists[0].shape[:2]
   cfg = Config(mask_mod, float(scale), S, N // K, bq, bk, sizes["stages"], Bm, Nm)
   if (used := _smem_bytes(cfg, H, hv, q.dtype.itemsize)) > SMEM_BYTES:

@@ -52,7 +52,7 @@ from attnjax.kernels import platform
 from attnjax.kernels.mods import MAX_FLOAT_TABLE, Mod, evaluate, flat_table, pow2, prepare_mod
 from attnjax.typing import Key, LogSumExp, MaskMod, Output, Query, ScoreMod, Value
 
-__all__ = ["flex_triton_attention", "MAX_FLOAT_TABLE", "KERNEL"]
+__all__ = ["flex_triton_attention", "block_lists", "MAX_FLOAT_TABLE", "KERNEL"]
 
 KERNEL = "flex_triton"          # the tile table's key (`platform.block_sizes`)
 
@@ -226,7 +226,7 @@ _attention = jax.custom_vjp(_impl, nondiff_argnums=(0,))
 _attention.defvjp(_fwd, _bwd)
 
 
-def _block_lists(block_mask: bm.BlockMask):
+def block_lists(block_mask: bm.BlockMask):
   """Per query block its partial / full key blocks, and per key block its partial / full query blocks
   (the transposed classes): static numpy in, static out; traced in, traced out."""
   xp = np if block_mask.is_static else jnp
@@ -271,7 +271,7 @@ def flex_triton_attention(q: Query, k: Key, v: Value, *, score_mod: Optional[Sco
   if mask_mod is not None:
     mask, mask_tables = prepare_mod(lambda *ix: jnp.asarray(mask_mod(*ix), bool), ex,
                                       float_grads=False)
-  lists, rlists = _block_lists(block_mask)
+  lists, rlists = block_lists(block_mask)
   cfg = Config(score, mask, normalizer, float(scale), T, S, N // K, bq, bk, *lists[0].shape[:2],
                sizes.get("num_warps", 4), sizes.get("num_stages", 2))
 
