@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= /tmp/attnjax_demo
 # Spread the suite over both CI cores.
 PYTEST_ARGS ?= -n 2 --dist worksteal
+# The fused CPU flash-attention kernel (`cpu_flash`, behind jax.ffi): rebuilt when missing or older than
+# its source; without a compiler the build only warns and flex_attention uses `xla`.
+CPU_FLASH_DIR := attnjax/kernels/cpu
+CPU_FLASH_LIB := $(CPU_FLASH_DIR)/libattnjax_flash.so
 
 .PHONY: demo test test-slow bench docs lint clean
 
@@ -16,16 +20,19 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+$(CPU_FLASH_LIB): $(CPU_FLASH_DIR)/flash_attention.cc $(CPU_FLASH_DIR)/build.py $(STAMP)
+	$(PY) -m attnjax.kernels.cpu.build
+
+demo: $(STAMP) $(CPU_FLASH_LIB)
 	$(PY) -m experiments.sweep --config=configs/sweeps/mqar_demo.py --workdir=$(WORKDIR)
 
-test: $(STAMP)
+test: $(STAMP) $(CPU_FLASH_LIB)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow and not gpu"
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(CPU_FLASH_LIB)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "slow"
 
-bench: $(STAMP)
+bench: $(STAMP) $(CPU_FLASH_LIB)
 	$(PY) -m experiments.bench --config=configs/bench/flex.py --workdir=$(WORKDIR)/bench
 
 docs: $(STAMP)
@@ -35,4 +42,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check attnjax experiments configs tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(CPU_FLASH_LIB) $(CPU_FLASH_DIR)/libattnjax_flash.json

@@ -21,6 +21,10 @@ Implementations:
              pipeline, wgmma; `kernels/flex_mosaic_gpu.py`), backward by the pallas_triton kernels:
              softmax, bf16/fp16, head dims 64/128/256, static block masks, index-arithmetic mask_mods,
              no score_mod; NotImplementedError otherwise and off Hopper (no CPU interpret mode).
+  cpu_flash  a fused C++ FlashAttention-2 forward and backward behind `jax.ffi` (`kernels/cpu/`,
+             built by `make` / `python -m attnjax.kernels.cpu.build`), the CPU default: softmax, any
+             mask (evaluated in JAX on the partial tiles only), no score_mod; NotImplementedError (so
+             `xla` serves) otherwise, or when the library is not built.
 
 Paper: Dong et al., "Flex Attention: A Programming Model for Generating Optimized Attention Kernels",
 arXiv:2412.05496; the tiling is FlashAttention-2 (Dao, arXiv:2307.08691).
@@ -39,6 +43,7 @@ from attnjax.core import checks
 from attnjax.core import flex_xla
 from attnjax.core import implementations
 from attnjax.core.normalizers import Normalizer, get_normalizer
+from attnjax.kernels import cpu as cpu_kernels
 from attnjax.kernels import flex_mosaic_gpu, flex_triton
 from attnjax.typing import Key, LogSumExp, MaskMod, Output, Query, ScoreMod, Value
 
@@ -186,6 +191,7 @@ default_block_size = flex_xla.default_block_size
 
 
 _IMPLEMENTATIONS = (
+    ("cpu_flash", cpu_kernels.cpu_flash_attention, ("cpu",)),
     ("pallas_triton", flex_triton.flex_triton_attention, ("gpu",)),
     ("pallas_mosaic_gpu", flex_mosaic_gpu.flex_mosaic_gpu_attention, ("gpu",)),
     ("xla", flex_xla.xla_flex_attention, ()),
