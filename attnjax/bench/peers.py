@@ -1,7 +1,9 @@
 """The attention implementations a benchmark case compares, each built for one shape and mask.
 
 Peers:
-  xla, reference  attnjax `flex_attention` with that implementation.
+  xla, reference, cpu_flash
+                  attnjax `flex_attention` with that implementation (`cpu_flash`: the fused C++
+                  kernel, the CPU default).
   jax_nn          `jax.nn.dot_product_attention(implementation="xla")` (is_causal,
                   local_window_size, or a dense boolean mask for documents).
   GPU peers (reported as skipped, with the reason, where the default backend is not a GPU):
@@ -59,13 +61,14 @@ CHANNEL_SUFFIX = "_channel"     # a linear peer with a per-channel gate
 LINEAR_PEERS = ("linear_xla", "linear_parallel", "linear_reference", "linear_xla_channel",
                 "linear_reference_channel")
 GPU_PEERS = ("pallas_triton", "jax_nn_cudnn")
-JAX_PEERS = ("xla", "reference", "jax_nn") + LINEAR_PEERS + GPU_PEERS
+JAX_PEERS = ("xla", "reference", "cpu_flash", "jax_nn") + LINEAR_PEERS + GPU_PEERS
 TORCH_PEERS = ("torch_sdpa", "torch_flex")
 PEERS = JAX_PEERS + TORCH_PEERS
 MECHANISM_PREFIX = "mech:"
 MODES = ("fwd", "fwd+bwd")
 PEER_LABELS = {"xla": "attnjax xla", "reference": "attnjax reference", "jax_nn": "jax.nn",
-               "pallas_triton": "attnjax pallas_triton", "jax_nn_cudnn": "jax.nn cudnn",
+               "cpu_flash": "attnjax cpu_flash", "pallas_triton": "attnjax pallas_triton",
+               "jax_nn_cudnn": "jax.nn cudnn",
                "torch_sdpa": "torch sdpa", "torch_flex": "torch flex",
                "linear_xla": "linear xla (chunked)", "linear_parallel": "linear parallel",
                "linear_reference": "linear reference (scan)",
@@ -253,7 +256,7 @@ def _jax_attention(peer: str, kind: str, param: Optional[int]) -> Callable:
     return _linear_attention(peer, kind)
   if peer in GPU_PEERS and jax.default_backend() != "gpu":
     raise CaseSkipped(f"{peer} needs a GPU (default backend: {jax.default_backend()})")
-  if peer in ("xla", "reference", "pallas_triton"):
+  if peer in ("xla", "reference", "cpu_flash", "pallas_triton"):
     def attend(q, k, v, seg):
       return flex.flex_attention(q, k, v, mask_mod=_attnjax_mask_mod(kind, param, seg),
                                  implementation=peer)

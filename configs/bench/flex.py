@@ -20,6 +20,15 @@ Demo (`make demo`):
   sdpa when installed). About 1 minute on a 2-core CPU; the xla path should be faster than jax.nn on
   every row, by the largest factor on window256.
 
+CPU kernel (the kernels issue's CPU targets: the CPU default, `cpu_flash`, against `xla` and
+torch's `scaled_dot_product_attention`, B=1, N=8, H=64, T=4096, fp32; forward no mask and causal
+forward+backward ≤ 1.5x torch's time; a few minutes):
+
+  python -m experiments.bench --config=configs/bench/flex.py:cpu --workdir=/tmp/attnjax_bench_cpu
+
+`:growth`: causal forward+backward at T=16384 and 65536 with `cpu_flash` (4x the length, 16x the
+work: the issue asks the time to grow at most 18x; about 10 minutes).
+
 Outputs under the workdir: results.csv, results.md (the printed table), time.png, memory.png.
 Override fields on the command line, e.g. `--config.seq_lens='(1024, 4096)'`,
 `--config.block_size='(256, 512)'`, `--config.peers='("xla", "jax_nn")'`.
@@ -39,7 +48,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.modes = ("fwd", "fwd+bwd")
   config.masks = ("none", "causal", "window256", "documents512")
   config.seq_lens = (1024, 4096, 16384)
-  config.peers = ("xla", "reference", "jax_nn", "torch_sdpa", "torch_flex")
+  config.peers = ("cpu_flash", "xla", "reference", "jax_nn", "torch_sdpa", "torch_flex")
   config.warmup = 1
   config.repeats = 5
   config.min_repeats = 3
@@ -50,13 +59,28 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.memory_budget_gb = ml_collections.config_dict.placeholder(float)
   config.block_size = ml_collections.config_dict.placeholder(tuple)
   config.extra_cases = [ml_collections.ConfigDict(dict(
-      peers=("xla",), mask="causal", T=65536, mode="fwd+bwd", warmup=0, repeats=1))]
+      peers=("cpu_flash", "xla"), mask="causal", T=65536, mode="fwd+bwd", warmup=0, repeats=1))]
   if arg == "demo":
     config.modes = ("fwd+bwd",)
     config.masks = ("causal", "window256")
     config.seq_lens = (1024, 2048)
     config.peers = ("xla", "reference", "jax_nn", "torch_sdpa")
     config.extra_cases = []
+  elif arg == "cpu":
+    config.modes = ("fwd", "fwd+bwd")
+    config.masks = ("none", "causal")
+    config.seq_lens = (4096,)
+    config.peers = ("cpu_flash", "xla", "torch_sdpa")
+    config.extra_cases = []
+  elif arg == "growth":
+    config.modes = ("fwd+bwd",)
+    config.masks = ("causal",)
+    config.seq_lens = (16384, 65536)
+    config.peers = ("cpu_flash",)
+    config.repeats, config.min_repeats = 2, 1
+    config.max_case_seconds = 600.0
+    config.extra_cases = []
   elif arg:
-    raise ValueError(f"configs/bench/flex.py: unknown argument {arg!r}; expected '' or 'demo'")
+    raise ValueError(f"configs/bench/flex.py: unknown argument {arg!r}; expected '', 'demo', 'cpu' "
+                     "or 'growth'")
   return config
