@@ -9,6 +9,9 @@ Peers:
   GPU peers (reported as skipped, with the reason, where the default backend is not a GPU):
   pallas_triton   attnjax `flex_attention(implementation="pallas_triton")` (the Pallas kernels
                   compiled through Triton).
+  pallas_mosaic_gpu
+                  attnjax `flex_attention(implementation="pallas_mosaic_gpu")` (the Hopper forward
+                  through Mosaic GPU, the Triton backward).
   jax_nn_cudnn    `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN's flash attention;
                   bf16 / fp16; masks as jax_nn).
   torch_sdpa      `torch.nn.functional.scaled_dot_product_attention` (is_causal or a dense mask).
@@ -60,7 +63,7 @@ from attnjax.core.linear import gated_linear_attention
 CHANNEL_SUFFIX = "_channel"     # a linear peer with a per-channel gate
 LINEAR_PEERS = ("linear_xla", "linear_parallel", "linear_reference", "linear_xla_channel",
                 "linear_reference_channel")
-GPU_PEERS = ("pallas_triton", "jax_nn_cudnn")
+GPU_PEERS = ("pallas_triton", "pallas_mosaic_gpu", "jax_nn_cudnn")
 JAX_PEERS = ("xla", "reference", "cpu_flash", "jax_nn") + LINEAR_PEERS + GPU_PEERS
 TORCH_PEERS = ("torch_sdpa", "torch_flex")
 PEERS = JAX_PEERS + TORCH_PEERS
@@ -68,7 +71,7 @@ MECHANISM_PREFIX = "mech:"
 MODES = ("fwd", "fwd+bwd")
 PEER_LABELS = {"xla": "attnjax xla", "reference": "attnjax reference", "jax_nn": "jax.nn",
                "cpu_flash": "attnjax cpu_flash", "pallas_triton": "attnjax pallas_triton",
-               "jax_nn_cudnn": "jax.nn cudnn",
+               "pallas_mosaic_gpu": "attnjax pallas_mosaic_gpu", "jax_nn_cudnn": "jax.nn cudnn",
                "torch_sdpa": "torch sdpa", "torch_flex": "torch flex",
                "linear_xla": "linear xla (chunked)", "linear_parallel": "linear parallel",
                "linear_reference": "linear reference (scan)",
@@ -256,7 +259,7 @@ def _jax_attention(peer: str, kind: str, param: Optional[int]) -> Callable:
     return _linear_attention(peer, kind)
   if peer in GPU_PEERS and jax.default_backend() != "gpu":
     raise CaseSkipped(f"{peer} needs a GPU (default backend: {jax.default_backend()})")
-  if peer in ("xla", "reference", "cpu_flash", "pallas_triton"):
+  if peer in ("xla", "reference", "cpu_flash", "pallas_triton", "pallas_mosaic_gpu"):
     def attend(q, k, v, seg):
       return flex.flex_attention(q, k, v, mask_mod=_attnjax_mask_mod(kind, param, seg),
                                  implementation=peer)

@@ -244,7 +244,8 @@ def plot(results: Sequence, workdir: str) -> list[str]:
         if l not in labels:
           handles.append(h)
           labels.append(l)
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
+    if labels:   # none when every case was skipped or failed (a benchmark on the wrong machine)
+      fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     path = os.path.join(workdir, f"{name}.png")
     fig.savefig(path, dpi=110)
