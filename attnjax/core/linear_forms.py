@@ -12,8 +12,10 @@ recurrent forms:
   parallel   `o = ((Q Kᵀ) ⊙ D) V` with `D_ts = exp(Λ_t - Λ_s)` for s ≤ t: quadratic in T.
   chunked    Lightning Attention-2 tiling: the quadratic form within chunks of C steps, the state
              recurrence across chunks as an associative scan; memory linear in T. With one gate per
-             key channel (GLA) the intra-chunk weights come from `_halving_intra`: matmuls of
-             queries and keys rescaled at block boundaries (exponents ≤ 0), never `[C, C, F]`.
+             key channel (GLA) the intra-chunk weights are never `[C, C, F]`: one matmul of queries
+             and keys rescaled by e^{±Λ} (`_factored_intra`) when every chunk's decay is within
+             `FACTORED_RANGE`, else matmuls rescaled at block boundaries (`_halving_intra`, exponents
+             ≤ 0, exact at any decay strength).
 
 Papers: Yang et al., "Gated Linear Attention Transformers with Hardware-Efficient Training",
 arXiv:2312.06635; Qin et al., "Lightning Attention-2", arXiv:2401.04658.
@@ -21,8 +23,11 @@ arXiv:2312.06635; Qin et al., "Lightning Attention-2", arXiv:2401.04658.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.interpreters import ad
 
 __all__ = ["chunked", "masked_scores", "parallel", "recurrent"]
 
@@ -109,6 +114,93 @@ def _halving_intra(q, k, v, L, run, C):
   return jnp.einsum("bncts,bncsh->bncth", A, v.reshape(B, N, T // C, C, v.shape[-1]))
 
 
+# Largest total log decay of a chunk (-Λ at its last step, per channel) for which `_factored_intra` is
+# used: its rescaled keys grow up to e^40 ≈ 2e17 and its queries shrink to e^-40 ≈ 4e-18, both normal
+# float32 numbers far from overflow and underflow (products of a query and a key are ≤ 1 on visible
+# pairs; hidden pairs, up to e^40 |q||k|, are masked by `where` after the matmul).
+FACTORED_RANGE = 40.0
+
+
+def _chunked_view(x, C):
+  """`[B,N,T,...]` -> `[B,N,T/C,C,...]`."""
+  return x.reshape(x.shape[:2] + (x.shape[2] // C, C) + x.shape[3:])
+
+
+def _factored_visible(run, B, T, C):
+  """Causal pairs within each chunk, same run only: `[C,C]` or `[B,1,nc,C,C]`."""
+  visible = jnp.tril(jnp.ones((C, C), bool))
+  if run is None:
+    return visible
+  runc = run.reshape(B, T // C, C)
+  return (visible & (runc[..., :, None] == runc[..., None, :]))[:, None]
+
+
+def _factored_intra(q, k, v, L, run, C):
+  """Intra-chunk term for a per-channel decay of bounded range, as one masked matmul per chunk:
+
+      Σ_f q_tf k_sf e^{Λ_tf - Λ_sf} = Σ_f (q_tf e^{Λ_tf}) (k_sf e^{-Λ_sf}) = q̃_t · k̃_s,
+
+  Λ the cumulative log decay from the chunk's start (0 ≥ Λ ≥ -FACTORED_RANGE, so both factors are
+  finite). Arguments and result `[B,N,T/C,C,hv]` as `_halving_intra`'s; also returns q̃, k̃, e^Λ
+  and the masked scores (the backward's residuals)."""
+  B, _, T, _ = q.shape
+  decay = jnp.exp(L)
+  qs, ks = q * decay, k / decay
+  scores = jnp.einsum("bnctf,bncsf->bncts", _chunked_view(qs, C), _chunked_view(ks, C))
+  scores = jnp.where(_factored_visible(run, B, T, C), scores, 0.0)
+  o = jnp.einsum("bncts,bncsh->bncth", scores, _chunked_view(v, C))
+  return o, (qs, ks, decay, scores)
+
+
+def _factored_intra_bwd(saved, v, run, C, ct):
+  """(dq, dk, dv, dΛ) of `_factored_intra` from its residuals and the output cotangent `ct`."""
+  qs, ks, decay, scores = saved
+  B, N, T, F = qs.shape
+  visible = _factored_visible(run, B, T, C)
+  qc, kc, vc = _chunked_view(qs, C), _chunked_view(ks, C), _chunked_view(v, C)
+  dv = jnp.einsum("bncts,bncth->bncsh", scores, ct)
+  dscores = jnp.where(visible, jnp.einsum("bncth,bncsh->bncts", ct, vc), 0.0)
+  dqs = jnp.einsum("bncts,bncsf->bnctf", dscores, kc).reshape(qs.shape)
+  dks = jnp.einsum("bncts,bnctf->bncsf", dscores, qc).reshape(ks.shape)
+  # q̃ = q e^Λ and k̃ = k e^-Λ: dq = dq̃ e^Λ, dk = dk̃ e^-Λ, dΛ = dq̃ q̃ - dk̃ k̃.
+  return dqs * decay, dks / decay, dv.reshape(v.shape), dqs * qs - dks * ks
+
+
+def _factored_fits(L, C):
+  """Whether every chunk's total decay is within FACTORED_RANGE (L: `[B,N,T,F]`, chunk-local)."""
+  return jnp.max(-_chunked_view(L, C)[:, :, :, -1]) <= FACTORED_RANGE
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _per_channel_intra(q, k, v, L, run, C):
+  """The intra-chunk term for a per-channel decay: factored (`_factored_intra`) when every chunk's
+  decay is within FACTORED_RANGE (GLA's gates: a few units over 64 steps), else block halving
+  (`_halving_intra`, exact at any strength), chosen at run time. The factored form always runs (a
+  fused pass of the common case; out of its range its values are discarded by a select, never
+  multiplied); halving runs under a `lax.cond` only when needed. A custom VJP does the same in the
+  backward: autodiff of `lax.cond` would keep the residuals of both forms."""
+  return _per_channel_intra_fwd(q, k, v, L, run, C)[0]
+
+
+def _per_channel_intra_fwd(q, k, v, L, run, C):
+  fits = _factored_fits(L, C)
+  o, saved = _factored_intra(q, k, v, L, run, C)
+  strong = jax.lax.cond(fits, lambda: jnp.zeros_like(o), lambda: _halving_intra(q, k, v, L, run, C))
+  return jnp.where(fits, o, strong), (q, k, v, L, run, saved)
+
+
+def _per_channel_intra_bwd(C, res, ct):
+  q, k, v, L, run, saved = res
+  fits = _factored_fits(L, C)
+  factored = _factored_intra_bwd(saved, v, run, C, ct)
+  strong = jax.lax.cond(fits, lambda: tuple(map(jnp.zeros_like, (q, k, v, L))),
+                        lambda: jax.vjp(lambda *a: _halving_intra(*a, run, C), q, k, v, L)[1](ct))
+  return tuple(jnp.where(fits, a, b) for a, b in zip(factored, strong, strict=True)) + (None,)
+
+
+_per_channel_intra.defvjp(_per_channel_intra_fwd, _per_channel_intra_bwd)
+
+
 def parallel(q, k, v, g, run, state0):
   """The masked quadratic form with cumulative log decays Λ; the final state from the last run."""
   B, N, T, F = q.shape
@@ -181,7 +273,13 @@ def chunked(q, k, v, g, run, state0, *, chunk_size):
 
   # Intra-chunk: causal quadratic form with local cumulative decays (all exponents ≤ 0).
   if per_channel:
-    o = _halving_intra(q, k, v, L.reshape(q.shape), run, C)
+    L_flat = L.reshape(q.shape)
+    if any(isinstance(x, ad.JVPTracer) for x in (q, k, v, L_flat)):
+      # Forward-mode autodiff (jax.jvp) cannot enter a custom VJP: the plain halving form then.
+      o = _halving_intra(q, k, v, L_flat, run, C)
+    else:
+      o = _per_channel_intra(q, k, v, L_flat, run, C)
+    o = o.reshape(vc.shape)
   else:
     visible = jnp.tril(jnp.ones((C, C), bool))
     if runc is not None:

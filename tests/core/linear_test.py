@@ -9,6 +9,7 @@ import pytest
 
 import attnjax as aj
 from attnjax.core import linear
+from attnjax.core import linear_forms
 from tests import tolerances
 
 IMPLS = ("xla", "parallel")
@@ -115,6 +116,51 @@ def test_strong_per_channel_decay_over_long_chunks(packed):
   _assert_rel(state, ref_state, tolerances.REL_RMS[jnp.float32])
   for a, b in zip(grads, ref_grads, strict=True):
     _assert_rel(a, b, tolerances.GRAD_REL_RMS[jnp.float32])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_per_channel_factored_and_halving_forms_agree(packed, monkeypatch):
+  # Per-channel gates within FACTORED_RANGE take the factored intra-chunk form (its hand-written
+  # backward); a range of -1 sends the same inputs through block halving. Both equal the recurrence in
+  # outputs, final state and gradients to q, k, v, the gates and the initial state.
+  q, k, v, decays = _inputs(B=2, T=45, N=2, K=2, F=8, h=4, seed=8)
+  B, T, N, F = q.shape
+  seg = _seg(B, T) if packed else None
+  s0 = jax.random.normal(jax.random.PRNGKey(9), (B, N, F, v.shape[-1]))
+
+  def grads(impl):
+    def loss(q, k, v, g, s0):
+      out, state = aj.gated_linear_attention(q, k, v, log_decay=g, initial_state=s0, segment_ids=seg,
+                                             return_final_state=True, chunk_size=16,
+                                             implementation=impl)
+      return jnp.sum(out * jnp.sin(out)) + jnp.sum(state ** 2), (out, state)
+    # A fresh function per call: jit caches by function, and the range is read while tracing.
+    return jax.jit(lambda *a: jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(*a))(
+        q, k, v, decays["per_dim"], s0)
+
+  ref = grads("reference")
+  factored = grads("xla")
+  monkeypatch.setattr(linear_forms, "FACTORED_RANGE", -1.0)
+  halving = grads("xla")
+  for got in (factored, halving):
+    (g, (out, state)), (g_ref, (out_ref, state_ref)) = got, ref
+    _assert_rel(out, out_ref, tolerances.REL_RMS[jnp.float32])
+    _assert_rel(state, state_ref, tolerances.REL_RMS[jnp.float32])
+    for a, b in zip(g, g_ref, strict=True):
+      _assert_rel(a, b, tolerances.GRAD_REL_RMS[jnp.float32])
+
+
+def test_per_channel_forward_mode_autodiff():
+  # jax.jvp cannot enter the factored form's custom VJP: the chunked form then takes block halving.
+  q, k, v, decays = _inputs(B=1, T=21, N=2, K=2, F=8, h=4, seed=10)
+  g = decays["per_dim"]
+  tangents = tuple(jax.random.normal(jax.random.PRNGKey(11 + i), x.shape) for i, x in
+                   enumerate((q, k, v, g)))
+  f = lambda impl: (lambda q, k, v, g: aj.gated_linear_attention(q, k, v, log_decay=g, chunk_size=8,
+                                                                 implementation=impl))
+  _, tangent = jax.jvp(f("xla"), (q, k, v, g), tangents)
+  _, ref = jax.jvp(f("reference"), (q, k, v, g), tangents)
+  _assert_rel(tangent, ref, tolerances.GRAD_REL_RMS[jnp.float32])
 
 
 def test_prefill_then_steps_equal_full():
