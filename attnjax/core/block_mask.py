@@ -134,8 +134,13 @@ class BlockMask:
   @classmethod
   def from_classes(cls, classes, *, seq_lengths, block_size, mask_mod=None,
                    varies=(False, False)) -> "BlockMask":
-    """Builds the index form from dense tile classes `[Bm, Nm, nq, nkv]` (numpy: static)."""
+    """Builds the index form from dense tile classes `[Bm, Nm, nq, nkv]` (numpy: static). When the
+    key length is not a multiple of `block_kv`, FULL tiles of the last key block become PARTIAL: that
+    block holds padding keys, which the implementations hide on partial tiles only."""
     xp = np if isinstance(classes, np.ndarray) else jnp
+    if seq_lengths[1] % block_size[1]:
+      tail = xp.where(classes[..., -1] == FULL, PARTIAL, classes[..., -1])
+      classes = xp.concatenate([classes[..., :-1], tail[..., None].astype(classes.dtype)], axis=-1)
 
     def indices(kind):
       hit = classes == kind

@@ -15,8 +15,8 @@ Implementations:
              (`flex_xla.py`).
   pallas_triton  the same algorithm as Pallas kernels lowered through Triton (forward; dq and dk/dv
              backward), listed for GPUs only; named on a CPU it runs in Pallas' interpret mode
-             (`kernels/flex_triton.py`). Mods it cannot compile raise NotImplementedError, so
-             automatic dispatch falls back to `xla`.
+             (`kernels/flex_triton.py`). Mods it cannot compile, and q, k, v of different dtypes,
+             raise NotImplementedError, so automatic dispatch falls back to `xla`.
   pallas_mosaic_gpu  FlashAttention-3-style forward for Hopper GPUs through Pallas' Mosaic GPU (TMA
              pipeline, wgmma; `kernels/flex_mosaic_gpu.py`), backward by the pallas_triton kernels:
              softmax, bf16/fp16, head dims 64/128/256, static block masks, index-arithmetic mask_mods,
@@ -24,7 +24,8 @@ Implementations:
   cpu_flash  a fused C++ FlashAttention-2 forward and backward behind `jax.ffi` (`kernels/cpu/`,
              built by `make` / `python -m attnjax.kernels.cpu.build`), the CPU default: softmax, any
              mask (evaluated in JAX on the partial tiles only), no score_mod; NotImplementedError (so
-             `xla` serves) otherwise, or when the library is not built.
+             `xla` serves) otherwise, or when the library is not built (it needs a C++ compiler and an
+             x86-64 CPU with AVX: elsewhere the build fails and `xla` serves).
 
 Paper: Dong et al., "Flex Attention: A Programming Model for Generating Optimized Attention Kernels",
 arXiv:2412.05496; the tiling is FlashAttention-2 (Dao, arXiv:2307.08691).
@@ -36,7 +37,6 @@ from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
-from jax.interpreters import ad
 
 from attnjax.core import block_mask as bm
 from attnjax.core import checks
@@ -69,8 +69,8 @@ def flex_attention(q: Query, k: Key, v: Value, *, score_mod: Optional[ScoreMod] 
     normalizer: "softmax" or another registered `Normalizer` (see `normalizers`).
     scale: multiplies q·k; defaults to `H ** -0.5`.
     return_residuals: also return `lse: [B, T, N]` (float32).
-    implementation: "pallas_triton", "pallas_mosaic_gpu", "xla", "reference", or None for the best
-      available.
+    implementation: "cpu_flash", "pallas_triton", "pallas_mosaic_gpu", "xla", "reference", or None
+      for the first that serves the input on this platform (module docstring).
 
   Returns:
     `[B, T, N, h]` in q's dtype, and `lse` when `return_residuals`.
@@ -109,7 +109,7 @@ def _forward_mode_implementation(implementation, *arrays):
   """The implementation to use when `arrays` may be under forward-mode autodiff (`jax.jvp`,
   `jax.jacfwd`): the tiled implementations define a custom VJP (reverse mode only), so automatic
   dispatch takes the dense `reference` there, and a named tiled one is a clear error."""
-  if not any(isinstance(x, ad.JVPTracer) for x in arrays):
+  if not implementations.under_forward_mode(*arrays):
     return implementation
   if implementation in (None, "reference"):
     return "reference"

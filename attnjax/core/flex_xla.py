@@ -259,9 +259,11 @@ def xla_flex_attention(q, k, v, *, score_mod, mask_mod, block_mask, normalizer, 
     bq, bk = min(bq, _round_up(T, 8)), min(bk, _round_up(S, 8))
     block_mask = bm.create_block_mask(mask_mod, B, N, T, S, block_q=bq, block_kv=bk)
   bq, bk = block_mask.block_size
+  dtype = q.dtype
   if not isinstance(scale, (int, float, np.floating)):
-    # A traced scale folds into q so that autodiff reaches it; the kernel's scale stays static.
-    q, scale = q * scale, 1.0
+    # A traced scale folds into q (in float32, so neither is rounded to q's dtype nor promotes the
+    # output) so that autodiff reaches it; the kernel's scale stays static.
+    q, scale = q.astype(jnp.float32) * jnp.asarray(scale, jnp.float32), 1.0
   lists = _union_over_heads(block_mask)
   Bm = lists[0].shape[0]
   Tp, Sp = _round_up(T, bq), _round_up(S, bk)
@@ -296,7 +298,7 @@ def xla_flex_attention(q, k, v, *, score_mod, mask_mod, block_mask, normalizer, 
       o, s = _chunked(cfg, qb[None], kb[None], vb[None], bb[None], lb, score_consts, mask_consts)
       return o[0], s[0]
     out, lse = jax.vmap(one)(qf, kf, vf, b_ids, lists)
-  out = out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, hv)[:, :T].astype(q.dtype)
+  out = out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, hv)[:, :T].astype(dtype)
   lse = lse.transpose(0, 3, 1, 2).reshape(B, Tp, N)[:, :T]
   return out, lse
 

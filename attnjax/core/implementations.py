@@ -7,11 +7,19 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import jax
+from jax.interpreters import ad
 
 
 def current_platform() -> str:
   """The default JAX backend, e.g. "cpu" or "gpu"."""
   return jax.default_backend()
+
+
+def under_forward_mode(*arrays) -> bool:
+  """Whether any of `arrays` (None skipped) is traced for forward-mode autodiff (`jax.jvp`,
+  `jax.jacfwd`, `jax.hessian`), which cannot enter a custom VJP: the tiled implementations then
+  raise `NotImplementedError` (or take a plain form), so that automatic dispatch falls through."""
+  return any(isinstance(x, ad.JVPTracer) for x in arrays if x is not None)
 
 
 def dispatch(op: str, table: Sequence[tuple[str, Callable, Sequence[str]]],

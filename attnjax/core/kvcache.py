@@ -144,7 +144,8 @@ def split_k_attention(q: Query, k: Key, v: Value, *, split_size: int, q_offset=0
     implementation: flex_attention implementation for the chunks; `"pallas_triton"` without an
       `extra_mask` runs the whole split-K in one Pallas kernel (`attnjax.kernels.decode_triton`,
       interpret mode on a CPU), whose chunks are rounded to whole key tiles (the merge is exact, so
-      only rounding differs).
+      only rounding differs); where the kernel does not serve the input (forward-mode autodiff, more
+      than its query rows per kv head) the chunks run on flex's default.
 
   Returns:
     `[B, T, N, h]` in q's dtype.
@@ -156,9 +157,12 @@ def split_k_attention(q: Query, k: Key, v: Value, *, split_size: int, q_offset=0
   if implementation == "pallas_triton" and extra_mask is None:
     # Imported here: the core package does not load Pallas unless a kernel is asked for.
     from attnjax.kernels import decode_triton  # pylint: disable=import-outside-toplevel
-    return decode_triton.decode_attention(q, k, v, kv_lengths=kv_lengths, q_offset=q_offset,
-                                          causal=causal, scale=scale, num_splits=splits,
-                                          implementation=implementation)
+    try:
+      return decode_triton.decode_attention(q, k, v, kv_lengths=kv_lengths, q_offset=q_offset,
+                                            causal=causal, scale=scale, num_splits=splits,
+                                            implementation=implementation)
+    except NotImplementedError:   # not served by the kernel (jax.jvp, a long query block)
+      implementation = None       # the chunks below, on flex's default
   pad = splits * split_size - S
   chunked = lambda x: jnp.moveaxis(
       jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, splits, split_size, K, -1), 1, 0)

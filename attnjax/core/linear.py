@@ -142,7 +142,8 @@ def gated_linear_attention(q: Query, k: Key, v: Value, *, log_decay=None, normal
   Args:
     q: `[B,T,N,F]` feature-mapped queries. k: `[B,S,K,F]` feature-mapped keys. v: `[B,S,K,h]`.
       K divides N (GQA). Causal needs T == S.
-    log_decay: None, `[B,T,N]` or `[B,T,N,F]`: log of the gate G_t (≤ 0 for a decay).
+    log_decay: None, `[B,T,N]` or `[B,T,N,F]`: log of the gate G_t (≤ 0 for a decay; values below
+      `LOG_DECAY_FLOOR` = -30 count as -30, i.e. G_t ≈ 1e-13 for G_t = 0).
     normalize: divide by `q_t · z_t` (linear attention's normalizer); rows with zero normalizer
       give zeros.
     causal: the recurrence (True) or the non-causal `Q (Kᵀ V)` (False).
@@ -174,7 +175,7 @@ def gated_linear_attention(q: Query, k: Key, v: Value, *, log_decay=None, normal
     vh = jnp.concatenate([vh, jnp.ones(vh.shape[:-1] + (1,), _F32)], axis=-1)
   g = None
   if log_decay is not None:
-    g = jnp.swapaxes(log_decay.astype(_F32), 1, 2)
+    g = jnp.swapaxes(_floored(log_decay), 1, 2)
     g = g[..., None] if g.ndim == 3 else g
   if kv_lengths is not None:
     real = contract.valid_slots(B, S, kv_lengths)[:, None, :, None]
@@ -199,6 +200,17 @@ def gated_linear_attention(q: Query, k: Key, v: Value, *, log_decay=None, normal
     o = normalize_output(o)
   o = jnp.swapaxes(o, 1, 2).astype(q.dtype)
   return (o, S_T) if return_final_state else o
+
+
+# Log decays below this count as it: a factor e^-30 ≈ 1e-13 is zero next to any unit term at float32
+# precision (ε ≈ 6e-8), and the chunked forms' exponents are differences of cumulative sums, whose
+# float32 error grows with their size (one step of -1e4 would cost later, weakly decayed pairs of its
+# chunk ~1e-2 absolute error); a gate of -inf (a hard reset) stays finite.
+LOG_DECAY_FLOOR = -30.0
+
+
+def _floored(log_decay):
+  return jnp.maximum(log_decay.astype(_F32), LOG_DECAY_FLOOR)
 
 
 def normalize_output(o):
@@ -233,7 +245,7 @@ def gated_linear_attention_step(q: TokenQuery, k: TokenKey, v: TokenValue, state
     vt = jnp.concatenate([vt, jnp.ones(vt.shape[:-1] + (1,), _F32)], axis=-1)
   S = state.astype(_F32)
   if log_decay is not None:
-    gd = log_decay.astype(_F32)
+    gd = _floored(log_decay)
     S = jnp.exp(gd[..., None] if gd.ndim == 3 else gd[..., None, None]) * S
   S = S + kt[..., :, None] * vt[..., None, :]
   o = jnp.einsum("bnf,bnfh->bnh", q.astype(_F32) * scale, S)

@@ -27,7 +27,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.interpreters import ad
+
+from attnjax.core import implementations
 
 __all__ = ["chunked", "masked_scores", "parallel", "recurrent"]
 
@@ -274,7 +275,7 @@ def chunked(q, k, v, g, run, state0, *, chunk_size):
   # Intra-chunk: causal quadratic form with local cumulative decays (all exponents ≤ 0).
   if per_channel:
     L_flat = L.reshape(q.shape)
-    if any(isinstance(x, ad.JVPTracer) for x in (q, k, v, L_flat)):
+    if implementations.under_forward_mode(q, k, v, L_flat):
       # Forward-mode autodiff (jax.jvp) cannot enter a custom VJP: the plain halving form then.
       o = _halving_intra(q, k, v, L_flat, run, C)
     else:

@@ -28,7 +28,12 @@ cache), so a tile may span several pages and any page size works (FlashInfer's p
 
 Each operator has an implementation table: `"pallas_triton"` (the kernel; listed for "gpu", and run
 in Pallas' interpret mode when named on a CPU) and `"reference"` (gather pages, dense masked softmax in
-float32).
+float32). The kernel computes the forward only; its VJP is the reference's (recomputed densely:
+decode is inference, but `jax.grad` through it works). It raises `NotImplementedError` (automatic
+dispatch then takes the reference) under forward-mode autodiff and for more than `MAX_QUERY_ROWS`
+query rows per kv head (T·G: its query tile is one block); a traced `scale` is folded into q. Dots
+take the inputs' dtype (bf16 queries read a float32 cache as bf16) and accumulate in float32; float32
+dots may run in TF32 on the GPU.
 
 Papers: Sanovar et al., "Lean Attention: Hardware-Aware Scalable Attention Mechanism for the
 Decode-Phase of Transformers", arXiv:2405.10480; Ye et al., "FlashInfer: Efficient and Customizable
@@ -43,10 +48,12 @@ from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attnjax.core import checks
+from attnjax.core import implementations
 from attnjax.core.implementations import dispatch
 from attnjax.core.merge import merge_attention_states
 from attnjax.kernels import platform
@@ -58,6 +65,8 @@ __all__ = ["decode_attention", "paged_decode_attention", "reference_decode_atten
 KERNEL = "decode_triton"
 # Keys per split when `num_splits` is not given (the same default as `core.kvcache`).
 DEFAULT_SPLIT_SIZE = 512
+# Most query rows (T·G: query steps times the heads sharing a kv head) the kernel holds in one tile.
+MAX_QUERY_ROWS = 128
 
 # A pool of P pages of keys / values, and each row's page numbers in order.
 KeyPages = Float[Array, "P page_size K H"]
@@ -196,10 +205,38 @@ def _kernel(lens_ref, offs_ref, q_ref, *refs, n_kv, loader, **kw):
   _split_partials(lens_ref, offs_ref, q_ref, o_ref, lse_ref, load_kv=loader(*kv_refs), **kw)
 
 
+def _rows_and_scale(op, q, K, scale):
+  """Raises NotImplementedError for what the kernel does not serve (forward-mode autodiff; more than
+  MAX_QUERY_ROWS query rows per kv head); folds a traced `scale` into q (the kernel's is static)."""
+  if implementations.under_forward_mode(q):
+    raise NotImplementedError(f"{op}: pallas_triton differentiates in reverse mode only (a custom "
+                              "VJP); for forward-mode autodiff use implementation='reference'")
+  rows = q.shape[1] * (q.shape[2] // K)
+  if rows > MAX_QUERY_ROWS:
+    raise NotImplementedError(f"{op}: pallas_triton holds the T·G = {rows} query rows of a kv head in "
+                              f"one tile (at most {MAX_QUERY_ROWS}); use flex attention for prefill")
+  if isinstance(scale, (int, float, np.floating)):
+    return q, float(scale)
+  return q * jnp.asarray(scale, q.dtype), 1.0
+
+
+def _lengths_and_offsets(B, S, kv_lengths, q_offset):
+  lens = jnp.full((B,), S, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+  return lens, jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
+
+
 def _pallas_decode(q, k, v, *, kv_lengths, q_offset, causal, scale, num_splits, block_k):
+  q, scale = _rows_and_scale("decode_attention", q, k.shape[2], scale)
+  lens, offs = _lengths_and_offsets(q.shape[0], k.shape[1], kv_lengths, q_offset)
+  return _decode_call((causal, scale, num_splits, block_k), q, k, v, lens, offs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _decode_call(settings, q, k, v, lens, offs):
+  causal, scale, num_splits, block_k = settings
   B, S, K, H = k.shape
   h = v.shape[3]
-  qt, lens, offs, splits, geometry, tiles = _prepare("decode_attention", q, S, kv_lengths, q_offset,
+  qt, lens, offs, splits, geometry, tiles = _prepare("decode_attention", q, S, lens, offs,
                                                      num_splits, block_k, K)
   # Whole `[S, H]` slab of one (row, kv head): the kernel reads only the tiles it needs from it.
   kv_specs = [pl.BlockSpec((None, S, None, d), lambda b, j, c: (b, 0, j, 0)) for d in (H, h)]
@@ -210,18 +247,60 @@ def _pallas_decode(q, k, v, *, kv_lengths, q_offset, causal, scale, num_splits, 
 
 def _pallas_paged(q, k_pages, v_pages, page_table, *, kv_lengths, q_offset, causal, scale, num_splits,
                   block_k):
+  q, scale = _rows_and_scale("paged_decode_attention", q, k_pages.shape[2], scale)
+  lens, offs = _lengths_and_offsets(q.shape[0], page_table.shape[1] * k_pages.shape[1], kv_lengths,
+                                    q_offset)
+  return _paged_call((causal, scale, num_splits, block_k), q, k_pages, v_pages,
+                     page_table.astype(jnp.int32), lens, offs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _paged_call(settings, q, k_pages, v_pages, page_table, lens, offs):
+  causal, scale, num_splits, block_k = settings
   P, page_size, K, H = k_pages.shape
   h = v_pages.shape[3]
   max_pages = page_table.shape[1]
   qt, lens, offs, splits, geometry, tiles = _prepare("paged_decode_attention", q, max_pages * page_size,
-                                                     kv_lengths, q_offset, num_splits, block_k, K)
+                                                     lens, offs, num_splits, block_k, K)
   kv_specs = [pl.BlockSpec((None, max_pages), lambda b, j, c: (b, 0))]
   kv_specs += [pl.BlockSpec((P, page_size, None, d), lambda b, j, c: (0, 0, j, 0)) for d in (H, h)]
   loader = lambda t_ref, k_ref, v_ref: _tile_loader(k_ref, v_ref, H, h, qt.shape[3], _pow2(h),
                                                     page_ref=t_ref, page_size=page_size)
-  return _run(q, qt, lens, offs, (page_table.astype(jnp.int32), k_pages, v_pages), kv_specs,
+  return _run(q, qt, lens, offs, (page_table, k_pages, v_pages), kv_specs,
               splits=splits, geometry=geometry, tiles=tiles, K=K, h=h, scale=scale, causal=causal,
               loader=loader)
+
+
+# The kernels compute the forward only (a Pallas call has no derivative rule): their VJPs are the
+# dense references' (recomputed in float32 in the backward), so jax.grad through decode works.
+def _decode_vjp_fwd(settings, q, k, v, lens, offs):
+  return _decode_call(settings, q, k, v, lens, offs), (q, k, v, lens, offs)
+
+
+def _decode_vjp_bwd(settings, res, ct):
+  q, k, v, lens, offs = res
+  causal, scale = settings[:2]
+  _, vjp = jax.vjp(lambda q, k, v: reference_decode_attention(
+      q, k, v, kv_lengths=lens, q_offset=offs, causal=causal, scale=scale), q, k, v)
+  return vjp(ct) + (None, None)
+
+
+def _paged_vjp_fwd(settings, q, k_pages, v_pages, page_table, lens, offs):
+  return (_paged_call(settings, q, k_pages, v_pages, page_table, lens, offs),
+          (q, k_pages, v_pages, page_table, lens, offs))
+
+
+def _paged_vjp_bwd(settings, res, ct):
+  q, k_pages, v_pages, page_table, lens, offs = res
+  causal, scale = settings[:2]
+  _, vjp = jax.vjp(lambda q, k, v: reference_paged_decode_attention(
+      q, k, v, page_table, kv_lengths=lens, q_offset=offs, causal=causal, scale=scale),
+      q, k_pages, v_pages)
+  return vjp(ct) + (None, None, None)
+
+
+_decode_call.defvjp(_decode_vjp_fwd, _decode_vjp_bwd)
+_paged_call.defvjp(_paged_vjp_fwd, _paged_vjp_bwd)
 
 
 def reference_decode_attention(q: Query, k: Key, v: Value, *, kv_lengths: Optional[Lengths] = None,

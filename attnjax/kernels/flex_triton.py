@@ -249,6 +249,10 @@ def flex_triton_attention(q: Query, k: Key, v: Value, *, score_mod: Optional[Sco
   """
   B, T, N, H = q.shape
   S, K, hv = k.shape[1], k.shape[2], v.shape[3]
+  if not q.dtype == k.dtype == v.dtype:
+    # Triton's dot takes one element type (interpret mode would accept the mix; CUDA lowering not).
+    raise NotImplementedError(f"pallas_triton: q, k, v dtypes differ ({q.dtype}, {k.dtype}, "
+                              f"{v.dtype})")
   Hp, hp = pow2(H), pow2(hv)
   sizes = platform.block_sizes(KERNEL, head_dim=Hp, dtype=q.dtype)
   if block_mask is None:

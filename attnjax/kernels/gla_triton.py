@@ -45,13 +45,15 @@ the initial state belongs to the first run), only the chunk's last run writes th
 that ends in a new run drops the carried state (its factor e^{Λ_C} becomes 0). The gradient formulas
 hold with the same masks (dΛ_C is still Σ_j S'_·j dS_·j).
 
-Supported: no decay, scalar or per-channel log decay, packed runs, an initial state, any T, F and hv
-(padded to tiles of powers of two ≥ 16, Triton's smallest dot; a padded step has k = v = 0, log decay 0
-and the last step's run, so it leaves the state unchanged). Matmuls keep float32 accuracy: TF32x3 on
-the tensor cores when compiled, IEEE float32 in interpret mode (the forms are compared at float32
-tolerances). Not run or measured on a GPU yet: the tile table's row is a default. On a CPU the kernels
-run in Pallas' interpret mode (`kernels.platform`), slowly: automatic dispatch lists the kernel for
-"gpu" only.
+Supported: no decay, scalar or per-channel log decay, packed runs, an initial state, any T and hv, F up
+to `MAX_FEATURES` (padded to tiles of powers of two ≥ 16, Triton's smallest dot; a padded step has k =
+v = 0, log decay 0 and the last step's run, so it leaves the state unchanged). Matmuls keep float32
+accuracy: TF32x3 on the tensor cores when compiled, IEEE float32 in interpret mode (the forms are
+compared at float32 tolerances). Not run or measured on a GPU yet: the tile table's row is a default.
+On a CPU the kernels run in Pallas' interpret mode (`kernels.platform`), slowly: automatic dispatch
+lists the kernel for "gpu" only. `NotImplementedError` (automatic dispatch then takes `xla`): F >
+MAX_FEATURES, and forward-mode autodiff (the custom VJP is reverse mode only; differentiating the
+backward again, as grad of grad does, is not supported either).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from attnjax.core import implementations
 from attnjax.kernels import platform
 
 __all__ = ["chunked", "KERNEL"]
@@ -75,6 +78,8 @@ CHANNEL_CHUNK = 16
 # Largest chunk with a scalar gate or none: the [C, C] scores and [C, F] q, k tiles stay in registers
 # (fla's chunk of 64).
 MAX_CHUNK = 64
+# Largest (padded) feature width: the [F, block_v] state and the [C, F] q, k tiles are not tiled over F.
+MAX_FEATURES = 256
 
 
 def _pow2(n: int) -> int:
@@ -313,7 +318,14 @@ def chunk_length(chunk_size: int, T: int, gate: str) -> int:
 
 def chunked(q, k, v, g, run, state0, *, chunk_size):
   """The chunked form (signature and results of `linear_forms.chunked`) as Pallas Triton kernels."""
+  if implementations.under_forward_mode(q, k, v, g, state0):
+    raise NotImplementedError(
+        "pallas_triton differentiates in reverse mode only (a custom VJP); for forward-mode autodiff "
+        "(jax.jvp, jax.jacfwd) use implementation='xla' or None, which picks it")
   B, N, T, F = q.shape
+  if _pow2(F) > MAX_FEATURES:
+    raise NotImplementedError(f"pallas_triton: feature width {F} > {MAX_FEATURES} is not tiled (the "
+                              f"[F, block_v] state stays in registers); 'xla' serves it")
   hv = v.shape[-1]
   gate = "none" if g is None else ("scalar" if g.shape[-1] == 1 else "channel")
   C = chunk_length(chunk_size, T, gate)

@@ -169,7 +169,8 @@ def evaluate(mod: Mod, refs, args, deltas=None):
     value = refs[t][jnp.clip(flat, 0, max(1, math.prod(shape)) - 1)]
     if jnp.issubdtype(dtype, jnp.inexact):
       if deltas is not None:
-        value = value + deltas[len(loads)]
+        # In float32 (the deltas' dtype), then back: the mod's jaxpr was traced for the table's dtype.
+        value = (value.astype(jnp.float32) + deltas[len(loads)]).astype(dtype)
       loads.append((t, flat))
     return value
 

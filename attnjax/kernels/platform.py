@@ -23,10 +23,11 @@ __all__ = ["on_platform", "lower_for_cuda", "block_sizes", "BLOCK_SIZES", "DEFAU
 
 
 def on_platform(call: Callable[..., Any], *args):
-  """`call(*args, interpret=...)`: the compiled kernel where the program is lowered for CUDA, Pallas'
-  interpret mode where it is lowered for CPU."""
+  """`call(*args, interpret=...)`: the compiled kernel where the program is lowered for CUDA or ROCm
+  (both through Triton), Pallas' interpret mode where it is lowered for CPU."""
+  compiled = functools.partial(call, interpret=False)
   return jax.lax.platform_dependent(*args, cpu=functools.partial(call, interpret=True),
-                                    cuda=functools.partial(call, interpret=False))
+                                    cuda=compiled, rocm=compiled)
 
 
 def lower_for_cuda(fn: Callable[..., Any], *args, **kwargs) -> str:

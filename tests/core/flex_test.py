@@ -398,3 +398,19 @@ def test_forward_mode_autodiff_takes_the_reference_or_names_it():
   np.testing.assert_allclose(auto[1], numeric, **tolerances.CENTRAL_DIFFERENCE_FP32)
   with pytest.raises(ValueError, match="implementation='reference'"):
     jax.jvp(run("xla"), (q,), (tangent,))
+
+
+@pytest.mark.parametrize("implementation", [None, "xla", "reference"])
+def test_traced_float32_scale_keeps_the_input_dtype(implementation):
+  # A learned temperature (a float32 array) with bf16 inputs: the output stays bf16 and equals the
+  # float32 computation with that scale (None: flex's CPU default, cpu_flash where it is built).
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 13, 2, 8)), jnp.bfloat16) for _ in range(3))
+  scale = jnp.float32(0.2)
+  out = jax.jit(lambda q, k, v, s: flex.flex_attention(
+      q, k, v, mask_mod=masks.causal(), scale=s, implementation=implementation))(q, k, v, scale)
+  want = flex.flex_attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask_mod=masks.causal(),
+                             scale=0.2, implementation="reference")
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want),
+                             **tolerances.output(jnp.bfloat16))

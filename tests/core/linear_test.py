@@ -163,6 +163,22 @@ def test_per_channel_forward_mode_autodiff():
   _assert_rel(tangent, ref, tolerances.GRAD_REL_RMS[jnp.float32])
 
 
+@pytest.mark.parametrize("impl", ("xla", "parallel", "pallas_triton"))
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "channel"])
+def test_one_strong_or_infinite_decay_step_stays_accurate(impl, per_channel):
+  # A single huge (or -inf: a hard reset) log decay among weak ones: the chunked forms' exponents are
+  # differences of cumulative sums, accurate only because the front end floors the log decay at
+  # LOG_DECAY_FLOOR (unfloored, a -1e4 step cost later pairs of its chunk ~1e-2; -inf gave NaN).
+  q, k, v, _ = _inputs(B=1, T=20, N=2, K=2, F=4, h=3, seed=12)
+  shape = q.shape if per_channel else q.shape[:3]
+  for strong in (-1e4, -jnp.inf):
+    g = jnp.full(shape, -0.01).at[:, 2].set(strong)
+    out = gla(q, k, v, log_decay=g, chunk_size=16, implementation=impl)
+    ref = gla(q, k, v, log_decay=g, chunk_size=16, implementation="reference")
+    chex.assert_tree_all_finite(out)
+    _assert_rel(out, ref, tolerances.REL_RMS[jnp.float32])
+
+
 def test_prefill_then_steps_equal_full():
   q, k, v, decays = _inputs()
   g = decays["per_dim"]

@@ -202,3 +202,42 @@ def test_annotations_hold():
   with pytest.raises(jaxtyping.TypeCheckError):   # the value pages' page size is the key pages'
     jax.eval_shape(checked(decode_triton.paged_decode_attention), q, k_pages, v_pages[:, :2],
                    table, lengths)
+
+
+def test_gradients_through_the_kernels_are_the_references():
+  # The kernels compute the forward only; jax.grad through them takes the dense reference's VJP.
+  q, k, v, lengths, offsets = _inputs("gqa_t3")
+  k_pages, v_pages, table = _paged(k, v)
+  w = _normal(7, (B, 3, 4, 8), jnp.float32)
+
+  def grads(call, *kv):
+    return jax.jit(jax.grad(lambda q, *kv: jnp.sum(call(q, *kv, lengths, offsets) * w),
+                            argnums=(0, 1, 2)))(q, *kv)
+
+  for kernel, reference, kv in ((_kernel, _reference, (k, v)),
+                                (_paged_kernel, _paged_reference, (k_pages, v_pages, table))):
+    got, want = grads(kernel, *kv), grads(reference, *kv)
+    for a, b in zip(got, want, strict=True):
+      np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(b), **tolerances.grad(jnp.float32))
+    assert np.isfinite(got[0]).all()
+
+
+def test_traced_scale_and_unserved_inputs():
+  q, k, v, lengths, offsets = _inputs("gqa_t3")
+  scaled = jax.jit(lambda q, k, v, s: decode_triton.decode_attention(
+      q, k, v, kv_lengths=lengths, q_offset=offsets, causal=True, scale=s,
+      implementation="pallas_triton", **SETTINGS))
+  want = decode_triton.decode_attention(q, k, v, kv_lengths=lengths, q_offset=offsets, causal=True,
+                                        scale=0.3, implementation="reference")
+  _check(scaled(q, k, v, 0.3), want, jnp.float32)
+  # More query rows per kv head than one tile holds, and jax.jvp: not served by the kernel (named:
+  # a clear error; split_k_attention then runs its chunks on flex).
+  long_q = jnp.zeros((1, decode_triton.MAX_QUERY_ROWS, 4, 12))
+  with pytest.raises(NotImplementedError, match="query rows"):
+    decode_triton.decode_attention(long_q, k[:1], v[:1], implementation="pallas_triton")
+  f = lambda q: kvcache.split_k_attention(q, k, v, split_size=14, q_offset=offsets,
+                                          kv_lengths=lengths, causal=True,
+                                          implementation="pallas_triton")
+  _, tangent = jax.jvp(f, (q,), (q,))
+  _, ref = jax.jvp(lambda q: _reference(q, k, v, lengths, offsets), (q,), (q,))
+  _check(tangent, ref, jnp.float32)

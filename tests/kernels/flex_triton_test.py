@@ -58,7 +58,15 @@ EMPTY_ROWS_SOFTPICK = Case(
     mods=lambda p, c: (None, masks.padding(kv_lengths=c["kv_len"], q_lengths=c["q_len"])),
     consts=lambda rng: {"kv_len": np.array([15, 0], np.int32), "q_len": np.array([11, 19], np.int32)},
     normalizer="softpick")
-CASES = [CAUSAL_BIAS, WINDOW_DOCUMENTS, EMPTY_ROWS_SOFTPICK,
+# A bf16 learned bias with bf16 arithmetic inside score_mod (a mixed-precision model's mod): the
+# kernel's captured-array gradient must keep the mod's dtypes.
+BF16_PARAMS = Case(
+    "bf16_params_in_bf16_arithmetic",
+    mods=lambda p, c: (lambda s, b, n, qi, ki: s + (p["bias"][0, n, qi, ki] * 2).astype(jnp.float32),
+                       masks.causal()),
+    params=lambda rng: {"bias": jnp.asarray(rng.normal(size=(1, N, T, S)), jnp.bfloat16)},
+    dtype=jnp.bfloat16)
+CASES = [CAUSAL_BIAS, WINDOW_DOCUMENTS, EMPTY_ROWS_SOFTPICK, BF16_PARAMS,
          dataclasses.replace(WINDOW_DOCUMENTS, name="sigmoid_window_documents", normalizer="sigmoid"),
          dataclasses.replace(CAUSAL_BIAS, name="bf16_causal_bias", dtype=jnp.bfloat16)]
 
@@ -149,3 +157,23 @@ def test_what_it_cannot_compile_raises_not_implemented():
     with pytest.raises(NotImplementedError, match="pallas_triton"):
       jax.eval_shape(lambda q, k, v, kwargs=kwargs: flex.flex_attention(
           q, k, v, implementation="pallas_triton", **kwargs), q, k, v)
+
+
+def test_user_built_block_mask_with_full_tail_tile():
+  # Every tile FULL while S = 23 is not a multiple of 16: the last key block holds padding keys, so
+  # from_classes must make its tiles PARTIAL (the implementations hide padding there only).
+  (q, k, v), _, _, _ = _inputs(CAUSAL_BIAS)
+  block_mask = bm.BlockMask.from_classes(np.full((1, 1, 2, 2), bm.FULL, np.int32),
+                                         seq_lengths=(T, S), block_size=(16, 16))
+  want = flex.flex_attention(q, k, v, implementation="reference")
+  for impl in ("pallas_triton", "xla"):
+    got = flex.flex_attention(q, k, v, block_mask=block_mask, implementation=impl)
+    chex.assert_trees_all_close(got, want, **tolerances.output(jnp.float32))
+
+
+def test_mixed_dtypes_raise_not_implemented():
+  # Triton's dot takes one element type: interpret mode would run it, CUDA lowering would not.
+  (q, k, v), _, _, _ = _inputs(CAUSAL_BIAS)
+  with pytest.raises(NotImplementedError, match="dtypes differ"):
+    jax.eval_shape(lambda q, k, v: flex.flex_attention(q, k, v, implementation="pallas_triton"),
+                   q.astype(jnp.bfloat16), k, v)

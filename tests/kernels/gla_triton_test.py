@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import attnjax as aj
+from attnjax.core import implementations
 from attnjax.kernels import gla_triton, platform
 from tests import tolerances
 
@@ -169,3 +170,27 @@ def test_chunk_lengths():
   assert gla_triton.chunk_length(8, 1000, "none") == 16        # Triton's smallest dot
   assert gla_triton.chunk_length(1024, 4096, "scalar") == gla_triton.MAX_CHUNK
   assert gla_triton.chunk_length(64, 4096, "channel") == gla_triton.CHANNEL_CHUNK
+
+
+def test_forward_mode_autodiff_falls_back_to_xla(monkeypatch):
+  # The kernel's custom VJP is reverse mode only: on a GPU, automatic dispatch must fall through to
+  # `xla` under jax.jvp, and the named kernel must say what to use instead.
+  monkeypatch.setattr(implementations, "current_platform", lambda: "gpu")
+  ks = jax.random.split(jax.random.PRNGKey(3), 4)
+  q, k = (jax.nn.elu(jax.random.normal(key, (1, 9, 2, 8))) + 1 for key in ks[:2])
+  v = jax.random.normal(ks[2], (1, 9, 2, 4))
+  g = -jax.nn.softplus(jax.random.normal(ks[3], (1, 9, 2, 8)))
+  f = lambda impl: (lambda q, k, v, g: aj.gated_linear_attention(q, k, v, log_decay=g,
+                                                                 implementation=impl))
+  args, tangents = (q, k, v, g), (q, k, v, g)
+  _, auto = jax.jvp(f(None), args, tangents)
+  _, ref = jax.jvp(f("reference"), args, tangents)
+  assert tolerances.rel_rms(auto, ref) < tolerances.GRAD_REL_RMS[jnp.float32]
+  with pytest.raises(NotImplementedError, match="forward-mode"):
+    jax.jvp(f("pallas_triton"), args, tangents)
+
+
+def test_feature_width_past_the_kernel_falls_back():
+  q = jnp.ones((1, 3, 1, 2 * gla_triton.MAX_FEATURES))
+  with pytest.raises(NotImplementedError, match="feature width"):
+    aj.gated_linear_attention(q, q, q[..., :4], implementation="pallas_triton")

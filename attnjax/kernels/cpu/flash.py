@@ -95,16 +95,18 @@ def cpu_flash_attention(q, k, v, *, score_mod, mask_mod, block_mask, normalizer,
     block_mask = bm.create_block_mask(mask_mod, B, N, T, S, block_q=min(DEFAULT_BLOCK[0], T),
                                       block_kv=min(DEFAULT_BLOCK[1], S))
   bq, bk = block_mask.block_size
+  dtype = q.dtype
   if not isinstance(scale, (int, float, np.floating)):
-    # A traced scale folds into q so that autodiff reaches it; the kernel's scale stays static.
-    q, scale = q * scale, 1.0
+    # A traced scale folds into q (in float32, so neither is rounded to q's dtype nor promotes the
+    # output) so that autodiff reaches it; the kernel's scale stays static.
+    q, scale = q.astype(jnp.float32) * jnp.asarray(scale, jnp.float32), 1.0
   pnum, pidx, fnum, fidx = _tile_lists(block_mask)
   mask = _partial_tile_mask(block_mask, pidx, B, N, S)
   if mask.size > MAX_MASK_BYTES:
     raise NotImplementedError(f"cpu_flash: the partial-tile mask would take {mask.size} bytes")
   f32 = lambda x: x.astype(jnp.float32)
   out, lse = _flash(float(scale), bq, bk, f32(q), f32(k), f32(v), (pnum, pidx, fnum, fidx), mask)
-  return out.astype(q.dtype), lse
+  return out.astype(dtype), lse
 
 
 def _tile_lists(block_mask: bm.BlockMask):
