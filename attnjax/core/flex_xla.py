@@ -112,7 +112,9 @@ def _forward_kernel(cfg: _Config, q, k, v, b_ids, lists, score_consts, mask_cons
         # make an empty row look non-empty, and the contract gives empty rows lse = -inf.
         m_new = jnp.maximum(m_old, jnp.where(row_max == -jnp.inf, -jnp.inf, norm.shift(row_max)))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        alpha = jnp.exp(m_old - m_safe)
+        # The sums so far were taken at the old safe shift (0 while m is the empty-row -inf: softpick
+        # gives keys scored -inf mass), hence the rescale from it; ≤ 0 so that it never overflows.
+        alpha = jnp.exp(jnp.minimum(jnp.where(jnp.isfinite(m_old), m_old, 0.0) - m_safe, 0.0))
         w, mass = norm.weight_and_mass(s, m_safe[..., None])
         if masked:
           w = jnp.where(keep, w, 0.0)

@@ -152,7 +152,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, pnum, pidx, fnum, fidx, *refs, cfg: Con
       # row look non-empty; empty rows get lse = -inf).
       m_new = jnp.maximum(m_old, jnp.where(row_max == -jnp.inf, -jnp.inf, norm.shift(row_max)))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      alpha = jnp.exp(m_old - m_safe)
+      # Rescale from the shift the sums were taken at (0 while m is the empty-row -inf), never up.
+      alpha = jnp.exp(jnp.minimum(jnp.where(m_old == -jnp.inf, 0.0, m_old) - m_safe, 0.0))
       w, mass = norm.weight_and_mass(s, m_safe[:, None])
       if masked:
         w = jnp.where(keep, w, 0.0)

@@ -177,3 +177,21 @@ def test_mixed_dtypes_raise_not_implemented():
   with pytest.raises(NotImplementedError, match="dtypes differ"):
     jax.eval_shape(lambda q, k, v: flex.flex_attention(q, k, v, implementation="pallas_triton"),
                    q.astype(jnp.bfloat16), k, v)
+
+
+def test_softpick_keeps_the_mass_of_keys_scored_minus_inf_in_an_early_tile():
+  # score_mod gives -inf to the visible keys of the first key tile: softpick still counts them in its
+  # denominator (|e^-inf - 1| = 1 each), which must survive the rescale when a later tile sets the
+  # shift (it was dropped: lse 2.35 for 3.28).
+  # S = 32: two FULL key tiles, visited in order (a partial tail tile would be visited first).
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(B, L, n, H)), jnp.float32)
+             for L, n in ((T, N), (32, K), (32, K)))
+  score_mod = lambda s, b, n, qi, ki: jnp.where(ki < 16, -jnp.inf, s)
+  block_mask = bm.create_block_mask(None, B, N, T, 32, block_q=16, block_kv=16)
+  run = lambda impl, bmask: flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=bmask,
+                                                normalizer="softpick", return_residuals=True,
+                                                implementation=impl)
+  want = run("reference", None)
+  for impl in ("pallas_triton", "xla"):
+    chex.assert_trees_all_close(run(impl, block_mask), want, **tolerances.output(jnp.float32))
