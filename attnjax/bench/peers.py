@@ -25,8 +25,9 @@ Peers:
   linear_xla_channel, linear_reference_channel
                   the same with one gate per key channel (GLA's `[B, T, N, H]` log decay,
                   log σ(x)/16 for x ~ N(0, 1), a traced argument).
-  mech:<name>     any registered mechanism by name (its fastest path, the first of its
-                  `implementations`, unless that is the reference), with the case's
+  mech:<name>     any registered mechanism by name (its fastest path: the first of its
+                  `implementations` when that is its own, e.g. "gathered"; automatic dispatch
+                  when it is "xla" or "reference"), with the case's
                   `kwargs` (from the config's `mechanism_kwargs[peer]`); masks `causal` and `none`
                   (`causal=True / False`). A `spatial_shape` of "square" ("cube") becomes the square
                   (cubic) grid of T tokens, e.g. (128, 128) at T = 16384.
@@ -234,8 +235,10 @@ def _mechanism_attention(case: Case, kind: str) -> Callable:
   kwargs = dict(case.kwargs)
   if "spatial_shape" in kwargs:
     kwargs["spatial_shape"] = _grid(kwargs["spatial_shape"], case.T)
-  if mech.implementations[0] != "reference":
-    # Its fastest path (the registry lists them fastest first), never the dense reference.
+  if mech.implementations[0] not in ("reference", "xla"):
+    # A path of its own listed first (the registry lists them fastest first, e.g. "gathered"). With
+    # "xla" first it runs on its primitive, whose automatic dispatch takes the platform's fastest
+    # (cpu_flash on a CPU, the Pallas kernels on a GPU); never the dense reference.
     kwargs.setdefault("implementation", mech.implementations[0])
   settings = {**mech.defaults, **kwargs}
   arrays = {name: jnp.asarray(x) for name, x in registry.example_params(
