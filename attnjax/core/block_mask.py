@@ -74,9 +74,16 @@ class BlockMask:
     nkv = self.num_blocks[1]
 
     def member(num, idx):
-      valid = xp.arange(nkv)[None, None, None, :] < num[..., None]       # [Bm,Nm,nq,slot]
-      onehot = idx[..., :, None] == xp.arange(nkv)                          # [Bm,Nm,nq,slot,nkv]
-      return xp.any(onehot & valid[..., None], axis=-2)
+      # A scatter of each listed block into its row (slots past `num` write a spare column): linear
+      # in the number of tiles, where a one-hot comparison would be cubic (1024³ at 64k tokens).
+      valid = xp.arange(idx.shape[-1]) < num[..., None]                    # [Bm,Nm,nq,slot]
+      target = xp.where(valid, idx, nkv)
+      hit = xp.zeros(idx.shape[:-1] + (nkv + 1,), bool)
+      if xp is np:
+        np.put_along_axis(hit, target, True, axis=-1)
+      else:
+        hit = jnp.put_along_axis(hit, target, True, axis=-1, inplace=False)
+      return hit[..., :nkv]
 
     partial = member(self.kv_num_blocks, self.kv_indices)
     full = member(self.full_kv_num_blocks, self.full_kv_indices)
