@@ -43,6 +43,8 @@ _SCHEDULE = re.compile(r"^\s*every\s+(\d+)\s*:\s*([A-Za-z0-9_]+)\s*$")
 catalog.register_server("attnjax.models.ModelConfig.layer_rope", (174,), kind="model option")
 # TidalDecode (arXiv:2410.05076, row 119) in the decoder: `tidal_decode={"top_k": k, ...}`.
 catalog.register_server("attnjax.models.ModelConfig.tidal_decode", (119,), kind="model option")
+# Shared Attention (arXiv:2407.12866, row 57): `shared_attention=[[start, end], ...]`.
+catalog.register_server("attnjax.models.ModelConfig.shared_attention", (57,), kind="model option")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,9 @@ class ModelConfig:
       attention before `selection_layer`, top-k positions chosen there (and at `reselection_layer`),
       attention over them only in the other layers; the layers from `selection_layer` on must be
       "softmax".
+    shared_attention: None, or Shared Attention spans `[[start, end], ...]`: layers start … end-1
+      (softmax) reuse the attention weights of layer `start` and compute values only (no query /
+      key projections, no key cache; attnjax.nn.blocks.TransformerConfig).
     use_bias: biases on the projections.
     dropout: residual/embedding dropout rate in [0, 1), active with `apply(..., train=True,
       rngs={"dropout": key})`.
@@ -114,6 +119,7 @@ class ModelConfig:
   patch_size: Optional[int] = None
   pad_id: Optional[int] = None
   tidal_decode: Optional[Mapping[str, Any]] = None
+  shared_attention: Any = None
   use_bias: bool = True
   dropout: float = 0.0
   dtype: str = "float32"
@@ -183,6 +189,12 @@ class ModelConfig:
     names, _ = config.layers()  # checks the mechanisms and their keyword arguments
     if values["tidal_decode"] is not None:
       config = dataclasses.replace(config, tidal_decode=_tidal_decode(values, names))
+    if values["shared_attention"] is not None:
+      config = dataclasses.replace(config, shared_attention=_spans(values["shared_attention"]))
+      try:
+        config.transformer()
+      except ValueError as e:
+        raise ValueError(f"model.shared_attention: {e}") from None
     return config
 
   @property
@@ -233,7 +245,8 @@ class ModelConfig:
         num_kv_heads=self.num_kv_heads, mlp_dim=self.mlp_dim, mlp=self.mlp, norm=self.norm,
         causal=self.causal, rope_base=self.rope_base, rope_scaling=self.rope_scaling,
         fope=self.fope, layer_rope=layer_rope(self.layer_rope, self.depth),
-        tidal_decode=self.tidal_decode, use_bias=self.use_bias,
+        tidal_decode=self.tidal_decode, shared_attention=self.shared_attention,
+        use_bias=self.use_bias,
         dropout=self.dropout, dtype=DTYPES[self.dtype], param_dtype=DTYPES[self.param_dtype])
 
 
@@ -288,6 +301,16 @@ def _check_rope_options(values: dict[str, Any]):
   if values["fope"] is not None and values["rope_scaling"] is not None:
     raise ValueError("model.fope and model.rope_scaling are not combined; set one")
   layer_rope(values["layer_rope"], values["depth"])
+
+
+def _spans(value: Any) -> tuple[tuple[int, int], ...]:
+  """`shared_attention` as a tuple of (start, end) int pairs (the blocks check the ranges)."""
+  try:
+    spans = tuple((int(a), int(b)) for a, b in value)
+  except (TypeError, ValueError):
+    raise ValueError(f"model.shared_attention must be a list of [start, end] layer pairs, got "
+                     f"{value!r}") from None
+  return spans
 
 
 def _tidal_decode(values: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:

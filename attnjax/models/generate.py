@@ -39,11 +39,13 @@ def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float = 0.0
   """Next tokens `[B]` int32 from logits `[B, V]`: greedy when temperature is 0, else sampled."""
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return _sample(logits, rng, temperature, top_k)
+  return sample_categorical(logits, rng, temperature, top_k)
 
 
-def _sample(logits, rng, temperature, top_k):
-  """Categorical draw from softmax(logits / temperature) over the top_k logits (traceable T)."""
+def sample_categorical(logits: jax.Array, rng: jax.Array, temperature,
+                       top_k: Optional[int] = None) -> jax.Array:
+  """Categorical draw `[B]` from softmax(logits / temperature) over the top_k logits (a traced
+  temperature > 0 is fine)."""
   logits = logits.astype(jnp.float32)
   if top_k is not None:
     # Logits below the k-th largest are removed (ties at the k-th value are kept).
@@ -59,15 +61,20 @@ def _check(model: nn.Module, prompt: jax.Array, max_new_tokens: int, temperature
                      f"{jnp.shape(prompt)}")
   if max_new_tokens < 0:
     raise ValueError(f"generate: `max_new_tokens` must be >= 0, got {max_new_tokens}")
+  check_sampling(model, temperature, top_k)
+  max_len = getattr(model, "max_len", 0)
+  if max_len and prompt.shape[1] + max_new_tokens > max_len:
+    raise ValueError(f"generate: {prompt.shape[1]} + {max_new_tokens} tokens exceed the model's "
+                     f"{max_len} learned positions")
+
+
+def check_sampling(model: nn.Module, temperature: float, top_k: Optional[int]) -> None:
+  """Raises a ValueError for a negative temperature or a top_k outside [1, model.num_classes]."""
   if temperature < 0:
     raise ValueError(f"generate: `temperature` must be >= 0, got {temperature}")
   num_classes = getattr(model, "num_classes", None)
   if top_k is not None and (top_k < 1 or (num_classes and top_k > num_classes)):
     raise ValueError(f"generate: `top_k` must be in [1, {num_classes}], got {top_k}")
-  max_len = getattr(model, "max_len", 0)
-  if max_len and prompt.shape[1] + max_new_tokens > max_len:
-    raise ValueError(f"generate: {prompt.shape[1]} + {max_new_tokens} tokens exceed the model's "
-                     f"{max_len} learned positions")
 
 
 def supports_kv_cache(model: nn.Module) -> bool:
@@ -169,7 +176,7 @@ def _compiled(model: nn.Module, batch: int, prompt_len: int, max_new_tokens: int
 def _sampler(logits, rng, temperature, *, greedy, top_k):
   if greedy:
     return sample_logits(logits, rng)
-  return _sample(logits, rng, temperature, top_k)
+  return sample_categorical(logits, rng, temperature, top_k)
 
 
 @functools.lru_cache(maxsize=32)

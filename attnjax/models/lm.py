@@ -42,7 +42,10 @@ class DecoderLM(nn.Module):
   max_len: int = 0
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, *, train: bool = False, decode: bool = False) -> jax.Array:
+  def __call__(self, inputs: jax.Array, *, train: bool = False, decode: bool = False,
+               num_new=None) -> jax.Array:
+    """`inputs [B, T]` int → logits `[B, T, C]`; `num_new [B]`: with paged KV caches, the tokens each
+    row appends (the rest of its T are padding; see `attnjax.models.paged_generate`)."""
     cfg = self.config
     if self.tie_embeddings and self.num_classes != self.vocab_size:
       raise ValueError(f"DecoderLM: tied embeddings need num_classes == vocab_size, got "
@@ -52,11 +55,11 @@ class DecoderLM(nn.Module):
                      name="embed")
     x = embed(inputs.astype(jnp.int32))
     if self.max_len:
-      x = x + self._positions(inputs.shape[1], decode).astype(x.dtype)
+      x = x + self._positions(inputs.shape[1], decode, num_new).astype(x.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if cfg.dropout:
       x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
-    x = blocks.Transformer(cfg, name="decoder")(x, train=train, decode=decode)
+    x = blocks.Transformer(cfg, name="decoder")(x, train=train, decode=decode, num_new=num_new)
     if self.tie_embeddings:
       logits = embed.attend(x) / jnp.sqrt(jnp.asarray(cfg.width, x.dtype))
     else:
@@ -69,8 +72,9 @@ class DecoderLM(nn.Module):
     # Losses and sampling want float32 logits whatever the compute dtype.
     return logits.astype(jnp.float32)
 
-  def _positions(self, length: int, decode: bool) -> jax.Array:
-    """Learned position embeddings `[1, T, D]` of the current positions (offset by the cache)."""
+  def _positions(self, length: int, decode: bool, num_new=None) -> jax.Array:
+    """Learned position embeddings `[1, T, D]` of the current positions (offset by the cache);
+    `[B, T, D]` when the index is kept per row (paged caches: it grows by `num_new`)."""
     table = self.param("pos_embed", blocks.logical(nn.initializers.normal(0.02), "length", "embed"),
                        (self.max_len, self.config.width), self.config.param_dtype)
     if length > self.max_len:
@@ -81,6 +85,12 @@ class DecoderLM(nn.Module):
       # Like the attention caches: the first (init) call only creates the index.
       initialized = self.has_variable("cache", "position_index")
       index = self.variable("cache", "position_index", lambda: jnp.zeros((), jnp.int32))
+      if initialized and index.value.ndim == 1:
+        start = index.value
+        index.value = start + (length if num_new is None else jnp.asarray(num_new, jnp.int32))
+        # Positions past the table (padding of short rows) read its last row; they are never used.
+        pos = jnp.minimum(start[:, None] + jnp.arange(length, dtype=jnp.int32), self.max_len - 1)
+        return table[pos]
       if initialized:
         start = index.value
         index.value = start + length

@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import registry
+from attnjax.core import contract
+from attnjax.core import flex
 from attnjax.nn import layer_parts
 from attnjax.ops.positional import rope
 from attnjax.ops.sparse import tidal_decode
@@ -152,7 +154,8 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array] = None, *,
                segment_ids=None, kv_lengths=None, positions=None, kv_positions=None,
                decode: bool = False, selection: Optional[Selection] = None,
-               select_top_k: Optional[int] = None, **mechanism_args):
+               select_top_k: Optional[int] = None, num_new=None, return_weights: bool = False,
+               shared_weights: Optional[jax.Array] = None, **mechanism_args):
     """Projects, applies RoPE, runs the mechanism and projects back.
 
     Args:
@@ -168,7 +171,18 @@ class MultiHeadAttention(nn.Module):
         call (at `init`, no cache yet) creates a cache as long as the input and returns the full
         forward; later calls append `T` tokens and attend over everything cached so far (a
         causal `recurrent` mechanism advances its fixed-size state instead). Positions come from the
-        cache index. Apply with `mutable=['cache']`.
+        cache index. Apply with `mutable=['cache']`. A paged cache ('paged_kv', a
+        `PagedKVCache` put in the 'cache' collection in place of the contiguous one, e.g. by
+        `attnjax.models.paged_generate.to_paged`) keeps a length per row: the call's tokens go
+        at each row's own length (RoPE positions per row), softmax layers only.
+      num_new: `[B]` int, with a paged cache: how many of the call's T tokens each row appends
+        (ragged prefill; 0 leaves a row untouched); default all T.
+      return_weights: Shared Attention's anchor layer (softmax only): the call also returns this
+        layer's attention weights `[B, N, T, S]` (over the cache when decoding).
+      shared_weights: Shared Attention's other layers of a span: `[B, N, T, S]` weights from the
+        anchor; the layer computes only values (no query / key projections, no key cache) and
+        returns `weights · V` projected out (Liao et al., "Beyond KV Caching: Shared Attention for
+        Efficient LLMs", arXiv:2407.12866).
       selection: TidalDecode's sparse layer: `(indices, valid)` `[B, N, 1, k]` key positions of the
         cache chosen by an earlier layer; on a single-token decode step the layer attends over
         them only (`tidal_sparse_attention`) instead of running the mechanism. Softmax layers only.
@@ -178,9 +192,16 @@ class MultiHeadAttention(nn.Module):
       **mechanism_args: per-call keyword arguments for the mechanism, over `mechanism_kwargs`.
 
     Returns:
-      `[B, T, F]`, or `([B, T, F], selection)` when `select_top_k` is given.
+      `[B, T, F]`, or `([B, T, F], selection)` when `select_top_k` is given, or `([B, T, F],
+      weights)` with `return_weights`.
     """
     mech = self._mechanism()
+    shared = shared_weights is not None
+    if (return_weights or shared) and (mech.name != "softmax" or inputs_kv is not None
+                                       or select_top_k is not None or num_new is not None):
+      raise ValueError(f"MultiHeadAttention: `return_weights` / `shared_weights` (Shared "
+                       f"Attention) are for softmax self-attention without TidalDecode or a paged "
+                       f"cache; the layer's mechanism is {mech.name!r}")
     if (selection is not None or select_top_k is not None) and mech.name != "softmax":
       raise ValueError(f"MultiHeadAttention: TidalDecode's `selection` / `select_top_k` replace "
                        f"softmax attention; the layer's mechanism is {mech.name!r}")
@@ -216,10 +237,13 @@ class MultiHeadAttention(nn.Module):
     ln = functools.partial(nn.LayerNorm, use_bias=False, dtype=self.dtype,
                            param_dtype=self.param_dtype)
 
+    # A layer reusing an anchor's weights reads values only.
+    reads = frozenset({"v"}) if shared else mech.reads
+
     def project(name, x, heads, normalize):
       # An input the mechanism does not read gets no projection (no dead weights): zeros of its
       # shape stand in, for the shapes the operator checks.
-      if name not in mech.reads:
+      if name not in reads:
         dtype = self.dtype or jnp.result_type(x, self.param_dtype)
         return jnp.zeros(x.shape[:2] + (heads, H), dtype)
       y = dense(features=(heads, H), name={"q": "query", "k": "key", "v": "value"}[name])(x)
@@ -246,9 +270,25 @@ class MultiHeadAttention(nn.Module):
       kwargs[mech.rng] = self.make_rng(registry.SAMPLE_RNG)
 
     recurrent = mech.recurrent and self.causal
-    initialized = self.has_variable("cache", "state" if recurrent else "cached_key")
+    paged = decode and self.has_variable("cache", "paged_kv")
+    initialized = paged or self.has_variable(
+        "cache", "state" if recurrent else "cached_value" if shared else "cached_key")
+    seen = None       # (queries, keys, mask keywords) the weights were taken over (return_weights)
     chosen = None
-    if decode and initialized:
+    if num_new is not None and not paged:
+      raise ValueError("MultiHeadAttention: `num_new` is for decoding over a paged KV cache "
+                       "('cache/paged_kv')")
+    if paged:
+      if mech.name != "softmax" or selection is not None or select_top_k is not None:
+        raise ValueError(f"MultiHeadAttention: a paged KV cache serves softmax attention; the "
+                         f"layer's mechanism is {mech.name!r}")
+      if segment_ids is not None or kv_lengths is not None or positions is not None:
+        raise ValueError("MultiHeadAttention: with a paged KV cache, `segment_ids`, `kv_lengths` "
+                         "and `positions` are not supported: each row's length gives them")
+      out = self._paged_step(query, key, value, num_new, rotate)
+    elif shared:
+      out = self._shared_weights_step(shared_weights, value, decode, initialized)
+    elif decode and initialized:
       if segment_ids is not None or kv_lengths is not None or positions is not None:
         raise ValueError("MultiHeadAttention: with decode=True over a cache, `segment_ids`, "
                          "`kv_lengths` and `positions` are not supported: the cache index gives "
@@ -256,8 +296,8 @@ class MultiHeadAttention(nn.Module):
       if recurrent:
         out = self._recurrent_step(mech, query, key, value, {**kwargs, **tokens}, rotate)
       else:
-        out, chosen = self._decode_step(mech, query, key, value, kwargs, tokens, rotate,
-                                        selection, select_top_k)
+        out, chosen, seen = self._decode_step(mech, query, key, value, kwargs, tokens, rotate,
+                                              selection, select_top_k)
     else:
       if decode and recurrent:
         # First call (init): the state before any token, zeros shaped as this input's final state.
@@ -291,12 +331,17 @@ class MultiHeadAttention(nn.Module):
       out = self._attend(mech, query, key, value, causal=self.causal, cross=cross,
                          segment_ids=segment_ids, kv_lengths=kv_lengths,
                          kwargs={**kwargs, **tokens})
+      seen = (query, key, dict(causal=self.causal, segment_ids=segment_ids, kv_lengths=kv_lengths))
 
     y = nn.DenseGeneral(features=out_features, axis=(-2, -1),
                         kernel_init=self.out_kernel_init or self.kernel_init,
                         bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
                         dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                         name="out")(out)
+    if return_weights:
+      q_seen, k_seen, mask_kw = seen
+      mask = contract.contract_mask(B=B, T=T, S=k_seen.shape[1], op="MultiHeadAttention", **mask_kw)
+      return y, flex.attention_weights(q_seen, k_seen, mask_mod=mask, scale=self.scale)[0]
     return y if select_top_k is None else (y, chosen)
 
   def _mechanism_array(self, spec: registry.ParamSpec, shape: tuple[int, ...]) -> jax.Array:
@@ -309,7 +354,8 @@ class MultiHeadAttention(nn.Module):
   def _decode_step(self, mech, query, key, value, kwargs, tokens, rotate, selection, select_top_k):
     """Writes the new keys/values (and side-"kv" per-token arrays) at `cache_index` and attends
     over the whole cache (over the `selection` only, on a TidalDecode sparse layer's single-token
-    step); returns the output and, for `select_top_k`, the step's selection (else None)."""
+    step); returns the output, for `select_top_k` the step's selection (else None), and the
+    queries, keys and mask keywords of the step (for `return_weights`)."""
     cached_key = self.variable("cache", "cached_key")
     cached_value = self.variable("cache", "cached_value")
     cache_index = self.variable("cache", "cache_index")
@@ -357,7 +403,53 @@ class MultiHeadAttention(nn.Module):
       out = self._attend(mech, query, cached_key.value, cached_value.value, causal=self.causal,
                          cross=False, segment_ids=None, kv_lengths=kv_lengths,
                          kwargs={**kwargs, **tokens, "q_offset": index})
-    return out, chosen
+    return out, chosen, (query, cached_key.value, dict(causal=self.causal, q_offset=index,
+                                                       kv_lengths=kv_lengths))
+
+  def _shared_weights_step(self, weights, value, decode, initialized):
+    """`o = weights · V` with this layer's values (over its value-only cache when decoding)."""
+    if decode and initialized:
+      cached_value = self.variable("cache", "cached_value")
+      cache_index = self.variable("cache", "cache_index")
+      index, T = cache_index.value, value.shape[1]
+      layer_parts.check_cache_room(index, T, cached_value.value.shape[1])
+      zero = jnp.zeros((), index.dtype)
+      cached_value.value = jax.lax.dynamic_update_slice(
+          cached_value.value, value.astype(cached_value.value.dtype), (zero, index, zero, zero))
+      cache_index.value = index + T
+      value = cached_value.value
+    elif decode:
+      # First call (init): a value-only cache as long as this input.
+      self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+      self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    B, N, T = weights.shape[:3]
+    S, K = value.shape[1], value.shape[2]
+    if weights.shape != (value.shape[0], N, T, S) or N % K:
+      raise ValueError(f"MultiHeadAttention: `shared_weights` must have shape [B, N, T, S] = "
+                       f"[{value.shape[0]}, N, T, {S}] (N a multiple of {K}), got {weights.shape}")
+    w = weights.reshape(B, K, N // K, T, S).astype(jnp.float32)
+    out = jnp.einsum("bkgts,bskh->btkgh", w, value.astype(jnp.float32))
+    return out.reshape(B, T, N, -1).astype(value.dtype)
+
+  def _paged_step(self, query, key, value, num_new, rotate):
+    """Appends each row's first `num_new` tokens at its own length in the paged cache and attends
+    over the row's pages (`attnjax.core.paged_attention`), causal by absolute position."""
+    from attnjax.core import paged_attention  # pylint: disable=import-outside-toplevel
+    var = self.variable("cache", "paged_kv")
+    cache = var.value
+    B, T = query.shape[:2]
+    if num_new is None:
+      num_new = jnp.full((B,), T, jnp.int32)
+    start = cache.lengths
+    if rotate is not None:
+      pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+      query = rotate(query, pos, start + num_new)
+      key = rotate(key, pos, start + num_new)
+    cache = cache.append(key, value, num_new)
+    var.value = cache
+    return paged_attention.paged_attention(query, cache.k_pages, cache.v_pages, cache.page_table,
+                                           cache.lengths, q_offset=start, causal=True,
+                                           scale=self.scale)
 
   def _recurrent_step(self, mech, query, key, value, kwargs, rotate):
     """Advances the mechanism's recurrent state over the new tokens (`Mechanism.recurrent`)."""

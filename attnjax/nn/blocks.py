@@ -70,6 +70,10 @@ class TransformerConfig:
     tidal_decode: TidalDecode on single-token decode steps (None: off): {"top_k": k,
       "selection_layer": 2, "reselection_layer": None} (`attnjax.ops.sparse.tidal_decode`); the
       layers from `selection_layer` on must be softmax.
+    shared_attention: Shared Attention spans (None: off): `((start, end), ...)`, layers start …
+      end-1 (softmax, at least two) reuse the attention weights of layer `start`, the span's anchor;
+      the others compute values only (no query / key projections, no key cache). Liao et al.,
+      "Beyond KV Caching: Shared Attention for Efficient LLMs", arXiv:2407.12866.
     use_bias: biases on the attention and MLP projections (norms keep theirs).
     dropout: residual dropout rate (active only with `train=True`).
     dtype: compute dtype; param_dtype: parameter dtype.
@@ -88,6 +92,7 @@ class TransformerConfig:
   fope: Optional[Mapping[str, Any]] = None
   layer_rope: Optional[tuple[bool, ...]] = None
   tidal_decode: Optional[Mapping[str, Any]] = None
+  shared_attention: Optional[tuple[tuple[int, int], ...]] = None
   use_bias: bool = True
   dropout: float = 0.0
   dtype: Any = jnp.float32
@@ -113,6 +118,33 @@ class TransformerConfig:
       if any(name != "softmax" for name in names) or not self.causal:
         raise ValueError(f"TransformerConfig: tidal_decode needs causal softmax layers from layer "
                          f"{settings['selection_layer']} on, got {names}")
+    if self.shared_attention is not None:
+      self._check_shared_attention()
+
+  def _check_shared_attention(self):
+    if self.tidal_decode is not None:
+      raise ValueError("TransformerConfig: shared_attention and tidal_decode are not combined")
+    taken = set()
+    for span in self.shared_attention:
+      if len(span) != 2 or not 0 <= span[0] < span[0] + 1 < span[1] <= self.depth:
+        raise ValueError(f"TransformerConfig: shared_attention spans must be (start, end) with "
+                         f"0 <= start < end - 1 < depth = {self.depth}, got {span!r}")
+      layers = set(range(*span))
+      names = [getattr(self.mechanisms[i], "name", self.mechanisms[i]) for i in sorted(layers)]
+      if layers & taken or any(name != "softmax" for name in names):
+        raise ValueError(f"TransformerConfig: shared_attention spans must not overlap and must be "
+                         f"softmax layers; span {span!r} has {names}")
+      taken |= layers
+
+  def shared_attention_roles(self) -> Optional[tuple[Optional[str], ...]]:
+    """Each layer's Shared Attention role ("anchor", "shared" or None), None when it is off."""
+    if self.shared_attention is None:
+      return None
+    roles = [None] * self.depth
+    for start, end in self.shared_attention:
+      roles[start] = "anchor"
+      roles[start + 1:end] = ["shared"] * (end - start - 1)
+    return tuple(roles)
 
   def decode_roles(self) -> Optional[tuple[str, ...]]:
     """TidalDecode's role of each layer ("full", "select", "sparse"), None when it is off."""
@@ -203,11 +235,15 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, decode: bool = False,
-               segment_ids: Optional[jax.Array] = None, selection=None):
-    """`x [B, T, D] → [B, T, D]`; `segment_ids [B, T]` keeps tokens to their own segment.
+               segment_ids: Optional[jax.Array] = None, selection=None, num_new=None,
+               weights=None):
+    """`x [B, T, D] → [B, T, D]`; `segment_ids [B, T]` keeps tokens to their own segment; `num_new
+    [B]`: tokens each row appends to a paged KV cache (`MultiHeadAttention`).
 
     With `config.tidal_decode`, returns `(y, selection)`: this layer's TidalDecode role reads the
-    carried `selection` ("sparse") or replaces it ("select", on single-token decode steps)."""
+    carried `selection` ("sparse") or replaces it ("select", on single-token decode steps). With
+    `config.shared_attention`, returns `(y, weights)`: an anchor layer's attention weights replace
+    the carried `weights`, which a "shared" layer reuses."""
     cfg = self.config
     # A NoPE layer of a hybrid (layer_rope False) gets no positional transform at all.
     rope_on = cfg.rope_base is not None and (cfg.layer_rope is None or cfg.layer_rope[self.layer])
@@ -230,21 +266,32 @@ class TransformerBlock(nn.Module):
 
     roles = cfg.decode_roles()
     role = None if roles is None else roles[self.layer]
+    share_roles = cfg.shared_attention_roles()
+    share_role = None if share_roles is None else share_roles[self.layer]
     tidal = {}
+    if share_role == "anchor":
+      tidal = {"return_weights": True}
+    elif share_role == "shared":
+      tidal = {"shared_weights": weights}
     if role == "select":
       tidal = {"select_top_k": cfg.tidal_decode["top_k"]}
     elif role == "sparse":
       tidal = {"selection": selection}
-    a = attention(norm("attention_norm")(x), decode=decode, segment_ids=segment_ids, **tidal)
+    a = attention(norm("attention_norm")(x), decode=decode, segment_ids=segment_ids,
+                  num_new=num_new, **tidal)
     if role == "select":
       a, chosen = a
       selection = selection if chosen is None else chosen
+    if share_role == "anchor":
+      a, weights = a
     h = x + drop(a)
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     mlp = MLP(cfg.mlp_dim, kind=cfg.mlp, use_bias=cfg.use_bias, dtype=cfg.dtype,
               param_dtype=cfg.param_dtype, name="mlp")
     y = h + drop(mlp(norm("mlp_norm")(h)))
     y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
+    if share_roles is not None:
+      return y, weights
     return y if roles is None else (y, selection)
 
 
@@ -258,15 +305,18 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, decode: bool = False,
-               segment_ids: Optional[jax.Array] = None) -> jax.Array:
+               segment_ids: Optional[jax.Array] = None, num_new=None) -> jax.Array:
     tidal = self.config.tidal_decode is not None
-    selection = None
+    sharing = self.config.shared_attention is not None
+    selection = weights = None
     for i in range(self.config.depth):
       x = TransformerBlock(self.config, i, name=f"layer_{i}")(
-          x, train=train, decode=decode, segment_ids=segment_ids,
-          **({"selection": selection} if tidal else {}))
+          x, train=train, decode=decode, segment_ids=segment_ids, num_new=num_new,
+          **({"selection": selection} if tidal else {}), **({"weights": weights} if sharing else {}))
       if tidal:
         x, selection = x
+      elif sharing:
+        x, weights = x
     if selection is not None:
       # The positions the sparse layers read on this step (for analysis and tests).
       self.sow("intermediates", "tidal_selection", selection)
