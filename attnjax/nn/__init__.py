@@ -10,6 +10,7 @@ from attnjax.nn.localized_filtering import (CausalConv2, LocalizedFiltering,
                                            LocalizedFilteringAttention)
 from attnjax.nn.location_attention import DynamicConvolutionAttention, GMMAttention
 from attnjax.nn.skim import LayoutEmbedding, SkimAttention, SkimformerEncoder, SkimformerLayer
+from attnjax.nn.weighted_gqa import WeightedGroupedQueryAttention
 
 __all__ = ["CausalConv2", "ChunkPath", "ConvShareAttention", "ConvSharedProjection", "DualPathBlock",
            "DualPathChunkedAttention", "DynamicConvolutionAttention",
@@ -17,4 +18,4 @@ __all__ = ["CausalConv2", "ChunkPath", "ConvShareAttention", "ConvSharedProjecti
            "GMMAttention", "LayoutEmbedding", "LocalizedFiltering",
            "LocalizedFilteringAttention", "MLP", "MultiHeadAttention", "SkimAttention",
            "SkimformerEncoder", "SkimformerLayer",
-           "Transformer", "TransformerBlock", "TransformerConfig"]
+           "Transformer", "TransformerBlock", "TransformerConfig", "WeightedGroupedQueryAttention"]

@@ -15,7 +15,8 @@ learned arrays (`Mechanism.params`) are created here and passed as keywords. A m
 later works in this layer without any change to it.
 
 Autoregressive decoding keeps a KV cache in the 'cache' collection (same variables as Flax's
-`decode=True`: `cached_key [B, S_max, K, H]`, `cached_value`, `cache_index`): `init` with a
+`decode=True`: `cached_key [B, S_max, K, H]`, `cached_value` (not for a mechanism that does not
+read v), `cache_index`): `init` with a
 full-length input sizes the cache; each `apply(..., decode=True, mutable=['cache'])` with `T` new
 tokens writes their keys and values at `cache_index` and attends over the whole cache with
 `q_offset = cache_index`, `kv_lengths = cache_index + T` (causal masking by absolute position).
@@ -311,7 +312,7 @@ class MultiHeadAttention(nn.Module):
         self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
       elif decode:
         # First call (init): size the cache on this full-length input, then run the full forward.
-        layer_parts.init_kv_cache(self, key, value)
+        layer_parts.init_kv_cache(self, key, value if "v" in mech.reads else None)
         for spec in mech.token_inputs:
           if spec.side == "kv":
             x = tokens[spec.name]
@@ -357,7 +358,9 @@ class MultiHeadAttention(nn.Module):
     step); returns the output, for `select_top_k` the step's selection (else None), and the
     queries, keys and mask keywords of the step (for `return_weights`)."""
     cached_key = self.variable("cache", "cached_key")
-    cached_value = self.variable("cache", "cached_value")
+    # A mechanism that does not read v (Slim attention: values from keys) caches keys only.
+    keys_only = "v" not in mech.reads
+    cached_value = None if keys_only else self.variable("cache", "cached_value")
     cache_index = self.variable("cache", "cache_index")
     B, T = query.shape[:2]
     s_max = cached_key.value.shape[1]
@@ -378,8 +381,12 @@ class MultiHeadAttention(nn.Module):
     zero = jnp.zeros((), index.dtype)
     cached_key.value = jax.lax.dynamic_update_slice(
         cached_key.value, key.astype(cached_key.value.dtype), (zero, index, zero, zero))
-    cached_value.value = jax.lax.dynamic_update_slice(
-        cached_value.value, value.astype(cached_value.value.dtype), (zero, index, zero, zero))
+    if keys_only:
+      values = jnp.zeros(cached_key.value.shape[:3] + value.shape[3:], value.dtype)
+    else:
+      cached_value.value = jax.lax.dynamic_update_slice(
+          cached_value.value, value.astype(cached_value.value.dtype), (zero, index, zero, zero))
+      values = cached_value.value
     tokens = dict(tokens)
     for spec in mech.token_inputs:
       if spec.side == "kv":
@@ -397,10 +404,10 @@ class MultiHeadAttention(nn.Module):
                                          kv_lengths=kv_lengths, scale=self.scale)
     if selection is not None and T == 1:
       indices, valid = selection
-      out = tidal_decode.tidal_sparse_attention(query, cached_key.value, cached_value.value,
+      out = tidal_decode.tidal_sparse_attention(query, cached_key.value, values,
                                                 indices, valid, scale=self.scale)
     else:
-      out = self._attend(mech, query, cached_key.value, cached_value.value, causal=self.causal,
+      out = self._attend(mech, query, cached_key.value, values, causal=self.causal,
                          cross=False, segment_ids=None, kv_lengths=kv_lengths,
                          kwargs={**kwargs, **tokens, "q_offset": index})
     return out, chosen, (query, cached_key.value, dict(causal=self.causal, q_offset=index,

@@ -8,7 +8,7 @@ Also the mechanism lookup and call keywords of the layers that make their own q,
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +22,12 @@ __all__ = ["check_cache_room", "init_kv_cache", "mechanism_kwargs", "plain_mecha
            "row_end", "token_input"]
 
 
-def init_kv_cache(self, k: jax.Array, v: jax.Array) -> None:
+def init_kv_cache(self, k: jax.Array, v: Optional[jax.Array]) -> None:
   """Creates the layer's cache ('cached_key', 'cached_value' of the full-length k, v, and
-  'cache_index' 0) on the first decode call, sized by that input."""
+  'cache_index' 0) on the first decode call, sized by that input; `v` None: keys only."""
   self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-  self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+  if v is not None:
+    self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
   self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
 
 
