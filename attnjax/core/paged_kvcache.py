@@ -20,7 +20,8 @@ finds no free page is flagged in `overflow` (sticky until `free`) and its new to
 nor counted; size the pool for the batch (`num_free_pages`) or check `overflow` on the host.
 
 Attention over the cache: `attnjax.core.paged_attention.paged_attention(q, cache.k_pages,
-cache.v_pages, cache.page_table, cache.lengths, ...)` (the `attend` method).
+cache.v_pages, cache.page_table, cache.lengths, ...)`; decoding a model over it:
+`attnjax.models.paged_generate`.
 """
 
 from __future__ import annotations

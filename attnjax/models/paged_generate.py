@@ -52,18 +52,17 @@ def to_paged(cache: Mapping[str, Any], *, num_pages: int, page_size: int,
   Raises:
     ValueError: for a layer that keeps anything else (a recurrent state, cached per-token arrays).
   """
+  if "cached_key" in cache:         # one layer's cache
+    extra = set(cache) - {"cached_key", "cached_value", "cache_index"}
+    if extra:
+      raise ValueError(f"to_paged: a layer caches {sorted(extra)} besides keys and values; a paged "
+                       "cache holds keys and values only")
+    k, v = cache["cached_key"], cache["cached_value"]
+    return {"paged_kv": PagedKVCache.create(k.shape[0], num_pages, page_size, max_pages,
+                                            k.shape[2], k.shape[3], v.shape[3], dtype=k.dtype)}
   out = {}
   for name, value in cache.items():
-    if isinstance(value, Mapping) and "cached_key" in value:
-      extra = set(value) - {"cached_key", "cached_value", "cache_index"}
-      if extra:
-        raise ValueError(f"to_paged: layer {name!r} caches {sorted(extra)} besides keys and values; "
-                         "a paged cache holds keys and values only")
-      k, v = value["cached_key"], value["cached_value"]
-      out[name] = {"paged_kv": PagedKVCache.create(
-          k.shape[0], num_pages, page_size, max_pages, k.shape[2], k.shape[3], v.shape[3],
-          dtype=k.dtype)}
-    elif isinstance(value, Mapping):
+    if isinstance(value, Mapping):
       out[name] = to_paged(value, num_pages=num_pages, page_size=page_size, max_pages=max_pages)
     elif name == "position_index":
       out[name] = value           # made per row below, once the batch is known

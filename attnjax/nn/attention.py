@@ -61,6 +61,7 @@ import jax.numpy as jnp
 from attnjax import registry
 from attnjax.core import contract
 from attnjax.core import flex
+from attnjax.core import paged_attention
 from attnjax.nn import layer_parts
 from attnjax.ops.positional import rope
 from attnjax.ops.sparse import tidal_decode
@@ -174,10 +175,11 @@ class MultiHeadAttention(nn.Module):
         causal `recurrent` mechanism advances its fixed-size state instead). Positions come from the
         cache index. Apply with `mutable=['cache']`. A paged cache ('paged_kv', a
         `PagedKVCache` put in the 'cache' collection in place of the contiguous one, e.g. by
-        `attnjax.models.paged_generate.to_paged`) keeps a length per row: the call's tokens go
-        at each row's own length (RoPE positions per row), softmax layers only.
-      num_new: `[B]` int, with a paged cache: how many of the call's T tokens each row appends
-        (ragged prefill; 0 leaves a row untouched); default all T.
+        `attnjax.models.paged_generate.to_paged`) or a StreamingLLM cache ('sink_kv', a
+        `SinkWindowCache`: `attnjax.models.streaming.to_sink_window`) keeps a length per row: the
+        call's tokens go at each row's own length (RoPE positions per row), softmax layers only.
+      num_new: `[B]` int, with a paged or StreamingLLM cache: how many of the call's T tokens each
+        row appends (ragged prefill; 0 leaves a row untouched); default all T.
       return_weights: Shared Attention's anchor layer (softmax only): the call also returns this
         layer's attention weights `[B, N, T, S]` (over the cache when decoding).
       shared_weights: Shared Attention's other layers of a span: `[B, N, T, S]` weights from the
@@ -271,22 +273,26 @@ class MultiHeadAttention(nn.Module):
       kwargs[mech.rng] = self.make_rng(registry.SAMPLE_RNG)
 
     recurrent = mech.recurrent and self.causal
-    paged = decode and self.has_variable("cache", "paged_kv")
-    initialized = paged or self.has_variable(
+    row_cache = None      # a cache with a length per row ('paged_kv', 'sink_kv'), when decoding
+    for name in ("paged_kv", "sink_kv"):
+      if decode and self.has_variable("cache", name):
+        row_cache = name
+    initialized = row_cache is not None or self.has_variable(
         "cache", "state" if recurrent else "cached_value" if shared else "cached_key")
     seen = None       # (queries, keys, mask keywords) the weights were taken over (return_weights)
     chosen = None
-    if num_new is not None and not paged:
-      raise ValueError("MultiHeadAttention: `num_new` is for decoding over a paged KV cache "
-                       "('cache/paged_kv')")
-    if paged:
+    if num_new is not None and row_cache is None:
+      raise ValueError("MultiHeadAttention: `num_new` is for decoding over a paged or StreamingLLM "
+                       "KV cache ('cache/paged_kv', 'cache/sink_kv')")
+    if row_cache is not None:
       if mech.name != "softmax" or selection is not None or select_top_k is not None:
-        raise ValueError(f"MultiHeadAttention: a paged KV cache serves softmax attention; the "
-                         f"layer's mechanism is {mech.name!r}")
+        raise ValueError(f"MultiHeadAttention: a paged or StreamingLLM KV cache serves softmax "
+                         f"attention; the layer's mechanism is {mech.name!r}")
       if segment_ids is not None or kv_lengths is not None or positions is not None:
-        raise ValueError("MultiHeadAttention: with a paged KV cache, `segment_ids`, `kv_lengths` "
-                         "and `positions` are not supported: each row's length gives them")
-      out = self._paged_step(query, key, value, num_new, rotate)
+        raise ValueError("MultiHeadAttention: with a paged or StreamingLLM KV cache, "
+                         "`segment_ids`, `kv_lengths` and `positions` are not supported: each "
+                         "row's length gives them")
+      out = self._row_cache_step(row_cache, query, key, value, num_new, rotate)
     elif shared:
       out = self._shared_weights_step(shared_weights, value, decode, initialized)
     elif decode and initialized:
@@ -438,11 +444,11 @@ class MultiHeadAttention(nn.Module):
     out = jnp.einsum("bkgts,bskh->btkgh", w, value.astype(jnp.float32))
     return out.reshape(B, T, N, -1).astype(value.dtype)
 
-  def _paged_step(self, query, key, value, num_new, rotate):
-    """Appends each row's first `num_new` tokens at its own length in the paged cache and attends
-    over the row's pages (`attnjax.core.paged_attention`), causal by absolute position."""
-    from attnjax.core import paged_attention  # pylint: disable=import-outside-toplevel
-    var = self.variable("cache", "paged_kv")
+  def _row_cache_step(self, name, query, key, value, num_new, rotate):
+    """Appends each row's first `num_new` tokens at its own length and attends: over the row's pages
+    (`attnjax.core.paged_attention`, causal by absolute position) for 'paged_kv', over the sinks
+    and the window (`SinkWindowCache.extend`, attend then evict) for 'sink_kv'."""
+    var = self.variable("cache", name)
     cache = var.value
     B, T = query.shape[:2]
     if num_new is None:
@@ -452,6 +458,9 @@ class MultiHeadAttention(nn.Module):
       pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
       query = rotate(query, pos, start + num_new)
       key = rotate(key, pos, start + num_new)
+    if name == "sink_kv":
+      out, var.value = cache.extend(query, key, value, num_new=num_new, scale=self.scale)
+      return out
     cache = cache.append(key, value, num_new)
     var.value = cache
     return paged_attention.paged_attention(query, cache.k_pages, cache.v_pages, cache.page_table,
