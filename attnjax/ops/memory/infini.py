@@ -11,6 +11,10 @@ memory its recurrence would have at p. The key stream is processed as in the ful
 or past `kv_lengths` zeroed first, so cache garbage reaches nothing) and each query is placed on the
 stream at its position (`contract.scatter_positions` / `gather_positions`); the cost per call is
 linear in S, as softmax decoding over the same cache.
+
+Recurrent decoding (`initial_state`, `return_final_state`): the state is the memory (M, z) of the
+complete segments plus the keys and values of the current segment (at most L - 1), a fixed size
+whatever the number of tokens; a call may carry any number of new tokens across segment ends.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from attnjax.core import contract
 from attnjax.core import flex
 from attnjax.core import implementations
 from attnjax.core import masks
+from attnjax.core import memory_state
 from attnjax.core.feature_maps import elu_plus_one
 from attnjax.core.linear import gated_linear_attention
 from attnjax.core.local_blocks import block_local_attention
@@ -72,12 +77,14 @@ def _memory_update(kf, vf, M, z, rule: str):
   return jnp.einsum("blkf,blkh->bkfh", kf, vf), jnp.sum(kf, axis=1)
 
 
-def _memory_segment_scan(qf, kf, vf, length: int, rule: str):
+def _memory_segment_scan(qf, kf, vf, length: int, rule: str, init=None, complete=None):
   """Segment-level recurrence over aligned segments `[sL, (s+1)L)` (no packed documents).
 
   qf `[B, S, N, F]` (zeros where no query), kf `[B, S, K, F]`, vf `[B, S, K, h]` with padding rows
   zero. Returns (retrievals `[B, S, N, h]`, final memory M `[B, K, F, h]`, z `[B, K, F]`): O(S), a
-  scan of S / L steps.
+  scan of S / L steps. `init`: the memory (M, z) before the first segment (zeros when None);
+  `complete`: a scalar, only the first `complete` segments are written (the rest are read only: a
+  segment still being filled is not committed), every segment when None.
   """
   B, S, N, F = qf.shape
   K, h = kf.shape[2], vf.shape[3]
@@ -88,13 +95,19 @@ def _memory_segment_scan(qf, kf, vf, length: int, rule: str):
 
   def step(carry, xs):
     M, z = carry
-    q_s, k_s, v_s = xs
+    i, q_s, k_s, v_s = xs
     read = jax.vmap(_read_memory, in_axes=(1, None, None), out_axes=1)(_group(q_s, K), M, z)
-    dM, dz = _memory_update(k_s, v_s, M, z, rule)
-    return (M + dM, z + dz), read
+    write = lambda: tuple(a + d for a, d in zip((M, z), _memory_update(k_s, v_s, M, z, rule),
+                                                strict=True))
+    if complete is None:
+      return write(), read
+    # A real branch (`complete` is one scalar): decoding pays the write once per segment only.
+    return jax.lax.cond(i < complete, write, lambda: (M, z)), read
 
-  init = (jnp.zeros((B, K, F, h), _F32), jnp.zeros((B, K, F), _F32))
-  (M, z), reads = jax.lax.scan(step, init, (seg(qf), seg(kf), seg(vf)))
+  if init is None:
+    init = (jnp.zeros((B, K, F, h), _F32), jnp.zeros((B, K, F), _F32))
+  xs = (jnp.arange(ns, dtype=jnp.int32), seg(qf), seg(kf), seg(vf))
+  (M, z), reads = jax.lax.scan(step, init, xs)
   reads = jnp.moveaxis(reads, 0, 1).reshape(B, ns * length, N, h)[:, :S]
   return reads, M, z
 
@@ -224,7 +237,8 @@ def infini_attention(q: Query, k: Key, v: Value, *, gate, segment_length: int = 
                      update_rule: str = "linear", causal: bool = True,
                      segment_ids: Optional[SegmentIds] = None, q_offset=0,
                      kv_lengths: Optional[Lengths] = None, scale=None,
-                     implementation: Optional[str] = None) -> Output:
+                     implementation: Optional[str] = None, initial_state: Optional[dict] = None,
+                     return_final_state: bool = False) -> Output | tuple[Output, dict]:
   """Infini-attention: causal local softmax per segment mixed with a compressive linear memory.
 
   Paper: Munkhdalai et al., "Leave No Context Behind: Efficient Infinite Context Transformers with
@@ -252,9 +266,14 @@ def infini_attention(q: Query, k: Key, v: Value, *, gate, segment_length: int = 
     implementation: "xla" (local attention as `[L, L]` blocks; linear-rule memory through
       `gated_linear_attention`'s chunked form; delta-rule memory as a scan over segments) or
       "reference" (dense masked local attention; memory as a scan over tokens).
+    initial_state, return_final_state: recurrent decoding (`Mechanism.recurrent`): q, k, v are the
+      T new tokens after `q_offset` = n earlier ones (one scalar); the state is the memory of the
+      complete segments and the current segment's first n mod L keys and values,
+      `{"memory": [B, K, H, h], "normalizer": [B, K, H], "keys": [B, L-1, K, H],
+      "values": [B, L-1, K, h]}` float32 (None or zeros before the first token).
 
   Returns:
-    `[B, T, N, h]` in q's dtype.
+    `[B, T, N, h]` in q's dtype; with `return_final_state`, `(out, state after n + T tokens)`.
   """
   op = "infini_attention"
   B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
@@ -266,9 +285,16 @@ def infini_attention(q: Query, k: Key, v: Value, *, gate, segment_length: int = 
     raise ValueError(f"{op}: `segment_length` must be >= 1, got {segment_length}")
   checks.check_shape(op, "gate", gate, (N,), "[N]")
   impl = checks.check_implementation(op, implementation)
+  scale = H ** -0.5 if scale is None else scale
+  if return_final_state:
+    memory_state.check_recurrent_call(op, causal=causal, segment_ids=segment_ids,
+                                      kv_lengths=kv_lengths, q_offset=q_offset, T=T, S=S)
+    return _infini_recurrent(op, q, k, v, gate, initial_state, L=segment_length,
+                             rule=update_rule, scale=scale, q_offset=q_offset, impl=impl)
+  if initial_state is not None:
+    raise ValueError(f"{op}: `initial_state` needs `return_final_state=True` (recurrent decoding)")
   full = contract.check_self_attention(op, T=T, S=S, q_offset=q_offset, kv_lengths=kv_lengths,
                                        segment_ids=segment_ids)
-  scale = H ** -0.5 if scale is None else scale
 
   # Local causal softmax within the query's segment.
   seg_start, seg_end = _segment_bounds(segment_ids, B, S, segment_length)
@@ -286,12 +312,65 @@ def infini_attention(q: Query, k: Key, v: Value, *, gate, segment_length: int = 
                                  seg_start=seg_start, seg_end=seg_end, segment_ids=segment_ids,
                                  segment_length=segment_length, update_rule=update_rule)
   mem = mem if full else contract.gather_positions(mem, pos)
+  return _gated(gate, mem, local).astype(q.dtype)
 
+
+def _gated(gate, mem, local):
+  """`sigmoid(β) ⊙ A_mem + (1 - sigmoid(β)) ⊙ A_dot` (eq. (6)), float32."""
   g = jax.nn.sigmoid(jnp.asarray(gate, _F32))[:, None]
-  out = g * mem + (1.0 - g) * local.astype(_F32)
-  return out.astype(q.dtype)
+  return g * mem + (1.0 - g) * local.astype(_F32)
 
 
+def _infini_recurrent(op, q, k, v, gate, state, *, L, rule, scale, q_offset, impl):
+  """The new tokens from the carried state (see `infini_attention`): `(out, state)`.
+
+  With r = n mod L tokens of the current segment buffered, the stream X = (buffered tokens, new
+  tokens) starts at a segment boundary, so it is cut into aligned segments like a full forward:
+  each new query reads the memory committed before its segment (scan over X's segments, starting
+  from the carried memory; only segments completed inside X are written) and attends causally to
+  X within its segment (one query: a masked row over X; a chunk: X's aligned segments as blocks).
+  The segment still open at the end becomes the new buffer.
+  """
+  B, T, N, H = q.shape
+  K, h = k.shape[2], v.shape[3]
+  state = memory_state.checked_state(
+      op, state, {"memory": (B, K, H, h), "normalizer": (B, K, H), "keys": (B, L - 1, K, H),
+                  "values": (B, L - 1, K, h)},
+      {"memory": "[B, K, H, h]", "normalizer": "[B, K, H]", "keys": "[B, L-1, K, H]",
+       "values": "[B, L-1, K, h]"})
+  r = q_offset % L if isinstance(q_offset, int) else jnp.asarray(q_offset, jnp.int32) % L
+  P = L - 1 + T
+
+  # X: slots [0, r) buffered, [r, r + T) new, zeros or stale after.
+  place = lambda x, new: jax.lax.dynamic_update_slice_in_dim(x, new.astype(x.dtype), r, axis=1)
+  stream = lambda buf, new: place(jnp.concatenate([buf, jnp.zeros((B, T) + buf.shape[2:])], 1), new)
+  xk, xv = stream(state["keys"], k), stream(state["values"], v)
+  end = r + T
+  qf = place(jnp.zeros((B, P, N, H), _F32), elu_plus_one(q))
+  # Slots at or past `end` lie in the open segment, never written, and no query reads them.
+  reads, M, z = _memory_segment_scan(qf, elu_plus_one(xk), xv, L, rule, complete=end // L,
+                                     init=(state["memory"], state["normalizer"]))
+  mem = jax.lax.dynamic_slice_in_dim(reads, r, T, axis=1)
+
+  xk_in, xv_in = xk.astype(k.dtype), xv.astype(v.dtype)
+  if impl == "xla" and T > 1:
+    # A chunk: X's segments are aligned blocks, so the local part costs O((L + T)·L), not O(T²).
+    local = block_local_attention(place(jnp.zeros((B, P, N, H), q.dtype), q), xk_in, xv_in,
+                                  block=L, causal=True, kv_lengths=None, scale=scale, op=op)
+    local = jax.lax.dynamic_slice_in_dim(local, r, T, axis=1)
+  else:
+    def same_segment_causal(b, n, q_idx, kv_idx):
+      del b, n
+      pos = r + q_idx
+      return (kv_idx <= pos) & (kv_idx >= pos // L * L)
+
+    local = flex.flex_attention(q, xk_in, xv_in, mask_mod=same_segment_causal, scale=scale,
+                                implementation=impl)
+  # The open segment starts at end // L * L (at most P): its L - 1 slots are the new buffer.
+  tail = lambda x: jax.lax.dynamic_slice_in_dim(
+      jnp.pad(x, ((0, 0), (0, L - 1), (0, 0), (0, 0))), end // L * L, L - 1, axis=1)
+  new_state = {"memory": M, "normalizer": z, "keys": tail(xk), "values": tail(xv)}
+  return _gated(gate, mem, local).astype(q.dtype), new_state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,15 +381,17 @@ INFINI_SPECS = (ParamSpec("gate", lambda N, K, H: (N,), jax.nn.initializers.zero
 register(Mechanism(
     name="infini_attention", fn=infini_attention, family="recurrent-memory", seeds=(75,),
     paper="Leave No Context Behind: Efficient Infinite Context Transformers with Infini-attention",
-    arxiv="2404.07143", patterns=frozenset({"causal_self"}), gqa=True, decode=True, packed=True,
+    arxiv="2404.07143", patterns=frozenset({"causal_self"}), gqa=True, decode=True,
+    recurrent=True, packed=True,
     complexity="O(T·L) (L = segment length); memory state O(1) in T",
     implementations=("xla", "reference"), params=INFINI_SPECS,
     defaults=dict(segment_length=2048, update_rule="linear"),
     # segment_length: an example setting (a few segments at the suite's lengths).
     example=lambda *, N, K, H: dict(segment_length=5, **example_params(
         INFINI_SPECS, N=N, K=K, H=H, perturb=1.0)),
-    # The compressive memory and its normaliser per kv head, plus the current segment's keys/values.
+    # The compressive memory and its normaliser per kv head, plus the current segment's keys and
+    # values (at most L - 1 of them: a complete segment is committed to the memory at once).
     state_size=lambda T, N, K, H, h, kw: (K * H * (h + 1)
-                                          + min(kw["segment_length"], T) * K * (H + h))))
+                                          + (kw["segment_length"] - 1) * K * (H + h))))
 
 __all__ = ["infini_attention", "infini_memory", "INFINI_SPECS"]

@@ -5,6 +5,8 @@ run on `attnjax.core.linear.gated_linear_attention`, the local window on
 `attnjax.core.flex.flex_attention`; the two parts are merged into one softmax with
 `attnjax.core.merge.merge_attention_states`. Over a KV cache, queries are placed on the key stream
 at their positions (`contract.scatter_positions` / `gather_positions`), as in Infini-attention.
+Recurrent decoding carries the memory's sums and the last window - 1 keys and values instead: a fixed
+size whatever the number of tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from attnjax.core import checks
 from attnjax.core import contract
 from attnjax.core import flex
 from attnjax.core import masks
+from attnjax.core import memory_state
 from attnjax.core.linear import gated_linear_attention
 from attnjax.core.merge import merge_attention_states
 from attnjax.registry import Mechanism, ParamSpec, example_params, register
@@ -55,8 +58,10 @@ def orthogonal_memory_attention(q: Query, k: Key, v: Value, *, relative_slope,
                                 num_bases: Optional[int] = None, window: int = 32,
                                 causal: bool = False, segment_ids: Optional[SegmentIds] = None,
                                 q_offset=0, kv_lengths: Optional[Lengths] = None, scale=None,
-                                implementation: Optional[str] = None,
-                                chunk_size: int = 64) -> Output:
+                                implementation: Optional[str] = None, chunk_size: int = 64,
+                                initial_state: Optional[dict] = None,
+                                return_final_state: bool = False
+                                ) -> Output | tuple[Output, dict]:
   """LAVO: softmax over r orthogonal-memory slots and a local window, in linear time.
 
   Paper: Zhang et al., "Linear Attention via Orthogonal Memory", arXiv:2312.11135 (orthogonal
@@ -89,9 +94,15 @@ def orthogonal_memory_attention(q: Query, k: Key, v: Value, *, relative_slope,
     causal, segment_ids, q_offset, kv_lengths, scale: the common contract.
     implementation: "xla" (chunked linear attention, tiled flex) or "reference" (scan, dense).
     chunk_size: chunk of the linear attention's "xla" form.
+    initial_state, return_final_state: recurrent decoding (`Mechanism.recurrent`, causal): q, k, v
+      are the T new tokens after `q_offset` = n earlier ones (one scalar; c_t comes from it); the
+      state is the memory's unnormalized sums and the last `window` - 1 keys and values,
+      `{"key_memory": [B, K, H, r] = Σ k_i w_iᵀ, "value_memory": [B, K, r, h] = Σ w_i v_iᵀ,
+      "keys": [B, window-1, K, H], "values": [B, window-1, K, h]}` float32 (None or zeros
+      before the first token).
 
   Returns:
-    `[B, T, N, h]` in q's dtype.
+    `[B, T, N, h]` in q's dtype; with `return_final_state`, `(out, state after n + T tokens)`.
   """
   op = "orthogonal_memory_attention"
   B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
@@ -102,9 +113,16 @@ def orthogonal_memory_attention(q: Query, k: Key, v: Value, *, relative_slope,
   if not 1 <= r <= H:
     raise ValueError(f"{op}: `num_bases` must be in [1, H={H}], got {num_bases}")
   impl = checks.check_implementation(op, implementation)
+  scale = H ** -0.5 if scale is None else scale
+  if return_final_state:
+    memory_state.check_recurrent_call(op, causal=causal, segment_ids=segment_ids,
+                                      kv_lengths=kv_lengths, q_offset=q_offset, T=T, S=S)
+    return _lavo_recurrent(op, q, k, v, relative_slope, initial_state, r=r, window=window,
+                           scale=scale, q_offset=q_offset, impl=impl, chunk_size=chunk_size)
+  if initial_state is not None:
+    raise ValueError(f"{op}: `initial_state` needs `return_final_state=True` (recurrent decoding)")
   full = contract.check_self_attention(op, T=T, S=S, q_offset=q_offset, kv_lengths=kv_lengths,
                                        segment_ids=segment_ids)
-  scale = H ** -0.5 if scale is None else scale
   pos = contract.query_positions(B, T, q_offset)
   at_queries = lambda x: x if full else contract.gather_positions(x, pos)
 
@@ -134,6 +152,56 @@ def orthogonal_memory_attention(q: Query, k: Key, v: Value, *, relative_slope,
   return out.astype(q.dtype)
 
 
+def _lavo_recurrent(op, q, k, v, relative_slope, state, *, r, window, scale, q_offset, impl,
+                    chunk_size):
+  """The new tokens of a causal sequence from the carried state (see
+  `orthogonal_memory_attention`): `(out, state)`.
+
+  The slot logits and read are the linear attentions of the full forward, started from the carried
+  sums (`memory_state.linear_with_state`) and divided by c_t = n + t + 1; the local window attends
+  over the stream (last window - 1 tokens, new tokens), whose slot i holds position n - W + i.
+  """
+  B, T, N, H = q.shape
+  K, h = k.shape[2], v.shape[3]
+  W = window - 1
+  state = memory_state.checked_state(
+      op, state, {"key_memory": (B, K, H, r), "value_memory": (B, K, r, h),
+                  "keys": (B, W, K, H), "values": (B, W, K, h)},
+      {"key_memory": "[B, K, H, r]", "value_memory": "[B, K, r, h]",
+       "keys": "[B, window-1, K, H]", "values": "[B, window-1, K, h]"})
+  n = jnp.asarray(q_offset, jnp.int32)
+
+  # Global part: the r slots from the carried sums plus the new tokens.
+  kf, vf = k.astype(_F32), v.astype(_F32)
+  w = jnp.einsum("btkh,rh->btkr", kf, jnp.asarray(orthogonal_basis(r, H)))
+  count = (n + 1 + jnp.arange(T, dtype=jnp.int32)).astype(_F32)[None, :, None, None]
+  lin = dict(chunk_size=chunk_size, implementation=impl)
+  logits, key_memory = memory_state.linear_with_state(q, kf, w, state["key_memory"], scale=scale,
+                                                      **lin)
+  logits = logits / count
+  mem, value_memory = memory_state.linear_with_state(jax.nn.softmax(logits, axis=-1), w, vf,
+                                                     state["value_memory"], scale=1.0, **lin)
+  mem = mem / count
+
+  # Local part: the window over (buffer, new tokens); query t sits at stream slot W + t.
+  xk, keys = memory_state.shift_in(state["keys"], k)
+  xv, values = memory_state.shift_in(state["values"], v)
+
+  def window_mask(b, n_head, q_idx, kv_idx):
+    del b, n_head
+    return (kv_idx <= q_idx + W) & (kv_idx >= q_idx) & (kv_idx >= W - n)   # slot >= 0: a token
+
+  local, lse_loc = flex.flex_attention(
+      q, xk.astype(k.dtype), xv.astype(v.dtype), mask_mod=window_mask, scale=scale,
+      score_mod=masks.alibi(jax.nn.softplus(jnp.asarray(relative_slope, _F32)), offset=W),
+      return_residuals=True, implementation=impl)
+  out, _ = merge_attention_states([local.astype(_F32), mem],
+                                  [lse_loc, jax.nn.logsumexp(logits, axis=-1)])
+  new_state = {"key_memory": key_memory, "value_memory": value_memory, "keys": keys,
+               "values": values}
+  return out.astype(q.dtype), new_state
+
+
 # --------------------------------------------------------------------------------------------------
 # Registration
 
@@ -158,11 +226,12 @@ def _example(*, N: int, K: int, H: int) -> dict:
 register(Mechanism(
     name="orthogonal_memory_attention", fn=orthogonal_memory_attention, family="linear",
     seeds=(151,), paper="Linear Attention via Orthogonal Memory", arxiv="2312.11135",
-    patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=True,
-    complexity="O(T·(r·(H + h) + w)) (r bases, window w)", implementations=("xla", "reference"),
-    params=LAVO_SPECS, example=_example, defaults=dict(window=32),
-    # r key and value memory slots (r = num_bases, default H) per kv head, plus the local window.
-    state_size=lambda T, N, K, H, h, kw: ((kw.get("num_bases") or H) + min(kw["window"], T))
+    patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, recurrent=True,
+    packed=True, complexity="O(T·(r·(H + h) + w)) (r bases, window w)",
+    implementations=("xla", "reference"), params=LAVO_SPECS, example=_example, defaults=dict(window=32),
+    # r key and value memory slots (r = num_bases, default H) per kv head, plus the local window's
+    # window - 1 earlier keys and values (the new token is the window's last).
+    state_size=lambda T, N, K, H, h, kw: ((kw.get("num_bases") or H) + kw["window"] - 1)
                                          * K * (H + h)))
 
 __all__ = ["orthogonal_memory_attention", "orthogonal_basis", "LAVO_SPECS"]

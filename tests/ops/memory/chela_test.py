@@ -1,7 +1,8 @@
 """CHELA (#218): short-long convolutions plus the tiled linear attention equal an explicit float64
 rewrite and the scanned recurrence; q is not read; no `[T, T]` intermediate (the convolutions' FFT
-and direct forms are tested in tests/core/conv_test.py). `slow` holds only the same checks at extra
-sizes.
+and direct forms are tested in tests/core/conv_test.py); recurrent decoding (the linear memory and
+the convolutions' input tails, a fixed size) gives the same rows in calls of any length. `slow`
+holds only the same checks at extra sizes.
 """
 
 import chex
@@ -100,3 +101,45 @@ def test_chela_memory_grows_linearly():
                                 *qkv(seed=9, B=1, T=T, N=1, K=1, H=4, h=4))
            for T in (1024, 2048)]
   assert sizes[1] <= tolerances.MEMORY_DOUBLING_RATIO_MAX * sizes[0], sizes
+
+
+def _decode_in_calls(fn, q, k, v, cuts, **kw):
+  """`fn` over the tokens [0, cuts[0]), [cuts[0], cuts[1]), ... carrying the recurrent state: the
+  first call from state None at offset 0, the others compiled with a traced offset. Returns the
+  concatenated outputs and the state after each call."""
+  step = jax.jit(lambda q, k, v, state, n: fn(q, k, v, causal=True, q_offset=n, initial_state=state,
+                                              return_final_state=True, **kw))
+  out, state = jax.jit(lambda q, k, v: fn(q, k, v, causal=True, initial_state=None,
+                                          return_final_state=True, **kw))(
+      q[:, :cuts[0]], k[:, :cuts[0]], v[:, :cuts[0]])
+  outs, states = [out], [state]
+  for a, b in zip(cuts, cuts[1:] + [q.shape[1]], strict=True):
+    out, state = step(q[:, a:b], k[:, a:b], v[:, a:b], state, jnp.int32(a))
+    outs.append(out)
+    states.append(state)
+  return jnp.concatenate(outs, axis=1), states
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_chela_recurrent_decoding_carries_memory_and_convolution_tails(impl):
+  """A long kernel of 5 taps so its tail rolls: prefill 4 tokens, a 7-token chunk (past two chunk
+  ends of 4 and more than the kernel's reach), then single steps; every row equals the float64
+  definition and the full forward, 2 query heads per kv head. The state keeps one shape and the
+  registry's size; its short-convolution tail is the last 2 inputs x = k."""
+  T = 13
+  q, k, v = qkv(seed=25, T=T)
+  params = example_params(CHELA_SPECS, N=4, K=2, H=8, seed=5, perturb=0.3)
+  params["long_kernel"] = params["long_kernel"][..., :5]
+  out, states = _decode_in_calls(chela_attention, q, k, v, [4, 11, 12], chunk_size=4,
+                                 implementation=impl, **params)
+  chex.assert_trees_all_close(out, _chela_numpy(k, v, params, True), **TOL)
+  full = jit_with(chela_attention, causal=True, chunk_size=4, implementation=impl)(q, k, v,
+                                                                                   **params)
+  chex.assert_trees_all_close(out, full, **TOL)
+  chex.assert_trees_all_equal_shapes(*states)
+  mech = aj.get_mechanism("chela_attention")
+  floats = sum(x.size for x in jax.tree.leaves(states[0])) // q.shape[0]
+  assert floats == mech.decode_state_floats(T, 4, 2, 8, 6, params)
+  assert states[0]["long_inputs"].shape[1] == 4
+  for n, state in zip([4, 11, 12, 13], states, strict=True):
+    chex.assert_trees_all_close(state["short_inputs"], k[:, n - 2:n], **TOL)

@@ -2,8 +2,10 @@
 of the compressive memory, equal to a float64 transcription of eqs. (1)-(6) in both fast paths and
 the reference; the memory (M, z) has one size after any number of segments and is all the last
 segment reads of the prefix; the delta rule differs from the linear rule and leaves M unchanged when
-a value is already retrieved exactly; the gate interpolates between the two reads. `slow` holds only
-the same checks at extra sizes, gradients and packing.
+a value is already retrieved exactly; the gate interpolates between the two reads; recurrent
+decoding (memory + current segment's buffer, a fixed size) gives the same rows in calls of any
+length that cross segment ends. `slow` holds only the same checks at extra sizes, gradients and
+packing.
 """
 
 import chex
@@ -198,3 +200,62 @@ def test_infini_rejects_bad_arguments():
     infini_attention(q, k, v, gate=jnp.zeros((4,)), segment_length=4, update_rule="hebb")
   with pytest.raises(ValueError, match="causal"):
     infini_attention(q, k, v, gate=jnp.zeros((4,)), segment_length=4, causal=False)
+
+
+def _decode_in_calls(fn, q, k, v, cuts, **kw):
+  """`fn` over the tokens [0, cuts[0]), [cuts[0], cuts[1]), ... carrying the recurrent state: the
+  first call from state None at offset 0, the others compiled with a traced offset. Returns the
+  concatenated outputs and the state after each call."""
+  step = jax.jit(lambda q, k, v, state, n: fn(q, k, v, causal=True, q_offset=n, initial_state=state,
+                                              return_final_state=True, **kw))
+  out, state = jax.jit(lambda q, k, v: fn(q, k, v, causal=True, initial_state=None,
+                                          return_final_state=True, **kw))(
+      q[:, :cuts[0]], k[:, :cuts[0]], v[:, :cuts[0]])
+  outs, states = [out], [state]
+  for a, b in zip(cuts, cuts[1:] + [q.shape[1]], strict=True):
+    out, state = step(q[:, a:b], k[:, a:b], v[:, a:b], state, jnp.int32(a))
+    outs.append(out)
+    states.append(state)
+  return jnp.concatenate(outs, axis=1), states
+
+
+@pytest.mark.parametrize("rule,impl", [("linear", "xla"), ("delta", "xla"), ("linear", "reference")])
+def test_infini_recurrent_decoding_carries_memory_and_segment_buffer(rule, impl):
+  """Prefill 4 tokens (past the end of segment 0, L = 3), a 7-token chunk that crosses two segment
+  ends, then single steps (the last opens a segment): every row equals the float64 transcription
+  and the full forward, 2 query heads per kv head. The state keeps one shape and the registry's
+  size after every call, and it is the memory (M, z) of the complete segments plus the open
+  segment's keys and values."""
+  L, T = 3, 13
+  q, k, v = qkv(seed=21, T=T)
+  gate = jnp.array([-1.0, 0.4, 1.2, 0.0])
+  kw = dict(gate=gate, segment_length=L, update_rule=rule, implementation=impl)
+  out, states = _decode_in_calls(infini_attention, q, k, v, [4, 11, 12], **kw)
+  expected, _, _ = _infini_numpy(q, k, v, gate, L, rule)
+  chex.assert_trees_all_close(out, expected, **TOL)
+  chex.assert_trees_all_close(out, jit_with(infini_attention, segment_length=L, update_rule=rule,
+                                            implementation=impl)(q, k, v, gate=gate), **TOL)
+  chex.assert_trees_all_equal_shapes(*states)
+  mech = aj.get_mechanism("infini_attention")
+  floats = sum(x.size for x in jax.tree.leaves(states[0])) // q.shape[0]
+  assert floats == mech.decode_state_floats(T, 4, 2, 8, 6, {"segment_length": L})
+  for n, state in zip([4, 11, 12, 13], states, strict=True):
+    done = n // L * L
+    _, M, z = _infini_numpy(q[:, :done], k[:, :done], v[:, :done], gate, L, rule)
+    chex.assert_trees_all_close((state["memory"], state["normalizer"]), (M, z), **TOL)
+    chex.assert_trees_all_close(state["keys"][:, :n - done], k[:, done:n], **TOL)
+    chex.assert_trees_all_close(state["values"][:, :n - done], v[:, done:n], **TOL)
+
+
+def test_infini_recurrent_decoding_rejects_what_it_cannot_carry():
+  q, k, v = qkv(seed=22, T=4)
+  kw = dict(gate=jnp.zeros((4,)), segment_length=3, return_final_state=True)
+  with pytest.raises(ValueError, match="infini_attention: recurrent decoding .* `kv_lengths`"):
+    infini_attention(q, k, v, kv_lengths=jnp.array([4, 4]), **kw)
+  with pytest.raises(ValueError, match="infini_attention: recurrent decoding needs `q_offset`"):
+    infini_attention(q, k, v, q_offset=jnp.array([0, 2]), **kw)
+  _, state = infini_attention(q, k, v, **kw)
+  with pytest.raises(ValueError, match=r"infini_attention: `initial_state\['keys'\]` must have"):
+    infini_attention(q, k, v, initial_state={**state, "keys": state["keys"][:, :1]}, **kw)
+  with pytest.raises(ValueError, match="infini_attention: `initial_state` needs"):
+    infini_attention(q, k, v, gate=jnp.zeros((4,)), segment_length=3, initial_state={})

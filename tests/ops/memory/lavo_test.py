@@ -1,6 +1,7 @@
 """LAVO (#151): orthonormal bases; the linear-time form equals the definition with the per-step
-orthogonal memory materialized; no `[T, T]` intermediate. `slow` holds only the same checks at extra
-sizes.
+orthogonal memory materialized; no `[T, T]` intermediate; recurrent decoding (the memory's sums
+and the last window - 1 tokens, a fixed size) gives the same rows in calls of any length. `slow`
+holds only the same checks at extra sizes.
 """
 
 import chex
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attnjax as aj
 from attnjax.ops.memory.lavo import LAVO_SPECS, orthogonal_basis, orthogonal_memory_attention
 from attnjax.registry import example_params
 from tests import numpy_math
@@ -90,3 +92,60 @@ def test_lavo_memory_grows_linearly():
                                 *qkv(seed=9, B=1, T=T, N=1, K=1, H=4, h=4))
            for T in (1024, 2048)]
   assert sizes[1] <= tolerances.MEMORY_DOUBLING_RATIO_MAX * sizes[0], sizes
+
+
+def _decode_in_calls(fn, q, k, v, cuts, **kw):
+  """`fn` over the tokens [0, cuts[0]), [cuts[0], cuts[1]), ... carrying the recurrent state: the
+  first call from state None at offset 0, the others compiled with a traced offset. Returns the
+  concatenated outputs and the state after each call."""
+  step = jax.jit(lambda q, k, v, state, n: fn(q, k, v, causal=True, q_offset=n, initial_state=state,
+                                              return_final_state=True, **kw))
+  out, state = jax.jit(lambda q, k, v: fn(q, k, v, causal=True, initial_state=None,
+                                          return_final_state=True, **kw))(
+      q[:, :cuts[0]], k[:, :cuts[0]], v[:, :cuts[0]])
+  outs, states = [out], [state]
+  for a, b in zip(cuts, cuts[1:] + [q.shape[1]], strict=True):
+    out, state = step(q[:, a:b], k[:, a:b], v[:, a:b], state, jnp.int32(a))
+    outs.append(out)
+    states.append(state)
+  return jnp.concatenate(outs, axis=1), states
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_lavo_recurrent_decoding_carries_memory_sums_and_window(impl):
+  """Prefill 4 tokens, a 7-token chunk (past two windows of 3 and two chunks of 4), then single
+  steps: every row equals the float64 definition and the full forward, 2 query heads per kv head,
+  r = 5 bases. The state keeps one shape and the registry's size; its memory is the unnormalized
+  sums Σ k_i w_iᵀ, Σ w_i v_iᵀ of the prefix and its buffer the last window - 1 tokens."""
+  r, window, T = 5, 3, 13
+  q, k, v = qkv(seed=23, T=T)
+  slope = jnp.linspace(-1.0, 1.5, q.shape[2])
+  kw = dict(relative_slope=slope, num_bases=r, window=window, chunk_size=4, implementation=impl)
+  out, states = _decode_in_calls(orthogonal_memory_attention, q, k, v, [4, 11, 12], **kw)
+  chex.assert_trees_all_close(out, _lavo_numpy(q, k, v, slope, r, window, True), **TOL)
+  full = jit_with(orthogonal_memory_attention, causal=True, num_bases=r, window=window,
+                  chunk_size=4, implementation=impl)(q, k, v, relative_slope=slope)
+  chex.assert_trees_all_close(out, full, **TOL)
+  chex.assert_trees_all_equal_shapes(*states)
+  mech = aj.get_mechanism("orthogonal_memory_attention")
+  floats = sum(x.size for x in jax.tree.leaves(states[0])) // q.shape[0]
+  assert floats == mech.decode_state_floats(T, 4, 2, 8, 6, {"num_bases": r, "window": window})
+  basis = orthogonal_basis(r, 8).astype(np.float64)
+  for n, state in zip([4, 11, 12, 13], states, strict=True):
+    kp, vp = np.asarray(k[:, :n], np.float64), np.asarray(v[:, :n], np.float64)
+    w = kp @ basis.T
+    chex.assert_trees_all_close(state["key_memory"], np.einsum("bskh,bskr->bkhr", kp, w), **TOL)
+    chex.assert_trees_all_close(state["value_memory"], np.einsum("bskr,bskh->bkrh", w, vp),
+                                **TOL)
+    chex.assert_trees_all_close((state["keys"], state["values"]),
+                                (k[:, n - window + 1:n], v[:, n - window + 1:n]), **TOL)
+
+
+def test_lavo_recurrent_decoding_is_causal_only():
+  q, k, v = qkv(seed=24, T=4)
+  slope = jnp.zeros((4,))
+  with pytest.raises(ValueError, match="orthogonal_memory_attention: recurrent decoding .* causal"):
+    orthogonal_memory_attention(q, k, v, relative_slope=slope, return_final_state=True)
+  with pytest.raises(ValueError, match=r"orthogonal_memory_attention: `initial_state` must be"):
+    orthogonal_memory_attention(q, k, v, relative_slope=slope, causal=True, initial_state={},
+                                return_final_state=True)
