@@ -43,7 +43,7 @@ def _decode(m: registry.Mechanism) -> str:
   """How the Flax layer decodes: carried state, KV cache, or not at all."""
   if not m.decode:
     return "no"
-  return "state" if m.recurrent else "KV cache"
+  return "state" if m.recurrent_for() else "KV cache"
 
 
 def mechanism_table() -> str:

@@ -152,6 +152,9 @@ class Mechanism:
       causal self-attention, `fn(q, k, v, causal=True, q_offset=n, initial_state=state,
       return_final_state=True)` (n earlier tokens; `state` None before the first token) returns
       `(out, new_state)`, equal to the full forward's rows. `state_size` counts that state.
+    recurrent_when: with `recurrent`, the keyword settings under which the state is bounded
+      (`(kwargs) -> bool`, defaults applied; e.g. Mega's chunked form only); None: always. Read
+      through `recurrent_for(kwargs)`; the layer keeps a KV cache when it is False.
     packed: honours `segment_ids`.
     reads: which of the inputs q, k, v the operator reads (a subset of INPUTS). A mechanism whose
       paper derives queries (or keys) from a shared stream declares the inputs it does not read; it
@@ -194,6 +197,15 @@ class Mechanism:
   defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
   example: Any = dataclasses.field(default_factory=dict)
   state_size: Optional[Callable[..., int]] = None
+  recurrent_when: Optional[Callable[[dict[str, Any]], bool]] = None
+
+  def recurrent_for(self, kwargs: Optional[dict[str, Any]] = None) -> bool:
+    """Whether the mechanism decodes with its fixed-size state under the keyword arguments `kwargs`
+    (the defaults fill the rest): `recurrent`, and `recurrent_when` holds."""
+    if not self.recurrent:
+      return False
+    return self.recurrent_when is None or bool(
+        self.recurrent_when({**self.defaults, **(kwargs or {})}))
 
   def decode_state_floats(self, T: int, N: int, K: int, H: int, h: int,
                           kwargs: Optional[dict[str, Any]] = None) -> int:

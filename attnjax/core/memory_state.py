@@ -6,9 +6,12 @@ tokens (the current segment, the local window, the convolutions' inputs). This m
 their recurrent paths share:
 
   check_recurrent_call   the recurrent contract: the T new tokens of one causal sequence, after
-                         `q_offset` earlier ones (a Python int or a traced scalar)
+                         `q_offset` earlier ones (a Python int, a traced scalar or `[B]`)
   checked_state          the carried state validated against its fixed shapes (zeros when None)
   shift_in               a buffer of the last W tokens followed by the new ones, and its new value
+  tokens_before, slot_positions, recent_mask
+                         the positions of `[buffer; new]` and the causal mask of the new tokens over
+                         it (within a chunk / window, or a bounded memory): Mega, SHA-RNN, RAN
   linear_with_state      `o_t = scale · q_t (S_0 + Σ_{j≤t} k_j u_jᵀ)` over the new tokens, and the
                          memory after them
 
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.core import checks
+from attnjax.core import contract
 from attnjax.core.linear import gated_linear_attention
 from attnjax.core.linear_contract import check_recurrent_args
 from attnjax.typing import Array, Float, Key, Output, Query, Value
@@ -33,19 +37,21 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # A linear memory per key/value head: `Σ_j φ(k_j) u_jᵀ` (letters of `attnjax.typing`; F = H, d = h).
 Memory = Float[Array, "B K H h"]
 
-__all__ = ["check_recurrent_call", "checked_state", "linear_with_state", "shift_in"]
+__all__ = ["check_recurrent_call", "checked_state", "linear_with_state", "recent_mask", "shift_in",
+           "slot_positions", "tokens_before"]
 
 
-def check_recurrent_call(op: str, *, causal: bool, segment_ids, kv_lengths, q_offset, T: int,
-                         S: int) -> None:
+def check_recurrent_call(op: str, *, causal: bool, segment_ids, kv_lengths, T: int, S: int,
+                         q_offset=None) -> None:
   """The recurrent form's contract: causal self-attention over the T == S new tokens of one
-  sequence per batch row (no `segment_ids`, no `kv_lengths`), `q_offset` one scalar (the number of
-  earlier tokens, shared by the batch: the layer's cache index)."""
+  sequence per batch row (no `segment_ids`, no `kv_lengths`); a `q_offset` given here must be one
+  scalar (the number of earlier tokens, shared by the batch: the layer's cache index), for a state
+  whose layout depends on it."""
   check_recurrent_args(op, causal=causal, segment_ids=segment_ids, T=T, S=S)
   if kv_lengths is not None:
     raise ValueError(f"{op}: recurrent decoding takes the new tokens only; `kv_lengths` is not "
                      "supported there")
-  if jnp.ndim(q_offset) != 0:
+  if q_offset is not None and jnp.ndim(q_offset) != 0:
     raise ValueError(f"{op}: recurrent decoding needs `q_offset` as one scalar (tokens already "
                      f"carried in the state), got shape {jnp.shape(q_offset)}")
 
@@ -94,3 +100,36 @@ def linear_with_state(qf: Query, kf: Key, values: Value, memory: Memory, *, scal
                        precision=_HIGHEST).reshape(intra.shape)
   memory = memory + jnp.einsum("btkf,btkd->bkfd", kf, values, precision=_HIGHEST)
   return intra.astype(_F32) + scale * carried, memory
+
+
+def tokens_before(B: int, q_offset) -> jax.Array:
+  """n `[B]` int32: the tokens before the call (`q_offset`: a Python int, a traced int scalar or a
+  `[B]` array)."""
+  return contract.query_positions(B, 1, q_offset)[:, 0]
+
+
+def slot_positions(n: jax.Array, R: int, T: int) -> jax.Array:
+  """Positions of the slots of `[buffer; new]` (a buffer of R): `n - R + s`, `[B, R + T]` int32
+  (negative: empty)."""
+  return n[:, None] - R + jnp.arange(R + T, dtype=jnp.int32)[None]
+
+
+def recent_mask(n: jax.Array, R: int, *, block: Optional[int] = None,
+                memory: Optional[int] = None):
+  """The causal `mask_mod(b, head, t, s)` of new token t (position n + t) over slot s of
+  `[buffer; new]` (position n - R + s): the slot is filled (position >= 0) and not after the
+  query; with `block`, in the query's aligned block of `block` positions (chunks, windows); with
+  `memory`, at most `memory` positions before the query."""
+
+  def mask_mod(b, head, q_idx, kv_idx):
+    del head
+    row = n[b]
+    q_pos, k_pos = row + q_idx, row - R + kv_idx
+    keep = (k_pos >= 0) & (k_pos <= q_pos)
+    if block is not None:
+      keep = keep & (k_pos // block == q_pos // block)
+    if memory is not None:
+      keep = keep & (q_pos - k_pos <= memory)
+    return keep
+
+  return mask_mod

@@ -272,7 +272,7 @@ class MultiHeadAttention(nn.Module):
     if mech.rng is not None and self.has_rng(registry.SAMPLE_RNG):
       kwargs[mech.rng] = self.make_rng(registry.SAMPLE_RNG)
 
-    recurrent = mech.recurrent and self.causal
+    recurrent = mech.recurrent_for(dict(self.mechanism_kwargs or {})) and self.causal
     row_cache = None      # a cache with a length per row ('paged_kv', 'sink_kv'), when decoding
     for name in ("paged_kv", "sink_kv"):
       if decode and self.has_variable("cache", name):

@@ -2,7 +2,8 @@
 
 Paper: Ma et al., "Mega: Moving Average Equipped Gated Attention", arXiv:2209.10655. The EMA is
 `attnjax.core.ema`; the softmax runs on `attnjax.core.flex.flex_attention` (chunks folded into the
-batch by `attnjax.core.local_blocks` in a full forward).
+batch by `attnjax.core.local_blocks` in a full forward). Causal chunked Mega also decodes from a
+fixed-size state, the EMA's and the current chunk's (`attnjax.core.memory_state`).
 
 Head-space adaptation (the contract gives only q, k, v): what the paper computes from the layer
 input is computed from the head vectors given (per key/value head for the key and value streams,
@@ -13,7 +14,7 @@ per query head for the query stream). A learned array over the value width h has
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,9 @@ from attnjax.core import contract
 from attnjax.core import flex
 from attnjax.core import implementations
 from attnjax.core import masks
+from attnjax.core import memory_state
 from attnjax.core import param_tables
-from attnjax.core.ema import multidim_ema
+from attnjax.core.ema import ema_coefficients, multidim_ema
 from attnjax.core.local_blocks import block_local_attention
 from attnjax.registry import Mechanism, ParamSpec, example_params, register
 from attnjax.typing import Key, Lengths, Output, Query, SegmentIds, Value
@@ -92,6 +94,67 @@ def _rotary(x, pos: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def _queries(z_q, pos, p, scale):
+  """`[scale · (κ_q ⊙ Z_p + μ_q), rot_p(a)]`: `[B, T, N, 2H]` from Z at the query heads."""
+  return jnp.concatenate([scale * (p["query_kappa"] * z_q + p["query_mu"]),
+                          _rotary(p["rel_alpha"], pos)], -1)
+
+
+def _keys(z, key_pos, p):
+  """`[κ_k ⊙ Z_j, rot_j(b)]`: `[B, S, K, 2H]`."""
+  return jnp.concatenate([p["key_kappa"] * z, _rotary(p["rel_beta"], key_pos)], -1)
+
+
+def _gated_output(x_q, o, residual, p):
+  """The reset / update gates and the candidate on the attention output `o` (`[B, T, N, h]`),
+  all reading the EMA output X' of the query's own token `x_q` (`[B, T, N, H]`)."""
+  dense = lambda name: (jnp.einsum("btnh,nhd->btnd", x_q, p[name + "_kernel"])
+                        + p[name + "_bias"])
+  reset = jax.nn.silu(dense("reset"))
+  update = jax.nn.sigmoid(dense("update"))
+  candidate = jax.nn.silu(dense("candidate")
+                          + jnp.einsum("btnd,nde->btne", reset * o, p["candidate_attn_kernel"]))
+  return update * candidate + (1.0 - update) * residual
+
+
+def _ema_from_state(x, h0, p):
+  """The forward (causal) EMA continued from the carried `h0 [B, K, H, ndim]` over the new tokens
+  `x [B, T, K, H]` (a scan, Mega eq. (2)): `(y [B, T, K, H], h after the last token)`."""
+  ab, phi, eta = ema_coefficients(*(p[f"ema_{name}"][0] for name in
+                                    ("alpha", "delta", "beta", "eta")))
+
+  def step(state, x_t):
+    state = phi * state + ab * x_t[..., None]
+    return state, jnp.sum(eta * state, axis=-1)
+
+  final, ys = jax.lax.scan(step, h0, jnp.moveaxis(x, 1, 0))
+  return jnp.moveaxis(ys, 0, 1), final
+
+
+def _mega_recurrent(op, q, k, v, p, state, *, chunk_size, q_offset, scale, implementation):
+  """Causal chunked Mega over the T new tokens from the carried state (see `mega_attention`)."""
+  B, T, N = q.shape[:3]
+  K, H, h, ndim = k.shape[2], k.shape[3], v.shape[3], p["ema_alpha"].shape[-1]
+  R = chunk_size - 1   # a query's chunk holds at most c - 1 earlier positions
+  state = memory_state.checked_state(
+      op, state, {"ema": (B, K, H, ndim), "keys": (B, R, K, H), "values": (B, R, K, h)},
+      {"ema": "[B, K, H, ndim]", "keys": "[B, c - 1, K, H]", "values": "[B, c - 1, K, h]"})
+  kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+  ema, ema_state = _ema_from_state(kf, state["ema"], p)
+  x_ema = jax.nn.silu(ema + p["ema_omega"] * kf)                                   # X'
+  z = jax.nn.silu(jnp.einsum("bskh,khd->bskd", x_ema, p["z_kernel"]) + p["z_bias"])
+  n = memory_state.tokens_before(B, q_offset)
+  zs, kept_keys = memory_state.shift_in(state["keys"], z)
+  values, kept_values = memory_state.shift_in(state["values"], jax.nn.silu(vf))
+  queries = _queries(_to_query_heads(z, N), contract.query_positions(B, T, n), p, scale)
+  o = flex.flex_attention(queries, _keys(zs, memory_state.slot_positions(n, R, T), p), values,
+                          mask_mod=memory_state.recent_mask(n, R, block=chunk_size), scale=1.0,
+                          implementation=implementation)
+  out = _gated_output(_to_query_heads(x_ema, N), o, _to_query_heads(vf, N), p)
+  new_state = {"ema": ema_state, "keys": kept_keys, "values": kept_values}
+  return out.astype(q.dtype), new_state
+
+
 def mega_attention(q: Query, k: Key, v: Value, *, ema_alpha, ema_delta, ema_beta, ema_eta,
                    ema_omega, z_kernel, z_bias, query_kappa, query_mu, key_kappa, rel_alpha,
                    rel_beta, reset_kernel, reset_bias, update_kernel, update_bias,
@@ -99,7 +162,8 @@ def mega_attention(q: Query, k: Key, v: Value, *, ema_alpha, ema_delta, ema_beta
                    chunk_size: Optional[int] = None, causal: bool = False,
                    segment_ids: Optional[SegmentIds] = None, q_offset=0,
                    kv_lengths: Optional[Lengths] = None, scale=None,
-                   implementation: Optional[str] = None) -> Output:
+                   implementation: Optional[str] = None, initial_state: Optional[dict] = None,
+                   return_final_state: bool = False) -> Union[Output, tuple[Output, dict]]:
   """Mega: a damped multi-dim EMA of the input feeds one shared Q/K stream and the gates of a
   single-head softmax attention with a GRU-like output, optionally chunked.
 
@@ -152,9 +216,16 @@ def mega_attention(q: Query, k: Key, v: Value, *, ema_alpha, ema_delta, ema_beta
     causal, segment_ids, q_offset, kv_lengths, scale: the common contract (scale defaults to H^-½).
     implementation: "reference" (EMA scan, dense attention) or "xla" (FFT EMA, chunks as a batch of
       `[c, c]` problems in a full forward, otherwise chunked flex attention).
+    initial_state, return_final_state: recurrent decoding, causal and chunked only: q, k, v are
+      the T new tokens at positions n, ..., n + T - 1 (n = `q_offset`), any number of chunk
+      boundaries among them. The state is the forward EMA's `h` and the current chunk:
+      `{"ema": [B, K, H, ndim], "keys": [B, c - 1, K, H] (Z), "values": [B, c - 1, K, h]
+      (SiLU(v))}` float32, the last c - 1 positions oldest first (`attnjax.core.memory_state`;
+      zeros or None: no tokens yet). Returns the full forward's rows and the state after n + T.
 
   Returns:
-    `[B, T, N, h]` in q's dtype; zeros at query positions past `kv_lengths`.
+    `[B, T, N, h]` in q's dtype; zeros at query positions past `kv_lengths`. With
+    `return_final_state`, `(out, state)`.
   """
   op = "mega_attention"
   B, T, S, N, K, H, h = checks.check_qkv(op, q, k, v)
@@ -171,10 +242,20 @@ def mega_attention(q: Query, k: Key, v: Value, *, ema_alpha, ema_delta, ema_beta
                      f"dim H, which must be even; got k {k.shape}")
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"{op}: `chunk_size` must be >= 1 or None, got {chunk_size}")
-  full = contract.check_self_attention(op, T=T, S=S, q_offset=q_offset, kv_lengths=kv_lengths,
-                                       segment_ids=segment_ids)
+  if initial_state is not None and not return_final_state:
+    raise ValueError(f"{op}: `initial_state` needs `return_final_state=True` (recurrent decoding)")
   scale = H ** -0.5 if scale is None else scale
   p = {name: jnp.asarray(x, jnp.float32) for name, x in p.items()}
+  if return_final_state:
+    memory_state.check_recurrent_call(op, causal=causal, segment_ids=segment_ids,
+                                       kv_lengths=kv_lengths, T=T, S=S)
+    if chunk_size is None:
+      raise ValueError(f"{op}: recurrent decoding carries the current chunk: set `chunk_size`, or "
+                       "decode the unchunked attention over a KV cache")
+    return _mega_recurrent(op, q, k, v, p, initial_state, chunk_size=chunk_size,
+                           q_offset=q_offset, scale=scale, implementation=impl)
+  full = contract.check_self_attention(op, T=T, S=S, q_offset=q_offset, kv_lengths=kv_lengths,
+                                       segment_ids=segment_ids)
 
   # Cache slots past kv_lengths hold garbage: zero them so the (bidirectional) EMA cannot read them.
   kf, vf = contract.zero_padded(k, kv_lengths), contract.zero_padded(v, kv_lengths)
@@ -184,26 +265,13 @@ def mega_attention(q: Query, k: Key, v: Value, *, ema_alpha, ema_delta, ema_beta
   z = jax.nn.silu(jnp.einsum("bskh,khd->bskd", x_ema, p["z_kernel"]) + p["z_bias"])
   pos = contract.query_positions(B, T, q_offset)
   key_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (B, S))
-  keys = jnp.concatenate([p["key_kappa"] * z, _rotary(p["rel_beta"], key_pos)], -1)
-  z_q = _to_query_heads(contract.gather_positions(z, pos), N)
-  queries = jnp.concatenate([scale * (p["query_kappa"] * z_q + p["query_mu"]),
-                             _rotary(p["rel_alpha"], pos)], -1)
-  values = jax.nn.silu(vf)
-
-  o = implementations.dispatch(op, _ATTEND_IMPLEMENTATIONS, impl, queries, keys, values,
-                               causal=causal, chunk_size=chunk_size, segment_ids=segment_ids,
-                               q_offset=q_offset, kv_lengths=kv_lengths, full=full)
-
-  # The gates and the candidate read the EMA output X' of the query's own token.
-  x_q = _to_query_heads(contract.gather_positions(x_ema, pos), N)
-  dense = lambda name: (jnp.einsum("btnh,nhd->btnd", x_q, p[name + "_kernel"])
-                        + p[name + "_bias"])
-  reset = jax.nn.silu(dense("reset"))
-  update = jax.nn.sigmoid(dense("update"))
-  candidate = jax.nn.silu(dense("candidate")
-                          + jnp.einsum("btnd,nde->btne", reset * o, p["candidate_attn_kernel"]))
-  residual = _to_query_heads(contract.gather_positions(vf, pos), N)
-  out = update * candidate + (1.0 - update) * residual
+  queries = _queries(_to_query_heads(contract.gather_positions(z, pos), N), pos, p, scale)
+  o = implementations.dispatch(op, _ATTEND_IMPLEMENTATIONS, impl, queries, _keys(z, key_pos, p),
+                               jax.nn.silu(vf), causal=causal, chunk_size=chunk_size,
+                               segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
+                               full=full)
+  out = _gated_output(_to_query_heads(contract.gather_positions(x_ema, pos), N), o,
+                      _to_query_heads(contract.gather_positions(vf, pos), N), p)
   if kv_lengths is not None:
     # A padding query sees no key (its own slot is hidden): zeros, as every mechanism gives there.
     out = jnp.where((pos < jnp.asarray(kv_lengths, jnp.int32)[:, None])[..., None, None], out, 0.0)
@@ -260,16 +328,24 @@ def _example(*, N: int, K: int, H: int, h: int) -> dict:
   return dict(chunk_size=8, **example_params(mega_param_specs(h=h), N=N, K=K, H=H, perturb=0.3))
 
 
+def _state_size(T, N, K, H, h, kw):
+  # The forward EMA's state per channel, plus the c - 1 positions of the current chunk (chunked:
+  # the recurrent state) or all T keys and values (unchunked: decoding reads the whole cache).
+  ndim = jnp.shape(kw["ema_alpha"])[-1] if "ema_alpha" in kw else MEGA_NDIM
+  chunk = kw.get("chunk_size")
+  return K * H * ndim + (T if chunk is None else chunk - 1) * K * (H + h)
+
+
 register(Mechanism(
     name="mega_attention", fn=mega_attention, family="recurrent-memory", seeds=(168,),
     paper="Mega: Moving Average Equipped Gated Attention", arxiv="2209.10655",
-    patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=True,
+    patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, recurrent=True,
+    packed=True,
     # Q and K both come from the EMA of the input (the key stream); q is never read.
     reads=frozenset({"k", "v"}),
     complexity="O(T·S); O(T·c) chunked", implementations=("xla", "reference"),
-    params=mega_param_specs(), example=_example,
-    # The EMA state per channel, plus the keys of the current chunk (all keys when unchunked).
-    state_size=lambda T, N, K, H, h, kw: (K * H * MEGA_NDIM + min(kw.get("chunk_size") or T, T)
-                                          * K * (H + h))))
+    params=mega_param_specs(), example=_example, state_size=_state_size,
+    # Unchunked Mega attends to every earlier token: the layer keeps a KV cache then.
+    recurrent_when=lambda kw: kw.get("chunk_size") is not None))
 
 __all__ = ["mega_attention", "mega_param_specs", "MEGA_NDIM", "MEGA_TABLE"]

@@ -12,7 +12,9 @@ window i, in the model dimension D, the reference computes
     GLU(x)   = (x W_t + b_t) ⊙ σ(x W_g + b_g)
 
 with c_{-1} a learned vector and Y_i the tokens' outputs; the last c represents the document.
-`recurrent_attention_network` is this computation in the head space of the operator contract.
+`recurrent_attention_network` is this computation in the head space of the operator contract; a
+causal one also decodes from a fixed-size state (the cell, the last read-out ĉ and the current
+window's tokens, `attnjax.core.memory_state`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from attnjax.core import contract
 from attnjax.core import flex
 from attnjax.core import implementations
 from attnjax.core import masks
+from attnjax.core import memory_state
 from attnjax.core import param_tables
 from attnjax.core.merge import merge_attention_states
 from attnjax.ops.softmax import dot_product_attention
@@ -56,6 +59,38 @@ def _affine(x, kernel, bias):
   return jnp.einsum("bkd,kde->bke", x, kernel) + bias
 
 
+def _cell_update(m, prev, started, k_win, v_win, valid_win, p, scale):
+  """One window of the Global Perception Cell: the cell token's key and value `(k_c, v_c)` (what
+  the window's tokens read), its normalized read-out ĉ of the window and the next cell.
+
+  Args:
+    m: the cell `[B, K, h]`; prev: the previous window's ĉ `[B, K, h]` (read when `started`, `[B]`
+      bool); k_win `[B, W, K, H]`, v_win `[B, W, K, h]`, valid_win `[B, W]`: the window's tokens.
+
+  Returns:
+    `(next cell, ĉ, (k_c [B, K, H], v_c [B, K, h]))`, float32.
+  """
+  # The cell token: its own projections of its state.
+  q_c = _affine(m, p["cell_query_kernel"], p["cell_query_bias"])
+  k_c = _affine(m, p["cell_key_kernel"], p["cell_key_bias"])
+  v_c = _affine(m, p["cell_value_kernel"], p["cell_value_bias"])
+  # Its row attends to itself and to every valid token of its window, also when causal: only
+  # later windows read the result.
+  logit_c = scale * jnp.sum(q_c * k_c, axis=-1)                              # [B, K]
+  logit_w = scale * jnp.einsum("bkh,bwkh->bwk", q_c, k_win)                   # [B, W, K]
+  logit_w = jnp.where(valid_win[..., None], logit_w, -jnp.inf)
+  top = jnp.maximum(logit_c, jnp.max(logit_w, axis=1))
+  e_c, e_w = jnp.exp(logit_c - top), jnp.exp(logit_w - top[:, None])
+  denom = e_c + jnp.sum(e_w, axis=1)
+  read = (e_c[..., None] * v_c + jnp.einsum("bwk,bwkh->bkh", e_w, v_win)) / denom[..., None]
+  out_c = _stdnorm(read)
+  # The GLU residual on the previous window's cell output (none for the first window).
+  glu = (_affine(prev, p["cell_glu_kernel"][:, 0], p["cell_glu_bias"][:, 0])
+         * jax.nn.sigmoid(_affine(prev, p["cell_glu_kernel"][:, 1], p["cell_glu_bias"][:, 1])))
+  new = jnp.where(started[:, None, None], _layer_norm(out_c + glu), out_c)
+  return new, out_c, (k_c, v_c)
+
+
 def gpc_states(k: Key, v: Value, params: dict, *, window: int,
                kv_lengths: Optional[Lengths] = None, scale: float):
   """Runs the Global Perception Cell over the windows of the key/value stream (a `lax.scan`, each
@@ -83,34 +118,16 @@ def gpc_states(k: Key, v: Value, params: dict, *, window: int,
       jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape((B, nw, W) + x.shape[2:]), 1, 0)
   kw, vw = per_window(zero_invalid(k)), per_window(zero_invalid(v))
   validw = jnp.moveaxis(valid.reshape(B, nw, W), 1, 0)
-  p = params
 
   def step(carry, inputs):
     m, prev, started = carry
     k_win, v_win, valid_win = inputs
-    # The cell token: its own projections of its state.
-    q_c = _affine(m, p["cell_query_kernel"], p["cell_query_bias"])
-    k_c = _affine(m, p["cell_key_kernel"], p["cell_key_bias"])
-    v_c = _affine(m, p["cell_value_kernel"], p["cell_value_bias"])
-    # Its row attends to itself and to every valid token of its window, also when causal: only
-    # later windows read the result.
-    logit_c = scale * jnp.sum(q_c * k_c, axis=-1)                            # [B, K]
-    logit_w = scale * jnp.einsum("bkh,bwkh->bwk", q_c, k_win)                 # [B, W, K]
-    logit_w = jnp.where(valid_win[..., None], logit_w, -jnp.inf)
-    top = jnp.maximum(logit_c, jnp.max(logit_w, axis=1))
-    e_c, e_w = jnp.exp(logit_c - top), jnp.exp(logit_w - top[:, None])
-    denom = e_c + jnp.sum(e_w, axis=1)
-    read = (e_c[..., None] * v_c + jnp.einsum("bwk,bwkh->bkh", e_w, v_win)) / denom[..., None]
-    out_c = _stdnorm(read)
-    # The GLU residual on the previous window's cell output (none for the first window).
-    glu = (_affine(prev, p["cell_glu_kernel"][:, 0], p["cell_glu_bias"][:, 0])
-           * jax.nn.sigmoid(_affine(prev, p["cell_glu_kernel"][:, 1], p["cell_glu_bias"][:, 1])))
-    new = jnp.where(started[:, None, None], _layer_norm(out_c + glu), out_c)
+    new, out_c, cell_kv = _cell_update(m, prev, started, k_win, v_win, valid_win, params, scale)
     any_valid = jnp.any(valid_win, axis=1)
     keep = lambda new, old: jnp.where(any_valid[:, None, None], new, old)
-    return (keep(new, m), keep(out_c, prev), started | any_valid), (k_c, v_c)
+    return (keep(new, m), keep(out_c, prev), started | any_valid), cell_kv
 
-  init = jnp.broadcast_to(p["gpc_init"], (B, K, h))
+  init = jnp.broadcast_to(params["gpc_init"], (B, K, h))
   (m, *_), (k_c, v_c) = jax.lax.scan(step, (init, init, jnp.zeros((B,), bool)), (kw, vw, validw))
   return (jnp.moveaxis(k_c, 0, 1), jnp.moveaxis(v_c, 0, 1)), m
 
@@ -176,12 +193,64 @@ def _windows_reference(q, k, v, k_c, v_c, *, full, **call):
 _WINDOW_IMPLEMENTATIONS = (("xla", _windows_xla, ()), ("reference", _windows_reference, ()))
 
 
+def _ran_recurrent(q, k, v, params, state, *, window, q_offset, scale, implementation):
+  """The T new tokens of a causal RAN from the carried state (see `recurrent_attention_network`):
+  a scan over the windows they touch advances the cell past each window that ends among them."""
+  B, T, N, H = q.shape
+  K, h = k.shape[2], v.shape[-1]
+  W, R = window, window - 1   # a window's tokens before its last one: at most W - 1
+  state = memory_state.checked_state(
+      _OP, state, {"cell": (B, K, h), "previous": (B, K, h), "keys": (B, R, K, H),
+                   "values": (B, R, K, h)},
+      {"cell": "[B, K, h]", "previous": "[B, K, h]", "keys": "[B, W - 1, K, H]",
+       "values": "[B, W - 1, K, h]"})
+  n = memory_state.tokens_before(B, q_offset)
+  keys, kept_keys = memory_state.shift_in(state["keys"], k)
+  values, kept_values = memory_state.shift_in(state["values"], v)
+  first = n // W                       # the window of the first new token
+  # Before the first window ends the cell is the learned initial one (a zero state: no tokens yet).
+  init = jnp.broadcast_to(params["gpc_init"], (B, K, h))
+  cell = jnp.where((first == 0)[:, None, None], init, state["cell"])
+  window_of = jax.vmap(lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, W, axis=0))
+
+  def step(carry, j):
+    m, prev = carry
+    i = first + j
+    # Slot of the window's first position in [buffer; new] (clamped, and unused, for a window
+    # that does not end in this call).
+    start = i * W - n + R
+    new, out_c, cell_kv = _cell_update(m, prev, i > 0, window_of(keys, start),
+                                       window_of(values, start), jnp.ones((B, W), bool), params,
+                                       scale)
+    ends = ((i + 1) * W <= n + T)[:, None, None]
+    return (jnp.where(ends, new, m), jnp.where(ends, out_c, prev)), cell_kv
+
+  touched = (T + W - 2) // W + 1       # windows T consecutive positions can touch
+  (cell, prev), (k_c, v_c) = jax.lax.scan(step, (cell, state["previous"]),
+                                          jnp.arange(touched, dtype=jnp.int32))
+  # Each token reads its own window's cell token: [touched, B, K, ·] -> [B, T, N, ·].
+  slot = contract.query_positions(B, T, n) // W - first[:, None]
+  at_token = lambda x: jnp.repeat(jnp.take_along_axis(
+      jnp.moveaxis(x, 0, 1), slot[:, :, None, None], axis=1), N // K, axis=2)
+  qf = q.astype(jnp.float32)
+  o_tok, lse_tok = flex.flex_attention(qf, keys, values,
+                                       mask_mod=memory_state.recent_mask(n, R, block=W),
+                                       scale=scale, return_residuals=True,
+                                       implementation=implementation)
+  kc, vc = at_token(k_c), at_token(v_c)
+  out, _ = merge_attention_states([o_tok, vc], [lse_tok, scale * jnp.sum(qf * kc, axis=-1)])
+  new_state = {"cell": cell, "previous": prev, "keys": kept_keys, "values": kept_values}
+  return out.astype(q.dtype), new_state
+
+
 def recurrent_attention_network(
     q: Query, k: Key, v: Value, *, gpc_init, cell_query_kernel, cell_query_bias, cell_key_kernel,
     cell_key_bias, cell_value_kernel, cell_value_bias, cell_glu_kernel, cell_glu_bias,
     window: int = 64, causal: bool = False, segment_ids: Optional[SegmentIds] = None, q_offset=0,
     kv_lengths: Optional[Lengths] = None, scale=None, implementation: Optional[str] = None,
-    return_document: bool = False) -> Union[Output, tuple[Output, DocumentCell]]:
+    return_document: bool = False, initial_state: Optional[dict] = None,
+    return_final_state: bool = False) -> Union[Output, tuple[Output, DocumentCell],
+                                               tuple[Output, dict]]:
   """Recurrent Attention Network: window-by-window attention with a Global Perception Cell token.
 
   Paper: Li et al., "Recurrent Attention Networks for Long-text Modeling", arXiv:2306.06843, and
@@ -230,9 +299,17 @@ def recurrent_attention_network(
       "reference" (masked flex attention merged with the cell slot); both share the cell's scan.
     return_document: also return the document representation, the final cell `[B, K, h]` (after
       the last window holding a valid key).
+    initial_state, return_final_state: recurrent decoding, causal only: q, k, v are the T new
+      tokens at positions n, ..., n + T - 1 (n = `q_offset`), any number of window boundaries
+      among them. The state is the cell after the completed windows, the last completed window's
+      ĉ (the GLU residual's input) and the current window's tokens: `{"cell": [B, K, h],
+      "previous": [B, K, h], "keys": [B, W - 1, K, H], "values": [B, W - 1, K, h]}` float32, the
+      last W - 1 positions oldest first (`attnjax.core.memory_state`; zeros or None: no tokens
+      yet). Returns the full forward's rows and the state after n + T tokens.
 
   Returns:
-    `[B, T, N, h]` in q's dtype (and the document representation when asked).
+    `[B, T, N, h]` in q's dtype (and the document representation when asked); with
+    `return_final_state`, `(out, state)`.
   """
   B, T, S, N, K, H, h = checks.check_qkv(_OP, q, k, v)
   impl = checks.check_implementation(_OP, implementation)
@@ -241,7 +318,16 @@ def recurrent_attention_network(
   if segment_ids is not None:
     raise ValueError(f"{_OP}: packed sequences (`segment_ids`) are not supported: the cell carries "
                      "across windows; run documents as separate batch rows")
-  full = contract.check_self_attention(_OP, T=T, S=S, q_offset=q_offset, kv_lengths=kv_lengths)
+  if initial_state is not None and not return_final_state:
+    raise ValueError(f"{_OP}: `initial_state` needs `return_final_state=True` (recurrent decoding)")
+  if return_final_state:
+    memory_state.check_recurrent_call(_OP, causal=causal, segment_ids=segment_ids,
+                                       kv_lengths=kv_lengths, T=T, S=S)
+    if return_document:
+      raise ValueError(f"{_OP}: `return_document` is for a whole sequence, not with "
+                       "`return_final_state` (the state carries the cell of the completed windows)")
+  else:
+    full = contract.check_self_attention(_OP, T=T, S=S, q_offset=q_offset, kv_lengths=kv_lengths)
   given = dict(gpc_init=gpc_init, cell_query_kernel=cell_query_kernel,
                cell_query_bias=cell_query_bias, cell_key_kernel=cell_key_kernel,
                cell_key_bias=cell_key_bias, cell_value_kernel=cell_value_kernel,
@@ -250,6 +336,9 @@ def recurrent_attention_network(
   param_tables.check_table(_OP, RAN_TABLE, given, N=N, K=K, H=H, h=h)
   params = {name: jnp.asarray(x, jnp.float32) for name, x in given.items()}
   scale = H ** -0.5 if scale is None else scale
+  if return_final_state:
+    return _ran_recurrent(q, k, v, params, initial_state, window=window, q_offset=q_offset,
+                          scale=scale, implementation=impl)
 
   (k_c, v_c), m = gpc_states(k, v, params, window=window, kv_lengths=kv_lengths, scale=scale)
   out = implementations.dispatch(_OP, _WINDOW_IMPLEMENTATIONS, impl, q, k, v, k_c, v_c,
@@ -290,15 +379,16 @@ RAN_SPECS = ran_param_specs()
 register(Mechanism(
     name=_OP, fn=recurrent_attention_network, family="recurrent-memory", seeds=(65,),
     paper="Recurrent Attention Networks for Long-text Modeling", arxiv="2306.06843",
-    patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, packed=False,
+    patterns=frozenset({"self", "causal_self"}), gqa=True, decode=True, recurrent=True,
+    packed=False,
     reads=frozenset({"q", "k", "v"}), complexity="O(T·W)", implementations=("xla", "reference"),
     params=RAN_SPECS,
     # window: an example setting (several windows, the last one short, at the suite's lengths).
     example=lambda *, N, K, H, h: dict(window=5, **example_params(ran_param_specs(h=h), N=N, K=K,
                                                                   H=H, perturb=0.5)),
     defaults=dict(window=64),
-    # The cell and the previous window's cell output (the GLU residual's input), plus the current
-    # window's keys and values.
-    state_size=lambda T, N, K, H, h, kw: K * (2 * h + min(kw["window"], T) * (H + h))))
+    # The cell and the previous window's cell output (the GLU residual's input), plus the keys
+    # and values of the current window's W - 1 positions before its last.
+    state_size=lambda T, N, K, H, h, kw: K * (2 * h + (kw["window"] - 1) * (H + h))))
 
 __all__ = ["recurrent_attention_network", "gpc_states", "ran_param_specs", "RAN_SPECS", "RAN_TABLE"]

@@ -1,7 +1,8 @@
 """Mega (#168): its full gated attention (EMA, shared Z, Q/K, rotary bias, reset/update gates,
 candidate with X'W_h) equals a float64 rewrite of the paper's equations; it reads k and v, never q;
 the chunked variant has no `[T, T]` intermediate and with a chunk >= T equals the unchunked one (the
-EMA's two forms are tested in tests/core/ema_test.py).
+EMA's two forms are tested in tests/core/ema_test.py); causal chunked Mega decodes from a fixed-size
+state (the EMA's h and the current chunk) to the same rows.
 """
 
 import chex
@@ -161,6 +162,79 @@ def test_mega_packed_chunks_start_at_each_document():
       chex.assert_trees_all_close(packed[:, part], alone, **TOL)
 
 
+# --------------------------------------------------------------------------------------------------
+# Recurrent decoding: the EMA state and the current chunk
+
+
+# T = 19 with chunks of 4: the prefill crosses position 4, the 7-token chunk crosses 8 and 12, the
+# last piece 16.
+PIECES = (6, 1, 7, 1, 4)
+
+
+def _decode_in_pieces(p, k, v, *, chunk_size, pieces=PIECES):
+  """The recurrent form over consecutive pieces of the sequence (the first from no state at a Python
+  int offset, the others from the carried state at a traced offset): the outputs concatenated, and
+  the state after each piece. q is not read (zeros of its shape)."""
+  run = lambda k, v, **kw: mega_attention(jnp.zeros(k.shape[:2] + (4, 8)), k, v, causal=True,
+                                          chunk_size=chunk_size, return_final_state=True, **kw,
+                                          **p)
+  first = jax.jit(lambda k, v: run(k, v, q_offset=0, initial_state=None))
+  step = jax.jit(lambda k, v, state, n: run(k, v, q_offset=n, initial_state=state))
+  outs, states, n = [], [], 0
+  for T in pieces:
+    part = slice(n, n + T)
+    if not states:
+      out, state = first(k[:, part], v[:, part])
+    else:
+      out, state = step(k[:, part], v[:, part], states[-1], jnp.int32(n))
+    outs.append(out)
+    states.append(state)
+    n += T
+  return jnp.concatenate(outs, axis=1), states
+
+
+def test_mega_recurrent_decode_matches_float64_paper_equations_across_chunks():
+  """Prefill, single steps and a piece crossing two chunk boundaries, from the fixed-size state
+  (the forward EMA's h and the current chunk's c - 1 slots), give the paper's causal chunked
+  outputs (GQA: N = 4 query heads over K = 2)."""
+  q, k, v = qkv(seed=16, T=19)
+  p = _mega_params(5)
+  out, states = _decode_in_pieces(p, k, v, chunk_size=4)
+  key_mu = np.zeros(p["key_kappa"].shape)
+  chex.assert_trees_all_close(out, _numpy_mega(k, v, p, key_mu, causal=True, chunk_size=4), **TOL)
+  full = jax.jit(lambda q, k, v: mega_attention(q, k, v, causal=True, chunk_size=4, **p))
+  chex.assert_trees_all_close(out, full(q, k, v), **TOL)
+  B, K, H, h, ndim = 2, 2, 8, 6, p["ema_alpha"].shape[-1]
+  chex.assert_shape([states[0]["ema"], states[0]["keys"], states[0]["values"]],
+                    [(B, K, H, ndim), (B, 3, K, H), (B, 3, K, h)])
+  for state in states[1:]:                # fixed size: it does not grow with the tokens
+    chex.assert_trees_all_equal_shapes(state, states[0])
+  floats = sum(x.size for x in jax.tree.leaves(states[0])) // B
+  mech = aj.get_mechanism("mega_attention")
+  assert floats == mech.decode_state_floats(19, 4, K, H, h, {"chunk_size": 4, **p})
+
+
+def test_mega_recurrent_state_carries_the_ema_across_chunks():
+  """The EMA crosses chunk boundaries: the carried h, not the chunk's keys, brings the earlier
+  chunks in. After a prefill of 8 (two whole chunks) the new chunk's output still depends on the
+  first chunk, and a state with h zeroed gives the output of a sequence whose EMA starts anew."""
+  q, k, v = qkv(seed=17, T=12)
+  p = _mega_params(6)
+  out, states = _decode_in_pieces(p, k, v, chunk_size=4, pieces=(8, 4))
+  step = jax.jit(lambda k, v, state: mega_attention(
+      q[:, 8:], k, v, causal=True, chunk_size=4, q_offset=jnp.int32(8), initial_state=state,
+      return_final_state=True, **p)[0])
+  no_ema = {**states[0], "ema": jnp.zeros_like(states[0]["ema"])}
+  restarted = step(k[:, 8:], v[:, 8:], no_ema)
+  assert tolerances.rel_rms(restarted, out[:, 8:]) > tolerances.STRONG_CHANGE_REL_RMS
+  # A sequence whose EMA restarts at position 8: documents [0, 8) and [8, 12) packed.
+  seg = jnp.broadcast_to(jnp.repeat(jnp.arange(2), jnp.array([8, 4]), total_repeat_length=12),
+                         (2, 12))
+  packed = jax.jit(lambda q, k, v: mega_attention(q, k, v, causal=True, chunk_size=4,
+                                                  segment_ids=seg, **p))(q, k, v)
+  chex.assert_trees_all_close(restarted, packed[:, 8:], **TOL)
+
+
 def test_mega_rejects_cross_attention_and_bad_params():
   q, k, v = qkv(seed=4, T=5, S=7)
   with pytest.raises(ValueError, match="self-attention only"):
@@ -172,3 +246,12 @@ def test_mega_rejects_cross_attention_and_bad_params():
     mega_attention(q, k, v, **params)
   with pytest.raises(ValueError, match=r"reset_kernel.*\[N, H, h\]"):
     mega_attention(q, k, v[..., :5], **_mega_params())   # arrays sized for h = 6, v has h = 5
+  params = _mega_params()
+  with pytest.raises(ValueError, match="chunk_size"):   # unchunked: no bounded state
+    mega_attention(q, k, v, causal=True, return_final_state=True, **params)
+  with pytest.raises(ValueError, match="causal"):
+    mega_attention(q, k, v, chunk_size=4, return_final_state=True, **params)
+  with pytest.raises(ValueError, match=r"initial_state\['ema'\].*\[B, K, H, ndim\]"):
+    mega_attention(q, k, v, causal=True, chunk_size=4, return_final_state=True, **params,
+                   initial_state={"ema": jnp.zeros((2, 2, 8, 3)), "keys": jnp.zeros((2, 3, 2, 8)),
+                                  "values": jnp.zeros((2, 3, 2, 6))})

@@ -1,5 +1,6 @@
 """Recurrent Attention Network (#65): the paper's equations, and its claim that a Global Perception
-Cell carried from window to window makes window-parallel attention encode a long document.
+Cell carried from window to window makes window-parallel attention encode a long document; its
+recurrent decoding from a fixed-size state (cell, last read-out, current window) gives the same rows.
 
 The reference below is a float64 numpy rewrite of the paper's / reference code's window loop (one
 window, one key/value head, one token at a time), written from the equations in the operator's
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attnjax as aj
 from attnjax.ops.memory import ran
 from attnjax.registry import example_params
 from tests import numpy_math
@@ -174,6 +176,69 @@ def test_query_block_over_a_cache_equals_full_forward():
   chex.assert_trees_all_close(part, full[:, 9:11], **TOL)
 
 
+# --------------------------------------------------------------------------------------------------
+# Recurrent decoding: the cell, the last completed window's read-out and the current window
+
+
+# T = 19 with W = 4: the prefill crosses position 4, the 7-token chunk crosses 8 and 12, the last
+# piece 16.
+PIECES = (6, 1, 7, 1, 4)
+
+
+def _decode_in_pieces(p, q, k, v, *, window, pieces=PIECES):
+  """The recurrent form over consecutive pieces of the sequence (the first from no state at a Python
+  int offset, the others from the carried state at a traced offset): the outputs concatenated, and
+  the state after each piece."""
+  run = lambda q, k, v, **kw: ran.recurrent_attention_network(
+      q, k, v, window=window, causal=True, return_final_state=True, **kw, **p)
+  first = jax.jit(lambda q, k, v: run(q, k, v, q_offset=0, initial_state=None))
+  step = jax.jit(lambda q, k, v, state, n: run(q, k, v, q_offset=n, initial_state=state))
+  outs, states, n = [], [], 0
+  for T in pieces:
+    part = slice(n, n + T)
+    if not states:
+      out, state = first(q[:, part], k[:, part], v[:, part])
+    else:
+      out, state = step(q[:, part], k[:, part], v[:, part], states[-1], jnp.int32(n))
+    outs.append(out)
+    states.append(state)
+    n += T
+  return jnp.concatenate(outs, axis=1), states
+
+
+def test_recurrent_decode_matches_float64_rewrite_across_window_boundaries():
+  """Prefill, single steps and a chunk crossing two window boundaries, from the fixed-size state
+  (the cell after the completed windows, the last read-out ĉ, the current window's W - 1 slots),
+  give the paper's outputs (GQA: N = 4 query heads over K = 2)."""
+  q, k, v = qkv(seed=14, T=19)
+  p = _params(15)
+  out, states = _decode_in_pieces(p, q, k, v, window=4)
+  expected, _ = _numpy_ran(q, k, v, p, window=4, causal=True)
+  chex.assert_trees_all_close(out, expected, **TOL)
+  chex.assert_trees_all_close(out, _ran(q, k, v, window=4, causal=True, **p), **TOL)
+  B, K, H, h = 2, 2, 8, 6
+  chex.assert_shape([states[0]["cell"], states[0]["previous"]], (B, K, h))
+  chex.assert_shape([states[0]["keys"], states[0]["values"]], [(B, 3, K, H), (B, 3, K, h)])
+  for state in states[1:]:                # fixed size: it does not grow with the tokens
+    chex.assert_trees_all_equal_shapes(state, states[0])
+  floats = sum(x.size for x in jax.tree.leaves(states[0])) // B
+  mech = aj.get_mechanism("recurrent_attention_network")
+  assert floats == mech.decode_state_floats(19, 4, K, H, h, {"window": 4})
+
+
+def test_recurrent_zero_state_is_no_tokens_yet():
+  """The layer's first state is zeros: at offset 0 it equals no state (the learned initial cell,
+  not a zero cell, starts the first window)."""
+  q, k, v = qkv(seed=16, T=6)
+  p = _params(17)
+  run = jax.jit(lambda state: ran.recurrent_attention_network(
+      q, k, v, window=4, causal=True, q_offset=jnp.int32(0), initial_state=state,
+      return_final_state=True, **p))
+  fresh = run(None)
+  zeros = run(jax.tree.map(jnp.zeros_like, fresh[1]))
+  chex.assert_trees_all_close(zeros, fresh, **TOL)
+
+
 def test_memory_is_bounded_by_the_window():
   """Windows are processed in parallel with no `[T, T]` intermediate (forward and backward)."""
   T, W = 256, 16
@@ -201,3 +266,13 @@ def test_rejects_bad_input():
     ran.recurrent_attention_network(q, k, v, **{**p, "cell_key_kernel": p["cell_key_kernel"][:1]})
   with pytest.raises(ValueError, match="self-attention only"):
     ran.recurrent_attention_network(q, k[:, :7], v[:, :7], **p)
+  with pytest.raises(ValueError, match="causal"):
+    ran.recurrent_attention_network(q, k, v, return_final_state=True, **p)
+  with pytest.raises(ValueError, match="return_document"):
+    ran.recurrent_attention_network(q, k, v, causal=True, return_final_state=True,
+                                    return_document=True, **p)
+  with pytest.raises(ValueError, match=r"initial_state\['keys'\].*\[B, W - 1, K, H\]"):
+    ran.recurrent_attention_network(
+        q, k, v, window=4, causal=True, return_final_state=True, **p,
+        initial_state={"cell": jnp.zeros((2, 2, 6)), "previous": jnp.zeros((2, 2, 6)),
+                       "keys": jnp.zeros((2, 4, 2, 8)), "values": jnp.zeros((2, 3, 2, 6))})

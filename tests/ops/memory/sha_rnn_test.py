@@ -1,6 +1,7 @@
 """SHA-RNN attention (#56): equals a float64 rewrite of the author's equations (LayerNorm'd
-query, vector gates, over-parametrized value gate); with open gates it is plain single-head causal
-attention; its gates act per channel.
+query, vector gates, over-parametrized value gate), with a bounded memory too; with open gates it is
+plain single-head causal attention; its gates act per channel; with a bounded memory it decodes from
+a state that is that memory alone.
 """
 
 import chex
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attnjax as aj
 from attnjax.ops.memory.sha_rnn import sha_rnn_attention, sha_rnn_param_specs
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.registry import example_params
@@ -33,8 +35,9 @@ def _sha_params(seed=0, h=6, perturb=1.0):
   return example_params(sha_rnn_param_specs(h=h), seed=seed, perturb=perturb)
 
 
-def _numpy_sha(q, k, v, p, *, q_offset=0, eps=1e-12):
-  """The SHA attention in float64 (the author's `Attention`, only the query projected), per head."""
+def _numpy_sha(q, k, v, p, *, q_offset=0, eps=1e-12, memory=None):
+  """The SHA attention in float64 (the author's `Attention`, only the query projected), per head;
+  with `memory` M, the query at position t reads the positions t - M, ..., t."""
   q, k, v, p = _np(q), _np(k), _np(v), {name: _np(x) for name, x in p.items()}
   N, K, H, h = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
   mean = q.mean(-1, keepdims=True)
@@ -49,7 +52,8 @@ def _numpy_sha(q, k, v, p, *, q_offset=0, eps=1e-12):
     for n in range(g * (N // K), (g + 1) * (N // K)):
       logits = H ** -0.5 * np.einsum("bth,bsh->bts", queries[:, :, n], keys[:, :, g])
       t, s = np.arange(q.shape[1])[:, None] + q_offset, np.arange(k.shape[1])[None, :]
-      out[:, :, n] = np.einsum("bts,bsd->btd", numpy_math.softmax(logits, where=s <= t), values)
+      seen = (s <= t) if memory is None else (s <= t) & (t - s <= memory)
+      out[:, :, n] = np.einsum("bts,bsd->btd", numpy_math.softmax(logits, where=seen), values)
   return out
 
 
@@ -60,6 +64,74 @@ def test_sha_rnn_attention_matches_float64_paper_equations():
   # Queries for the last 6 positions over a memory of all 15 states.
   chex.assert_trees_all_close(sha_rnn_attention(q[:, 9:], k, v, q_offset=9, **p),
                               _numpy_sha(q[:, 9:], k, v, p, q_offset=9), **TOL)
+
+
+def test_sha_rnn_bounded_memory_matches_float64_paper_equations():
+  """With a memory of M past states the query at t reads positions t - M, ..., t: full forward,
+  queries over a KV cache, and packed documents (the memory stays inside each)."""
+  q, k, v = qkv(seed=9, T=15)
+  p = _sha_params(3)
+  sha = jax.jit(lambda q, k, v, **kw: sha_rnn_attention(q, k, v, memory=4, **kw, **p),
+                static_argnames=("q_offset",))
+  chex.assert_trees_all_close(sha(q, k, v), _numpy_sha(q, k, v, p, memory=4), **TOL)
+  chex.assert_trees_all_close(sha(q[:, 9:], k, v, q_offset=9),
+                              _numpy_sha(q[:, 9:], k, v, p, q_offset=9, memory=4), **TOL)
+  seg = jnp.broadcast_to(jnp.repeat(jnp.arange(2), jnp.array([6, 9]), total_repeat_length=15),
+                         (2, 15))
+  packed = sha(q, k, v, segment_ids=seg)
+  chex.assert_trees_all_close(packed[:, 6:], _numpy_sha(q[:, 6:], k[:, 6:], v[:, 6:], p, memory=4),
+                              **TOL)
+
+
+# T = 19 with a memory of 5: the 7-token chunk is longer than the memory, so the window slides past
+# tokens of the same call.
+PIECES = (6, 1, 7, 1, 4)
+
+
+def _decode_in_pieces(p, q, k, v, *, memory, pieces=PIECES):
+  """The recurrent form over consecutive pieces of the sequence (the first from no state at a Python
+  int offset, the others from the carried state at a traced offset): the outputs concatenated, and
+  the state after each piece."""
+  run = lambda q, k, v, **kw: sha_rnn_attention(q, k, v, memory=memory, return_final_state=True,
+                                                **kw, **p)
+  first = jax.jit(lambda q, k, v: run(q, k, v, q_offset=0, initial_state=None))
+  step = jax.jit(lambda q, k, v, state, n: run(q, k, v, q_offset=n, initial_state=state))
+  outs, states, n = [], [], 0
+  for T in pieces:
+    part = slice(n, n + T)
+    if not states:
+      out, state = first(q[:, part], k[:, part], v[:, part])
+    else:
+      out, state = step(q[:, part], k[:, part], v[:, part], states[-1], jnp.int32(n))
+    outs.append(out)
+    states.append(state)
+    n += T
+  return jnp.concatenate(outs, axis=1), states
+
+
+def test_sha_rnn_recurrent_decode_carries_the_memory_only():
+  """Decoding from a state of the last M keys and values (no KV cache) gives the paper's rows:
+  prefill, single steps and a chunk longer than the memory (GQA: N = 4 query heads over K = 2);
+  the state has M slots whatever the length."""
+  q, k, v = qkv(seed=10, T=19)
+  p = _sha_params(4)
+  out, states = _decode_in_pieces(p, q, k, v, memory=5)
+  chex.assert_trees_all_close(out, _numpy_sha(q, k, v, p, memory=5), **TOL)
+  chex.assert_trees_all_close(out, sha_rnn_attention(q, k, v, memory=5, **p), **TOL)
+  B, K, H, h = 2, 2, 8, 6
+  chex.assert_shape([states[0]["keys"], states[0]["values"]], [(B, 5, K, H), (B, 5, K, h)])
+  for state in states[1:]:                # fixed size: it does not grow with the tokens
+    chex.assert_trees_all_equal_shapes(state, states[0])
+  # The state is the memory: the raw keys and values of the last M positions.
+  chex.assert_trees_all_close(states[-1], {"keys": k[:, -5:], "values": v[:, -5:]}, **TOL)
+  floats = sum(x.size for x in jax.tree.leaves(states[0])) // B
+  mech = aj.get_mechanism("sha_rnn_attention")
+  assert floats == mech.decode_state_floats(19, 4, K, H, h, {"memory": 5})
+  # A zero state at offset 0 (the layer's first state) is no tokens yet.
+  zeros = jax.tree.map(jnp.zeros_like, states[0])
+  fresh = sha_rnn_attention(q[:, :6], k[:, :6], v[:, :6], memory=5, q_offset=0,
+                            initial_state=zeros, return_final_state=True, **p)
+  chex.assert_trees_all_close(fresh[0], out[:, :6], **TOL)
 
 
 def test_sha_rnn_with_open_gates_is_single_head_causal_attention_over_normalized_queries():
@@ -106,3 +178,11 @@ def test_sha_rnn_is_causal_only():
     sha_rnn_attention(q, k, v, causal=False, **_sha_params())
   with pytest.raises(ValueError, match=r"v_gate.*\[K, h\]"):
     sha_rnn_attention(q, k, v[..., :5], **_sha_params())   # arrays sized for h = 6
+  with pytest.raises(ValueError, match="memory"):   # unbounded: no fixed-size state
+    sha_rnn_attention(q, k, v, memory=None, return_final_state=True, **_sha_params())
+  with pytest.raises(ValueError, match="memory"):
+    sha_rnn_attention(q, k, v, memory=0, **_sha_params())
+  with pytest.raises(ValueError, match=r"initial_state\['values'\].*\[B, M, K, h\]"):
+    sha_rnn_attention(q, k, v, memory=3, return_final_state=True, **_sha_params(),
+                      initial_state={"keys": jnp.zeros((2, 3, 2, 8)),
+                                     "values": jnp.zeros((2, 4, 2, 6))})
