@@ -33,6 +33,8 @@ from attnjax.models.config import layer_mechanisms
 from attnjax.models.config import mechanism_names
 from attnjax.models.generate import generate, sample_logits, supports_kv_cache
 from attnjax.models.lm import DecoderLM
+from attnjax.models.paged_generate import generate_paged
+from attnjax.models.streaming import generate_streaming
 from attnjax.models.vit import ViT
 from attnjax.parallel.rules import DEFAULT_LOGICAL_AXIS_RULES
 
@@ -107,6 +109,6 @@ def param_count(tree: Any) -> int:
 __all__ = [
     "ARCHS", "DEFAULT_LOGICAL_AXIS_RULES", "DTYPES", "FIELDS", "DecoderLM", "EncoderClassifier",
     "ModelConfig", "ViT", "abstract_variables", "build_model", "check_config", "dummy_inputs",
-    "generate", "layer_mechanisms", "mechanism_names", "param_count", "sample_logits",
-    "supports_kv_cache",
+    "generate", "generate_paged", "generate_streaming", "layer_mechanisms", "mechanism_names",
+    "param_count", "sample_logits", "supports_kv_cache",
 ]

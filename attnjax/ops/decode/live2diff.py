@@ -99,4 +99,8 @@ register(Mechanism(
     # Three warm-up frames and a window of four, both shorter than the suite's sequences.
     example=dict(warmup=3, window=4),
     # Decoding reads the warm-up frames and the window: a fixed-size cache.
-    state_size=lambda T, N, K, H, h, kw: min(kw["warmup"] + kw["window"], T) * K * (H + h)))
+    # Decoding reads the warm-up and window slots; without settings (no defaults: the caller
+    # chooses them) the size is only bounded by the cache.
+    state_size=lambda T, N, K, H, h, kw: (
+        min(kw["warmup"] + kw["window"], T) if {"warmup", "window"} <= set(kw) else T)
+    * K * (H + h)))
