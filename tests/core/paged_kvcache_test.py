@@ -11,13 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attnjax.core.paged_attention import paged_attention
 from attnjax.core.paged_kvcache import PagedKVCache
+from tests import tolerances
 
 B, P, PS, MAXP, K, H, HV, T = 3, 9, 3, 4, 2, 2, 1, 4
 
 _append = jax.jit(lambda c, k, v, n: c.append(k, v, n))
 _free = jax.jit(lambda c, rows: c.free(rows))
 _share = jax.jit(lambda c, s, d, n: c.share_prefix(s, d, n))
+# One decode query per row (N = 2 heads over the K = 2 kv heads), at each row's last position.
+_Q = np.random.default_rng(0).standard_normal((B, 1, 2, H)).astype(np.float32)
+# The keys hold token ids (up to ~10⁴): a small scale keeps the weights spread over the row.
+_SCALE = 1e-4
+_decode = jax.jit(lambda c: paged_attention(_Q, c.k_pages, c.v_pages, c.page_table, c.lengths,
+                                            q_offset=c.lengths - 1, scale=_SCALE))
 
 
 def _tokens(seed, n):
@@ -41,6 +49,17 @@ def _check(cache, rows):
   # Pages a row needs and nothing beyond.
   for b, r in enumerate(rows):
     assert np.sum(cache.page_table[b] >= 0) == -(-len(r) // PS)
+  # Decoding over the pages equals softmax attention over the row's own tokens, in order.
+  out = np.asarray(_decode(cache))
+  for b, r in enumerate(rows):
+    if not r:
+      np.testing.assert_array_equal(out[b], 0.0)
+      continue
+    ids = np.asarray(r, np.float64)
+    s = np.einsum("nh,s->ns", _Q[b, 0].astype(np.float64), ids) * _SCALE      # keys: id · 1
+    w = np.exp(s - s.max(-1, keepdims=True))
+    want = (w / w.sum(-1, keepdims=True)) @ -ids                                # values: -id
+    np.testing.assert_allclose(out[b, 0, :, 0], want, **tolerances.OUTPUT[jnp.float32])
 
 
 def _pages_demanded(cache, rows, counts):
