@@ -94,6 +94,8 @@ def test_any_sequence_of_appends_frees_and_shares_keeps_every_row(ops):
       seed += 1
       ks, vs = zip(*[_tokens(seed * 10 + b, T) for b in range(B)], strict=True)
       before = jax.device_get(cache)
+      demanded = _pages_demanded(before, rows, counts)
+      too_long = any(len(rows[b]) + counts[b] > MAXP * PS for b in range(B))
       cache = _append(cache, np.stack(ks), np.stack(vs), counts)
       over = np.asarray(cache.overflow)
       for b in range(B):
@@ -101,8 +103,7 @@ def test_any_sequence_of_appends_frees_and_shares_keeps_every_row(ops):
           rows[b] += list(ks[b][:counts[b], 0, 0])
       if np.any(over):
         # Only an exhausted pool or a full row overflows.
-        assert (_pages_demanded(before, rows, counts) > np.sum(before.refcount == 0)
-                or any(len(rows[b]) + counts[b] > MAXP * PS for b in range(B)))
+        assert demanded > np.sum(before.refcount == 0) or too_long
         cache = _free(cache, over)
         rows = [[] if over[b] else r for b, r in enumerate(rows)]
     elif op[0] == "free":
