@@ -8,6 +8,7 @@ from attnjax.ops import memory  # noqa: F401
 from attnjax.ops import mixers  # noqa: F401
 from attnjax.ops import pooling  # noqa: F401
 from attnjax.ops import positional  # noqa: F401
+from attnjax.ops import quantized  # noqa: F401
 from attnjax.ops import softmax  # noqa: F401
 from attnjax.ops import sparse  # noqa: F401
 from attnjax.ops.softmax import dot_product_attention  # noqa: F401
