@@ -36,6 +36,10 @@ PerQueryToken = Shaped[Array, "B T"]
 PerKeyToken = Shaped[Array, "B S"]
 SegmentIds = Int[Array, "B L"]
 Lengths = Int[Array, "B"]
+# A paged KV cache: a pool of P pages of `page_size` tokens, and each row's page numbers in order.
+KeyPages = Float[Array, "P page_size K H"]
+ValuePages = Float[Array, "P page_size K h"]
+PageTable = Int[Array, "B max_pages"]
 
 # mask_mod(b, n, q_idx, kv_idx) -> bool, on broadcastable integer index arrays. True keeps the pair.
 MaskMod = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -45,4 +49,5 @@ ScoreMod = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax
 __all__ = ["Array", "Bool", "Float", "Int", "Query", "Key", "Value", "Output", "LogSumExp", "State",
            "TokenQuery", "TokenKey", "TokenValue", "TokenOutput",
            "QueryHeadScalars", "KeyHeadScalars", "PerQueryToken", "PerKeyToken",
-           "SegmentIds", "Lengths", "MaskMod", "ScoreMod", "Shaped"]
+           "SegmentIds", "Lengths", "KeyPages", "ValuePages", "PageTable", "MaskMod", "ScoreMod",
+           "Shaped"]

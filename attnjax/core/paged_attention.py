@@ -58,7 +58,8 @@ from attnjax.core import flex
 from attnjax.core import masks
 from attnjax.core.implementations import dispatch
 from attnjax.core.merge import merge_attention_states
-from attnjax.typing import Array, Float, Int, Lengths, LogSumExp, Output, Query
+from attnjax.typing import (Array, Float, KeyPages, Lengths, LogSumExp, Output, PageTable,
+                            Query, ValuePages)
 
 __all__ = ["paged_attention", "cascade_attention", "DEFAULT_SPLIT_TOKENS", "KeyPages", "ValuePages",
            "PageTable", "PrefixKey", "PrefixValue"]
@@ -66,10 +67,7 @@ __all__ = ["paged_attention", "cascade_attention", "DEFAULT_SPLIT_TOKENS", "KeyP
 # Keys per split when `pages_per_split` is not given (rounded to whole pages).
 DEFAULT_SPLIT_TOKENS = 512
 
-# The pool, every row's page numbers in order, and a prefix shared by all rows.
-KeyPages = Float[Array, "P page_size K H"]
-ValuePages = Float[Array, "P page_size K h"]
-PageTable = Int[Array, "B max_pages"]
+# A prefix shared by all rows (cascade attention).
 PrefixKey = Float[Array, "Sp K H"]
 PrefixValue = Float[Array, "Sp K h"]
 # The first query's position: one for all rows, or one per row.

@@ -57,7 +57,8 @@ from attnjax.core import implementations
 from attnjax.core.implementations import dispatch
 from attnjax.core.merge import merge_attention_states
 from attnjax.kernels import platform
-from attnjax.typing import Array, Float, Int, Key, Lengths, Output, Query, Value
+from attnjax.typing import (Key, KeyPages, Lengths, Output, PageTable, Query,
+                            Value, ValuePages)
 
 __all__ = ["decode_attention", "paged_decode_attention", "reference_decode_attention",
            "reference_paged_decode_attention", "KERNEL", "DEFAULT_SPLIT_SIZE"]
@@ -68,10 +69,6 @@ DEFAULT_SPLIT_SIZE = 512
 # Most query rows (T·G: query steps times the heads sharing a kv head) the kernel holds in one tile.
 MAX_QUERY_ROWS = 128
 
-# A pool of P pages of keys / values, and each row's page numbers in order.
-KeyPages = Float[Array, "P page_size K H"]
-ValuePages = Float[Array, "P page_size K h"]
-PageTable = Int[Array, "B max_pages"]
 # The first query's position: one for all rows, or one per row.
 QOffset = Union[int, Lengths]
 
