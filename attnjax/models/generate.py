@@ -146,31 +146,43 @@ def _compiled(model: nn.Module, batch: int, prompt_len: int, max_new_tokens: int
                        f"{leaf.shape[1]} positions, fewer than the prompt ({prompt_len}) plus "
                        f"max_new_tokens ({max_new_tokens})")
 
-  def step(variables, cache, tokens):
+  def run(variables, prompt, rng, temperature):
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
+    return cached_decode(model, variables, cache, prompt, max_new_tokens, rng, temperature,
+                         greedy=greedy, top_k=top_k)
+
+  return jax.jit(run)
+
+
+def cached_decode(model: nn.Module, variables: Any, cache: Any, prompt: jax.Array,
+                  max_new_tokens: int, rng: jax.Array, temperature: jax.Array, *, greedy: bool,
+                  top_k: Optional[int]) -> jax.Array:
+  """Prefill `prompt [B, P]` into the empty decode `cache` (any layout the layers read: contiguous,
+  StreamingLLM), then one token per step in a `lax.fori_loop` (traceable; max_new_tokens >= 1):
+  `[B, P + max_new_tokens]` int32. Step i's key is `fold_in(rng, i)`."""
+  batch, prompt_len = prompt.shape
+  total = prompt_len + max_new_tokens
+  sample = functools.partial(_sampler, greedy=greedy, top_k=top_k)
+
+  def step(cache, tokens):
     logits, mutated = model.apply({**variables, "cache": cache}, tokens, decode=True,
                                   mutable=["cache"])
     return logits[:, -1], mutated["cache"]
 
-  sample = functools.partial(_sampler, greedy=greedy, top_k=top_k)
+  last, cache = step(cache, prompt)
+  tokens = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompt)
+  tokens = tokens.at[:, prompt_len].set(sample(last, jax.random.fold_in(rng, 0), temperature))
 
-  def run(variables, prompt, rng, temperature):
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
-    last, cache = step(variables, cache, prompt)
-    tokens = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompt)
-    tokens = tokens.at[:, prompt_len].set(sample(last, jax.random.fold_in(rng, 0), temperature))
+  def body(i, carry):
+    tokens, cache = carry
+    current = jax.lax.dynamic_slice_in_dim(tokens, prompt_len + i, 1, axis=1)
+    last, cache = step(cache, current)
+    nxt = sample(last, jax.random.fold_in(rng, i + 1), temperature)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], prompt_len + i + 1, axis=1)
+    return tokens, cache
 
-    def body(i, carry):
-      tokens, cache = carry
-      current = jax.lax.dynamic_slice_in_dim(tokens, prompt_len + i, 1, axis=1)
-      last, cache = step(variables, cache, current)
-      nxt = sample(last, jax.random.fold_in(rng, i + 1), temperature)
-      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], prompt_len + i + 1, axis=1)
-      return tokens, cache
-
-    tokens, _ = jax.lax.fori_loop(0, max_new_tokens - 1, body, (tokens, cache))
-    return tokens
-
-  return jax.jit(run)
+  tokens, _ = jax.lax.fori_loop(0, max_new_tokens - 1, body, (tokens, cache))
+  return tokens
 
 
 def _sampler(logits, rng, temperature, *, greedy, top_k):

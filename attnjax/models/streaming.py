@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.core.sink_cache import SinkWindowCache, check_sinks_and_window
-from attnjax.models.generate import check_sampling, sample_categorical, sample_logits
+from attnjax.models.generate import cached_decode, check_sampling
 
 __all__ = ["generate_streaming", "to_sink_window"]
 
@@ -111,33 +111,11 @@ def _compiled(model, batch, prompt_len, max_new_tokens, sinks, window, greedy, t
   """The jitted prefill + decode loop (the cache's shapes do not depend on the length)."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, 1), jnp.int32),
                                              decode=True))["cache"]
-  total = prompt_len + max_new_tokens
-
-  def sample(logits, key, temperature):
-    if greedy:
-      return sample_logits(logits, key)
-    return sample_categorical(logits, key, temperature, top_k)
-
-  def step(variables, cache, tokens):
-    logits, mutated = model.apply({**variables, "cache": cache}, tokens, decode=True,
-                                  mutable=["cache"])
-    return logits[:, -1], mutated["cache"]
 
   def run(variables, prompt, rng, temperature):
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     cache = to_sink_window(zeros, sinks=sinks, window=window)
-    last, cache = step(variables, cache, prompt)
-    tokens = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompt)
-    tokens = tokens.at[:, prompt_len].set(sample(last, jax.random.fold_in(rng, 0), temperature))
-
-    def body(i, carry):
-      tokens, cache = carry
-      current = jax.lax.dynamic_slice_in_dim(tokens, prompt_len + i, 1, axis=1)
-      last, cache = step(variables, cache, current)
-      nxt = sample(last, jax.random.fold_in(rng, i + 1), temperature)
-      return jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], prompt_len + i + 1,
-                                                 axis=1), cache
-
-    return jax.lax.fori_loop(0, max_new_tokens - 1, body, (tokens, cache))[0]
+    return cached_decode(model, variables, cache, prompt, max_new_tokens, rng, temperature,
+                         greedy=greedy, top_k=top_k)
 
   return jax.jit(run)
