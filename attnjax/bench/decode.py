@@ -6,11 +6,13 @@ cache as an argument:
 
   contiguous  `KVCache` + `kvcache.decode_attention`; split-K on: chunks of `split_tokens` keys,
               off: one chunk (`num_splits=1`).
-  paged       `paged_attention(implementation="xla")` over a shuffled page pool (every row's pages
-              scattered through it); split-K on: `split_tokens / page_size` pages per split, off: the
-              whole table as one split.
+  paged       `paged_attention` over a shuffled page pool (every row's pages scattered through it):
+              `implementation="xla"` with split-K on (`split_tokens / page_size` pages per split) and
+              off (the whole table as one split); `"cpu_flash"`, the fused CPU kernel reading the
+              pages in place through the table (no split-K: the kernel works over rows and heads).
   per_row     (shared prefix) paged attention over tables whose first pages are the prefix's pages,
-              held once in the pool, as copy-on-write prefix sharing leaves them.
+              held once in the pool, as copy-on-write prefix sharing leaves them (`xla` split-K, and
+              `cpu_flash`).
   cascade     (shared prefix) `cascade_attention`: the prefix attended once for all rows, each row's
               own suffix pages, merged.
   contiguous  (shared prefix) also measured: each row holds its own copy of the prefix.
@@ -45,9 +47,9 @@ from attnjax.core import paged_attention as pa
 __all__ = ["DecodeCase", "DecodeResult", "cases_from_config", "markdown", "run_benchmark"]
 
 PATHS = ("contiguous", "paged", "per_row", "cascade")
-CSV_FIELDS = ("group", "path", "split", "B", "L", "prefix", "suffix", "N", "K", "H", "page_size",
-              "dtype", "status", "reason", "median_ms", "min_ms", "runs", "tokens_per_s",
-              "compile_s", "argument_bytes", "temp_bytes")
+CSV_FIELDS = ("group", "path", "split", "implementation", "B", "L", "prefix", "suffix", "N", "K",
+              "H", "page_size", "dtype", "status", "reason", "median_ms", "min_ms", "runs",
+              "tokens_per_s", "compile_s", "argument_bytes", "temp_bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +67,16 @@ class DecodeCase:
   split_tokens: int = 512
   dtype: str = "float32"
   seed: int = 0
+  implementation: str = "xla"      # paged and per_row: "xla" or "cpu_flash"
 
   def __post_init__(self):
     if self.path not in PATHS:
       raise ValueError(f"DecodeCase: unknown path {self.path!r}; expected one of {PATHS}")
+    if self.implementation not in ("xla", "cpu_flash") or (
+        self.implementation == "cpu_flash" and (self.split or self.path not in ("paged", "per_row"))):
+      raise ValueError(f"DecodeCase: implementation {self.implementation!r} with path {self.path!r}, "
+                       f"split={self.split}; expected 'xla', or 'cpu_flash' (paged / per_row, no "
+                       "split-K)")
     if self.L % self.page_size or self.prefix % self.page_size:
       raise ValueError(f"DecodeCase: L={self.L} and prefix={self.prefix} must be multiples of "
                        f"page_size={self.page_size}")
@@ -145,7 +153,7 @@ def build(case: DecodeCase) -> tuple[Callable, tuple]:
     def step(q, k_pages, v_pages, table, lengths):
       return pa.paged_attention(q, k_pages, v_pages, table, lengths, q_offset=lengths - 1,
                                 pages_per_split=pps if case.split else max_pages,
-                                implementation="xla")
+                                implementation=case.implementation)
     return step, (cast(q), cast(k_pages), cast(v_pages), jnp.asarray(table), lengths)
   # Shared prefix: its pages once (pool pages 0..), then each row's own suffix pages.
   pre, suf = case.prefix // ps, case.suffix // ps
@@ -167,7 +175,7 @@ def build(case: DecodeCase) -> tuple[Callable, tuple]:
 
   def per_row(q, k_pages, v_pages, table, lengths):
     return pa.paged_attention(q, k_pages, v_pages, table, lengths, q_offset=lengths - 1,
-                              pages_per_split=pps, implementation="xla")
+                              pages_per_split=pps, implementation=case.implementation)
   return per_row, (cast(q), cast(k_pages), cast(v_pages), jnp.asarray(table), lengths)
 
 
@@ -176,20 +184,24 @@ def build(case: DecodeCase) -> tuple[Callable, tuple]:
 
 
 def cases_from_config(config) -> list[list[DecodeCase]]:
-  """Groups of cases: per (B, L), contiguous and paged with split-K on and off; then the shared-prefix
-  group (contiguous, per-row paged, cascade)."""
+  """Groups of cases: per (B, L), contiguous and paged (xla) with split-K on and off, and paged by
+  cpu_flash; then the shared-prefix group (contiguous, per-row paged by xla and by cpu_flash,
+  cascade)."""
   shape = dict(N=config.N, K=config.K, H=config.H, page_size=config.page_size,
                split_tokens=config.split_tokens, dtype=config.dtype, seed=config.seed)
   groups = []
   for B in config.batches:
     for L in config.lengths:
       groups.append([DecodeCase(path, split, B, L, **shape)
-                     for path in ("contiguous", "paged") for split in (True, False)])
+                     for path in ("contiguous", "paged") for split in (True, False)]
+                    + [DecodeCase("paged", False, B, L, implementation="cpu_flash", **shape)])
   sp = config.get("shared_prefix")
   if sp is not None:
     L = sp.prefix + sp.suffix
     groups.append([DecodeCase(path, True, sp.B, L, prefix=sp.prefix, **shape)
-                   for path in ("contiguous", "per_row", "cascade")])
+                   for path in ("contiguous", "per_row", "cascade")]
+                  + [DecodeCase("per_row", False, sp.B, L, prefix=sp.prefix,
+                                implementation="cpu_flash", **shape)])
   return groups
 
 
@@ -253,7 +265,8 @@ def run_benchmark(config, workdir: str, *,
     for r in results:
       figure = (f"{r.median_ms:.2f} ms, {r.tokens_per_s:.0f} tok/s" if r.times_ms else r.reason)
       log(f"[{i + 1}/{len(groups)}] {r.case.group:22s} {r.case.path:10s} "
-          f"split={'on ' if r.case.split else 'off'} {r.status}: {figure}")
+          f"{r.case.implementation:9s} split={'on ' if r.case.split else 'off'} {r.status}: "
+          f"{figure}")
     write_csv(done, os.path.join(workdir, "results.csv"))
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(markdown(done, env=env) + "\n")
@@ -272,9 +285,10 @@ def write_csv(results: Sequence[DecodeResult], path: str) -> None:
     writer.writeheader()
     for r in results:
       c = r.case
-      row = dict(group=c.group, path=c.path, split=c.split, B=c.B, L=c.L, prefix=c.prefix,
-                 suffix=c.suffix if c.prefix else "", N=c.N, K=c.K, H=c.H, page_size=c.page_size,
-                 dtype=c.dtype, status=r.status, reason=r.reason, median_ms=r.median_ms,
+      row = dict(group=c.group, path=c.path, split=c.split, implementation=c.implementation, B=c.B,
+                 L=c.L, prefix=c.prefix, suffix=c.suffix if c.prefix else "", N=c.N, K=c.K,
+                 H=c.H, page_size=c.page_size, dtype=c.dtype, status=r.status, reason=r.reason,
+                 median_ms=r.median_ms,
                  min_ms=min(r.times_ms) if r.times_ms else None, runs=len(r.times_ms),
                  tokens_per_s=r.tokens_per_s, compile_s=r.compile_s,
                  argument_bytes=r.argument_bytes, temp_bytes=r.temp_bytes)
@@ -297,9 +311,11 @@ def _ratio(a: Optional[DecodeResult], b: Optional[DecodeResult]) -> str:
   return f"{a.median_ms / b.median_ms:.2f}×"
 
 
-# The grid's columns: (path, split-K on) in table order, and their headers.
-_GRID = (("contiguous", True), ("contiguous", False), ("paged", True), ("paged", False))
-_GRID_HEADERS = ("contiguous, split-K", "contiguous, one chunk", "paged, split-K", "paged, one split")
+# The grid's columns: (path, split-K on, implementation) in table order, and their headers.
+_GRID = (("contiguous", True, "xla"), ("contiguous", False, "xla"), ("paged", True, "xla"),
+         ("paged", False, "xla"), ("paged", False, "cpu_flash"))
+_GRID_HEADERS = ("contiguous, split-K", "contiguous, one chunk", "paged xla, split-K",
+                 "paged xla, one split", "paged cpu_flash")
 
 
 def _table(header: Sequence[str], align: str) -> list[str]:
@@ -311,38 +327,42 @@ def markdown(results: Sequence[DecodeResult], env: Optional[str] = None) -> str:
   the shared-prefix table (cascade / per-row)."""
   lines = [] if env is None else [f"Environment: {env}", ""]
   grid = [r for r in results if not r.case.prefix]
-  by = {(r.case.B, r.case.L, r.case.path, r.case.split): r for r in grid}
+  by = {(r.case.B, r.case.L, r.case.path, r.case.split, r.case.implementation): r for r in grid}
   keys = list(dict.fromkeys((r.case.B, r.case.L) for r in grid))
   if keys:
     lines += ["**Decode step, T = 1: median time (tokens/s)**", ""]
-    lines += _table(("B", "L", *_GRID_HEADERS, "paged / contiguous, split-K",
-                     "paged / contiguous, one chunk", "best paged / best contiguous"), "---:")
+    lines += _table(("B", "L", *_GRID_HEADERS, "paged / contiguous, split-K (xla)",
+                     "paged / contiguous, one chunk (xla)", "paged cpu_flash / contiguous one chunk",
+                     "best paged / best contiguous"), "---:")
     for B, L in keys:
-      row = {(path, split): by.get((B, L, path, split)) for path, split in _GRID}
+      row = {key: by.get((B, L, *key)) for key in _GRID}
       best = lambda path, row=row: min(
-          (r for (p, _), r in row.items() if p == path and r is not None and r.times_ms),
+          (r for (p, _, _), r in row.items() if p == path and r is not None and r.times_ms),
           key=lambda r: r.median_ms, default=None)
       cells = [_cell(row[key]) for key in _GRID]
-      ratios = [_ratio(row["paged", True], row["contiguous", True]),
-                _ratio(row["paged", False], row["contiguous", False]),
+      ratios = [_ratio(row["paged", True, "xla"], row["contiguous", True, "xla"]),
+                _ratio(row["paged", False, "xla"], row["contiguous", False, "xla"]),
+                _ratio(row["paged", False, "cpu_flash"], row["contiguous", False, "xla"]),
                 _ratio(best("paged"), best("contiguous"))]
       lines.append(f"| {B} | {L} | " + " | ".join(cells + ratios) + " |")
     lines += ["", "**Memory of the compiled step: arguments (the cache) / temporaries**", ""]
     lines += _table(("B", "L", *_GRID_HEADERS), "---:")
     for B, L in keys:
-      cells = [by.get((B, L, path, split)) for path, split in _GRID]
+      cells = [by.get((B, L, *key)) for key in _GRID]
       lines.append(f"| {B} | {L} | " + " | ".join(
           "—" if r is None else f"{report.format_bytes(r.argument_bytes)} / "
           f"{report.format_bytes(r.temp_bytes)}" for r in cells) + " |")
   shared = [r for r in results if r.case.prefix]
   if shared:
-    per_row = {r.case.group: r for r in shared if r.case.path == "per_row"}
+    per_row = {r.case.group: r for r in shared
+               if r.case.path == "per_row" and r.case.implementation == "xla"}
     lines += ["", "**Rows sharing a prefix: one decode step**", ""]
     lines += _table(("B", "prefix", "suffix", "path", "median time (tokens/s)", "arguments",
-                     "temporaries", "time / per-row paged"), "---:")
+                     "temporaries", "time / per-row paged (xla)"), "---:")
     for r in shared:
       c = r.case
-      lines.append(f"| {c.B} | {c.prefix} | {c.suffix} | {c.path} | {_cell(r)} | "
+      path = c.path if c.path in ("contiguous", "cascade") else f"{c.path} ({c.implementation})"
+      lines.append(f"| {c.B} | {c.prefix} | {c.suffix} | {path} | {_cell(r)} | "
                    f"{report.format_bytes(r.argument_bytes)} | {report.format_bytes(r.temp_bytes)} | "
                    f"{_ratio(r, per_row.get(c.group))} |")
   return "\n".join(lines)

@@ -71,3 +71,38 @@ def check_param_shapes(op: str, shapes: dict, params: dict):
   `check_shape`): one check for all the learned arrays an operator takes."""
   for name, (expected, letters) in shapes.items():
     check_shape(op, name, params[name], expected, letters)
+
+
+def check_paged(op: str, q, k_pages, v_pages, page_table, kv_lengths, q_offset, pages_per_split):
+  """Raises ValueError (naming `op` and the argument) unless the arguments of paged attention
+  (`attnjax.core.paged_attention`) have the documented shapes and dtypes."""
+  for name, x, letters in (("q", q, "[B, T, N, H]"), ("k_pages", k_pages, "[P, page_size, K, H]"),
+                           ("v_pages", v_pages, "[P, page_size, K, h]")):
+    if jnp.ndim(x) != 4 or 0 in jnp.shape(x):
+      raise ValueError(f"{op}: `{name}` must have shape {letters} (no empty axis), got shape "
+                       f"{jnp.shape(x)}")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      raise ValueError(f"{op}: `{name}` must be floating point, got {jnp.result_type(x)}")
+  B, _, N, H = q.shape
+  P, ps, K = k_pages.shape[:3]
+  if k_pages.shape[3] != H or N % K:
+    raise ValueError(f"{op}: `k_pages` must have shape [P, page_size, K, H] with H = {H} and K "
+                     f"dividing the N = {N} query heads of q {q.shape}, got {k_pages.shape}")
+  if v_pages.shape[:3] != (P, ps, K):
+    raise ValueError(f"{op}: `v_pages` must have shape [P, page_size, K, h] = [{P}, {ps}, {K}, h] "
+                     f"to match k_pages {k_pages.shape}, got {v_pages.shape}")
+  check_shape(op, "page_table", page_table, (B, None), "[B, max_pages]")
+  check_shape(op, "kv_lengths", kv_lengths, (B,), "[B]")
+  for name, x, letters in (("page_table", page_table, "[B, max_pages]"),
+                           ("kv_lengths", kv_lengths, "[B]")):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+      raise ValueError(f"{op}: `{name}` must be an integer array of shape {letters}, got dtype "
+                       f"{jnp.result_type(x)}")
+  if page_table.shape[1] == 0:
+    raise ValueError(f"{op}: `page_table` must have shape [B, max_pages] with max_pages >= 1, got "
+                     f"{page_table.shape}")
+  if jnp.ndim(q_offset) not in (0, 1) or (jnp.ndim(q_offset) == 1 and jnp.shape(q_offset) != (B,)):
+    raise ValueError(f"{op}: `q_offset` must be an int or have shape [B] = [{B}], got shape "
+                     f"{jnp.shape(q_offset)}")
+  if pages_per_split is not None and int(pages_per_split) < 1:
+    raise ValueError(f"{op}: `pages_per_split` must be >= 1, got {pages_per_split}")

@@ -29,15 +29,17 @@ takes no mask (`lax.switch`), so the work follows the longest row, not the table
 
 Cascade attention (FlashInfer's shared-prefix form): when every row starts with the same Sp prefix
 tokens (a system prompt, a few-shot context), the prefix is attended once for all B·T queries stacked
-as one batch row, `[1, B·T, N, H]` against `[1, Sp, K, H]` (one large matmul that reads the prefix
-once instead of B times), giving (o_p, lse_p); each row's own suffix pages give (o_s, lse_s); the merge
+as rows of one batch row, `[1, B·T·G, K, H]` (the G = N / K query heads of a kv head as rows too,
+`core.gqa_rows`) against `[1, Sp, K, H]` (one large matmul that reads the prefix once instead of B·G
+times), giving (o_p, lse_p); each row's own suffix pages give (o_s, lse_s); the merge
 above combines them. Every query follows the prefix, so the whole prefix is visible to it.
 
 Implementations (`core.implementations.dispatch`): `pallas_triton` (the split-K paged decode kernel,
 `attnjax.kernels.decode_triton.paged_decode_attention`, GPU only; it raises NotImplementedError for a
 query block of more than its T·G rows per kv head, under forward-mode autodiff and when residuals are
-asked for, and the next entry serves), `xla` (split-K above, on flex attention's default path for the
-platform) and `reference` (each row gathered whole, dense masked softmax in float32).
+asked for, and the next entry serves), `cpu_flash` (the fused CPU kernel reading the pages in place,
+`attnjax.kernels.cpu.paged`, gradients by `xla`), `xla` (split-K above, on flex attention's default
+path for the platform) and `reference` (each row gathered whole, dense masked softmax in float32).
 
 Paper: Ye et al., "FlashInfer: Efficient and Customizable Attention Engine for LLM Inference
 Serving", arXiv:2501.01005 (paged / ragged KV, cascade inference); the split-K merge is Lean
@@ -55,6 +57,7 @@ import numpy as np
 from attnjax import catalog
 from attnjax.core import checks
 from attnjax.core import flex
+from attnjax.core import gqa_rows
 from attnjax.core import masks
 from attnjax.core.implementations import dispatch
 from attnjax.core.merge import merge_attention_states
@@ -102,7 +105,8 @@ def paged_attention(q: Query, k_pages: KeyPages, v_pages: ValuePages, page_table
     pages_per_split: pages per split-K group (`xla`; `pallas_triton` takes the same number of
       splits); default `DEFAULT_SPLIT_TOKENS` keys rounded to whole pages. `max_pages`: one group.
     return_residuals: also return `lse [B, T, N]` float32 (for merging with other key sets).
-    implementation: "pallas_triton" (GPU), "xla" or "reference"; None takes the first that serves.
+    implementation: "pallas_triton" (GPU), "cpu_flash" (CPU), "xla" or "reference"; None takes the
+      first that serves.
 
   Returns:
     `[B, T, N, h]` in q's dtype (a query with no visible key gives zeros), and `lse` when
@@ -112,7 +116,7 @@ def paged_attention(q: Query, k_pages: KeyPages, v_pages: ValuePages, page_table
     ValueError: naming `paged_attention` and the argument, for arrays of the wrong rank, shape or
       dtype (`page_table` and `kv_lengths` must be integer), or `pages_per_split < 1`.
   """
-  _check_paged(_PAGED, q, k_pages, v_pages, page_table, kv_lengths, q_offset, pages_per_split)
+  checks.check_paged(_PAGED, q, k_pages, v_pages, page_table, kv_lengths, q_offset, pages_per_split)
   B = q.shape[0]
   ps, max_pages = k_pages.shape[1], page_table.shape[1]
   lens = jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, max_pages * ps)
@@ -122,40 +126,6 @@ def paged_attention(q: Query, k_pages: KeyPages, v_pages: ValuePages, page_table
                       scale=q.shape[-1] ** -0.5 if scale is None else scale,
                       pages_per_split=pages_per_split, return_residuals=return_residuals)
   return (out, lse) if return_residuals else out
-
-
-def _check_paged(op, q, k_pages, v_pages, page_table, kv_lengths, q_offset, pages_per_split):
-  """Raises ValueError (naming `op` and the argument) unless the shapes and dtypes are as documented."""
-  for name, x, letters in (("q", q, "[B, T, N, H]"), ("k_pages", k_pages, "[P, page_size, K, H]"),
-                           ("v_pages", v_pages, "[P, page_size, K, h]")):
-    if jnp.ndim(x) != 4 or 0 in jnp.shape(x):
-      raise ValueError(f"{op}: `{name}` must have shape {letters} (no empty axis), got shape "
-                       f"{jnp.shape(x)}")
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-      raise ValueError(f"{op}: `{name}` must be floating point, got {jnp.result_type(x)}")
-  B, _, N, H = q.shape
-  P, ps, K = k_pages.shape[:3]
-  if k_pages.shape[3] != H or N % K:
-    raise ValueError(f"{op}: `k_pages` must have shape [P, page_size, K, H] with H = {H} and K "
-                     f"dividing the N = {N} query heads of q {q.shape}, got {k_pages.shape}")
-  if v_pages.shape[:3] != (P, ps, K):
-    raise ValueError(f"{op}: `v_pages` must have shape [P, page_size, K, h] = [{P}, {ps}, {K}, h] "
-                     f"to match k_pages {k_pages.shape}, got {v_pages.shape}")
-  checks.check_shape(op, "page_table", page_table, (B, None), "[B, max_pages]")
-  checks.check_shape(op, "kv_lengths", kv_lengths, (B,), "[B]")
-  for name, x, letters in (("page_table", page_table, "[B, max_pages]"),
-                           ("kv_lengths", kv_lengths, "[B]")):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
-      raise ValueError(f"{op}: `{name}` must be an integer array of shape {letters}, got dtype "
-                       f"{jnp.result_type(x)}")
-  if page_table.shape[1] == 0:
-    raise ValueError(f"{op}: `page_table` must have shape [B, max_pages] with max_pages >= 1, got "
-                     f"{page_table.shape}")
-  if jnp.ndim(q_offset) not in (0, 1) or (jnp.ndim(q_offset) == 1 and jnp.shape(q_offset) != (B,)):
-    raise ValueError(f"{op}: `q_offset` must be an int or have shape [B] = [{B}], got shape "
-                     f"{jnp.shape(q_offset)}")
-  if pages_per_split is not None and int(pages_per_split) < 1:
-    raise ValueError(f"{op}: `pages_per_split` must be >= 1, got {pages_per_split}")
 
 
 def _visible(lens, offs, causal):
@@ -266,8 +236,19 @@ def _pallas_triton(q, k_pages, v_pages, table, lens, offs, *, causal, scale, pag
   return out, None
 
 
+def _cpu_flash(q, k_pages, v_pages, table, lens, offs, *, causal, scale, pages_per_split,
+               return_residuals):
+  """The CPU kernel over the page table as tile lists; its gradient is the `xla` form's."""
+  from attnjax.kernels.cpu import paged  # pylint: disable=import-outside-toplevel
+  backward = lambda *args: _xla(*args, causal=causal, scale=scale, pages_per_split=pages_per_split,
+                                return_residuals=return_residuals)
+  return paged.paged_flash_attention(q, k_pages, v_pages, table, lens, offs, causal=causal,
+                                     scale=scale, backward=backward)
+
+
 _IMPLEMENTATIONS = (
     ("pallas_triton", _pallas_triton, ("gpu",)),
+    ("cpu_flash", _cpu_flash, ("cpu",)),
     ("xla", _xla, ()),
     ("reference", _reference, ()),
 )
@@ -292,8 +273,8 @@ def cascade_attention(q: Query, prefix_k: PrefixKey, prefix_v: PrefixValue, k_pa
   position. Equal to `paged_attention` over a table whose first pages hold the prefix, with
   `kv_lengths + prefix_length` and `q_offset + prefix_length`.
 
-  `xla`: the prefix once for all rows (queries stacked `[1, B·T, N, H]`, flex attention), the
-  suffixes by `paged_attention(implementation="xla")`, merged by `merge_attention_states`;
+  `xla`: the prefix once for all rows (queries stacked `[1, B·T·G, K, H]`, flex attention), the
+  suffixes by `paged_attention` (residuals), merged by `merge_attention_states`;
   `reference`: each row's prefix and suffix concatenated, dense masked softmax in float32.
 
   Args:
@@ -312,17 +293,15 @@ def cascade_attention(q: Query, prefix_k: PrefixKey, prefix_v: PrefixValue, k_pa
     ValueError: naming `cascade_attention` and the argument, for shapes or dtypes as in
       `paged_attention`, or a prefix that is not `[Sp, K, H]` / `[Sp, K, h]` like the pages.
   """
-  _check_paged(_CASCADE, q, k_pages, v_pages, page_table, kv_lengths, q_offset, pages_per_split)
+  checks.check_paged(_CASCADE, q, k_pages, v_pages, page_table, kv_lengths, q_offset, pages_per_split)
   K, H, h = k_pages.shape[2], k_pages.shape[3], v_pages.shape[3]
   checks.check_shape(_CASCADE, "prefix_k", prefix_k, (None, K, H), "[Sp, K, H]")
   Sp = prefix_k.shape[0]
   checks.check_shape(_CASCADE, "prefix_v", prefix_v, (Sp, K, h), "[Sp, K, h]")
-  if prefix_length is not None and jnp.ndim(prefix_length) != 0:
-    raise ValueError(f"{_CASCADE}: `prefix_length` must be an int scalar (one prefix for all rows), "
-                     f"got shape {jnp.shape(prefix_length)}")
-  if prefix_length is not None and not jnp.issubdtype(jnp.result_type(prefix_length), jnp.integer):
-    raise ValueError(f"{_CASCADE}: `prefix_length` must be an integer scalar, got dtype "
-                     f"{jnp.result_type(prefix_length)}")
+  if prefix_length is not None and (jnp.ndim(prefix_length) != 0 or not jnp.issubdtype(
+      jnp.result_type(prefix_length), jnp.integer)):
+    raise ValueError(f"{_CASCADE}: `prefix_length` must be an integer scalar (one prefix for all "
+                     f"rows), got {jnp.result_type(prefix_length)} of shape {jnp.shape(prefix_length)}")
   if isinstance(prefix_length, (int, np.integer)):
     if not 0 <= int(prefix_length) <= Sp:
       raise ValueError(f"{_CASCADE}: `prefix_length` must be in [0, Sp = {Sp}], got {prefix_length}")
@@ -340,9 +319,9 @@ def cascade_attention(q: Query, prefix_k: PrefixKey, prefix_v: PrefixValue, k_pa
 def _cascade_xla(q, prefix_k, prefix_v, k_pages, v_pages, table, lens, offs, *, prefix_length,
                  causal, scale, pages_per_split):
   B, T, N, H = q.shape
+  # The suffixes by the first paged implementation that returns residuals (cpu_flash on a CPU).
   o_s, lse_s = paged_attention(q, k_pages, v_pages, table, lens, q_offset=offs, causal=causal,
-                               scale=scale, pages_per_split=pages_per_split, return_residuals=True,
-                               implementation="xla")
+                               scale=scale, pages_per_split=pages_per_split, return_residuals=True)
   Sp = prefix_k.shape[0]
   if Sp == 0 or (isinstance(prefix_length, int) and prefix_length == 0):
     return o_s
@@ -352,11 +331,15 @@ def _cascade_xla(q, prefix_k, prefix_v, k_pages, v_pages, table, lens, offs, *, 
     in_use = (jnp.arange(Sp) < prefix_length)[:, None, None]
     prefix_k, prefix_v = jnp.where(in_use, prefix_k, 0), jnp.where(in_use, prefix_v, 0)
     mask_mod = lambda b, n, qi, ki: ki < prefix_length
-  # Every query of every row as one batch row: the prefix is read once, in one large matmul.
-  o_p, lse_p = flex.flex_attention(q.reshape(1, B * T, N, H), prefix_k[None], prefix_v[None],
-                                   mask_mod=mask_mod, scale=scale, return_residuals=True)
-  out, _ = merge_attention_states(jnp.stack([o_p.reshape(o_s.shape), o_s]),
-                                  jnp.stack([lse_p.reshape(lse_s.shape), lse_s]))
+  # Every query of every row (and every query head of a kv head) as rows of one batch row: the
+  # prefix is read once, in one large matmul.
+  K = prefix_k.shape[1]
+  rows = gqa_rows.heads_to_rows(q, K).reshape(1, -1, K, H)
+  o_p, lse_p = flex.flex_attention(rows, prefix_k[None], prefix_v[None], mask_mod=mask_mod,
+                                   scale=scale, return_residuals=True)
+  o_p = gqa_rows.rows_to_heads(o_p.reshape(B, -1, K, o_p.shape[-1]), N)
+  lse_p = gqa_rows.rows_to_heads(lse_p.reshape(B, -1, K), N)
+  out, _ = merge_attention_states(jnp.stack([o_p, o_s]), jnp.stack([lse_p, lse_s]))
   return out
 
 

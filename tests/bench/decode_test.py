@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 
 from attnjax.bench import decode
+from attnjax.kernels.cpu import flash
 from tests import tolerances
 
 
@@ -25,19 +26,25 @@ def _tiny_config():
 
 def test_paths_of_a_group_compute_the_same_step():
   for cases in decode.cases_from_config(_tiny_config()):
-    outs = [np.asarray(jax.jit(step)(*args)) for step, args in map(decode.build, cases)]
+    outs = [np.asarray(jax.jit(step)(*args)) if case.implementation == "xla" or flash.available()
+            else None for case, (step, args) in zip(cases, map(decode.build, cases), strict=True)]
     for case, out in zip(cases[1:], outs[1:], strict=True):
-      np.testing.assert_allclose(out, outs[0], err_msg=f"{case.path} split={case.split}",
+      if case.implementation == "cpu_flash" and not flash.available():
+        continue
+      np.testing.assert_allclose(out, outs[0], err_msg=f"{case}",
                                  **tolerances.output(np.float32))
 
 
 def test_tiny_benchmark_writes_outputs(tmp_path):
   results = decode.run_benchmark(_tiny_config(), str(tmp_path), log=lambda _: None)
-  assert len(results) == 4 + 3
-  assert all(r.status == "ok" and len(r.times_ms) == 2 for r in results), results
+  assert len(results) == 5 + 4
+  # cpu_flash cases fail (and say why) only where the kernel library is not built.
+  assert all((r.status == "ok" and len(r.times_ms) == 2) or (
+      r.case.implementation == "cpu_flash" and not flash.available()) for r in results), results
   with open(tmp_path / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == len(results)
-  assert all(float(row["tokens_per_s"]) > 0 and int(row["argument_bytes"]) > 0 for row in rows)
+  assert all(float(row["tokens_per_s"]) > 0 and int(row["argument_bytes"]) > 0 for row in rows
+             if row["status"] == "ok")
   table = (tmp_path / "results.md").read_text()
   assert "| 3 | 64 |" in table and "| 3 | 32 | 16 | cascade |" in table

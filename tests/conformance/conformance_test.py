@@ -7,9 +7,9 @@ supported pattern works and each unsupported one raises; every implementation ag
 reference in outputs and in each gradient (dq, dk, dv and one per learned array, compared by name; a
 mechanism with the reference alone reports a skip); prefill followed by step-by-step decode equals
 the full forward (over a KV cache, and with the carried state of recurrent mechanisms); packed
-sequences equal separate ones; bf16 close to fp32; each example of a batch independent of the
-others; every input and learned array the mechanism declares changes its output, and an input it
-declares unread does not.
+sequences equal separate ones; bf16 close to fp32 on the same input values; each example of a
+batch independent of the others; every input and learned array the mechanism declares changes its
+output, and an input it declares unread does not.
 
 Per-token arrays a mechanism takes (`Mechanism.token_inputs`: forget gates, token types, ...) are
 derived from q and k inside each call (`tests.inputs.token_inputs`), so they move with their tokens.
@@ -211,12 +211,14 @@ def test_unsupported_patterns_raise_a_clear_error(mech, pattern):
 
 def test_dtype_preserved_gradients_finite_and_bf16_close_to_fp32(mech):
   """fp32 and bf16 inputs: the output keeps their dtype, the gradients are finite and shaped as
-  their inputs, and the bf16 output is close to the fp32 one. The fp32 program is the one the
+  their inputs, and the bf16 output is close to the fp32 one on the same values (the fp32 inputs
+  are the bf16 ones, widened: the check measures computing in bf16, not rounding the inputs, which
+  a quantizing mechanism's discrete steps would amplify). The fp32 program is the one the
   implementations check compiles (shared)."""
   causal, cross, s = _pattern_args(_some_pattern(mech))
   outs = {}
   for dtype in (jnp.float32, jnp.bfloat16):
-    q, k, v = _inputs(mech, s=s, dtype=dtype)
+    q, k, v = (x.astype(dtype) for x in _inputs(mech, s=s, dtype=jnp.bfloat16))
     out, grads = _gradients(mech, q, k, v, causal=causal, cross=cross,
                             implementation=_fast_path(mech))
     assert out.dtype == dtype

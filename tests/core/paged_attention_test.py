@@ -2,7 +2,8 @@
 lengths, shuffled page pools whose unused pages and slots hold NaN, page sizes that do not divide the
 lengths, GQA / MQA, T = 1 decode and T > 1 prefill, fp32 and bf16, the paged result equals an
 explicit float64 loop over the row's keys read through the page table and the contiguous `KVCache`
-path on the same tokens; gradients of `xla` equal the reference's; cascade (the prefix attended once
+path on the same tokens, for each CPU implementation (`cpu_flash` reads the pages in place);
+gradients equal the reference's; cascade (the prefix attended once
 for all rows) equals paged attention over tables whose first pages hold the prefix.
 
 Shapes come from a fixed set, so every jitted function compiles once per configuration.
@@ -24,6 +25,7 @@ from attnjax import catalog
 from attnjax.core import kvcache
 from attnjax.core import paged_attention as pa
 from attnjax.kernels import platform
+from attnjax.kernels.cpu import flash
 from tests import inputs
 from tests import tolerances
 
@@ -38,6 +40,8 @@ CONFIGS = {
 # Two pages per split: three splits over five pages, the last one short (xla's split-K path).
 PAGES_PER_SPLIT = 2
 JUNK_ENTRIES = (-1, 0, 10 ** 6)       # what a table holds past a row's pages
+# The CPU paths (cpu_flash where the kernel is built: `make test` builds it).
+CPU_IMPLEMENTATIONS = ["xla", "reference"] + (["cpu_flash"] if flash.available() else [])
 
 
 def _pool(rng, lengths, page_size, K, dtype, junk, spare=2):
@@ -124,7 +128,7 @@ def _close(actual, expected, dtype):
 @given(config=st.sampled_from(sorted(CONFIGS)),
        fill=st.lists(st.floats(0.0, 1.0), min_size=B, max_size=B),
        seed=st.integers(0, 2 ** 16), junk=st.sampled_from(JUNK_ENTRIES),
-       implementation=st.sampled_from(["xla", "reference"]))
+       implementation=st.sampled_from(CPU_IMPLEMENTATIONS))
 def test_paged_equals_float64_loop_and_contiguous_cache(config, fill, seed, junk, implementation):
   T, _, ps, dtype, _ = CONFIGS[config]
   lengths = [round(f * MAX_PAGES * ps) for f in fill]      # 0 to full, ragged
@@ -150,6 +154,24 @@ def test_split_sizes_agree(pages_per_split):
   _close(out, _float64_attention(q, rows_k, rows_v, lengths, offsets, causal), jnp.float32)
 
 
+@pytest.mark.skipif(not flash.available(), reason="cpu_flash is not built")
+@pytest.mark.parametrize("T,offset", [(1, 0), (7, 0), (7, -3), (4, 9)])
+def test_cpu_flash_tile_lists_cover_every_visible_key(T, offset):
+  """The kernel's lists take each row's pages as full or partial tiles (at most ceil(T / page_size)
+  + 2 partial ones): long causal prefills crossing many pages, queries before the first key, and
+  lengths short of the queries, against the float64 loop."""
+  rng = np.random.default_rng(T)
+  ps, K = 3, 2
+  lengths = np.array([MAX_PAGES * ps, 8, 0], np.int32)
+  k_pages, v_pages, table, rows_k, rows_v = _pool(rng, lengths, ps, K, jnp.float32, -1)
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  offsets = np.maximum(lengths - T, 0) + offset
+  for causal in (True, False):
+    out = _paged(q, k_pages, v_pages, table, lengths, offsets, causal=causal,
+                 implementation="cpu_flash")
+    _close(out, _float64_attention(q, rows_k, rows_v, lengths, offsets, causal), jnp.float32)
+
+
 def test_empty_row_gives_zeros_forward_and_backward():
   q, k_pages, v_pages, table, lengths, offsets, causal, _, _ = _case("decode_gqa", [0, 9, 0], 1, -1)
   out = np.asarray(_paged(q, k_pages, v_pages, table, lengths, offsets, causal=causal))
@@ -173,7 +195,8 @@ def test_queries_before_any_key_give_zeros():
 
 
 @pytest.mark.parametrize("config", ["decode_gqa", "prefill_gqa"])
-def test_gradients_of_xla_equal_the_reference(config):
+def test_gradients_equal_the_reference(config):
+  """`xla`'s gradients, and cpu_flash's (its backward is xla's, through a custom_vjp)."""
   q, k_pages, v_pages, table, lengths, offsets, causal, _, _ = _case(config, [14, 0, 11], 3, -1)
   # Finite pools: the gradients of the pages no row reads are zero on both paths.
   k_pages, v_pages = jnp.nan_to_num(k_pages), jnp.nan_to_num(v_pages)
@@ -181,8 +204,10 @@ def test_gradients_of_xla_equal_the_reference(config):
   call = lambda implementation: (lambda q, k, v: pa.paged_attention(
       q, k, v, table, lengths, q_offset=offsets, causal=causal, pages_per_split=PAGES_PER_SPLIT,
       implementation=implementation))
-  inputs.assert_same_gradients(call("xla"), call("reference"), (q, k_pages, v_pages), dout,
-                               ("dq", "dk_pages", "dv_pages"), tol=tolerances.grad(jnp.float32))
+  for implementation in [impl for impl in CPU_IMPLEMENTATIONS if impl != "reference"]:
+    inputs.assert_same_gradients(call(implementation), call("reference"), (q, k_pages, v_pages),
+                                 dout, ("dq", "dk_pages", "dv_pages"),
+                                 tol=tolerances.grad(jnp.float32))
 
 
 def test_xla_holds_one_split_at_a_time():
@@ -276,11 +301,12 @@ def test_pallas_triton_row_in_interpret_mode_and_lowered_for_cuda():
     pa.paged_attention(*args[:5], return_residuals=True, implementation="pallas_triton")
 
 
-def test_automatic_dispatch_on_cpu_takes_xla():
+def test_automatic_dispatch_on_cpu_takes_cpu_flash_else_xla():
   args, causal, _ = _kernel_case()
-  auto = jax.make_jaxpr(lambda *a: pa.paged_attention(*a[:5], q_offset=a[5], causal=causal,
-                                                      pages_per_split=2))(*args)
-  assert "pallas_call" not in str(auto)
+  auto = str(jax.make_jaxpr(lambda *a: pa.paged_attention(*a[:5], q_offset=a[5], causal=causal,
+                                                          pages_per_split=2))(*args))
+  assert "pallas_call" not in auto
+  assert ("attnjax_flash_fwd" in auto) == flash.available()
   chex.assert_trees_all_close(jax.jit(lambda *a: pa.paged_attention(
       *a[:5], q_offset=a[5], pages_per_split=2))(*args),
       _paged(*args, causal=causal, implementation="xla"), **tolerances.output(jnp.float32))

@@ -1,7 +1,8 @@
 """flex_attention(implementation="cpu_flash") (the fused C++ kernel behind `jax.ffi`,
 `attnjax/kernels/cpu`) against the dense reference: outputs, lse and gradients (q, k, v, with an lse
 cotangent) for non-power-of-two lengths, GQA, H != h, causal, sliding-window, per-head and
-document masks (traced segment ids), rows with no visible key, fp32 and bf16; inside a jitted,
+document masks (traced segment ids), rows with no visible key, NaN values of hidden cache slots,
+fp32 and bf16; inside a jitted,
 vmapped model-like function; and the NotImplementedError fallbacks. Skipped only when the library
 cannot be built on this machine (no compiler)."""
 
@@ -145,6 +146,23 @@ def test_rows_with_no_visible_key_are_zero_not_nan():
   np.testing.assert_array_equal(np.asarray(grads[0])[empty], 0.0)
   np.testing.assert_array_equal(np.asarray(grads[1])[1], 0.0)      # batch row 1 sees no key
   np.testing.assert_array_equal(np.asarray(grads[2])[0, 15:], 0.0)  # keys past the length
+
+
+def test_values_of_keys_hidden_from_a_whole_tile_may_be_nan():
+  """A cache's unused slots (past each row's length, inside a partial tile) may hold NaN: their zero
+  weights must not multiply it into the output."""
+  rng = np.random.default_rng(3)
+  T, S = 5, 37
+  q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+             for shape in ((B, T, N, H), (B, S, K, H), (B, S, K, h)))
+  lengths = jnp.asarray([29, 6], jnp.int32)
+  hidden = (jnp.arange(S)[None, :] >= lengths[:, None])[:, :, None, None]
+  run = jax.jit(lambda k, v, implementation: flex.flex_attention(
+      q, k, v, mask_mod=masks.padding(kv_lengths=lengths), implementation=implementation),
+      static_argnames="implementation")
+  out = run(jnp.where(hidden, jnp.nan, k), jnp.where(hidden, jnp.nan, v), IMPL)
+  assert np.isfinite(np.asarray(out)).all()
+  chex.assert_trees_all_close(out, run(k, v, "reference"), **tolerances.output(jnp.float32))
 
 
 def test_gradients_are_deterministic():

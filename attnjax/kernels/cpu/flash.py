@@ -33,7 +33,8 @@ from attnjax.core import block_mask as bm
 from attnjax.core import implementations
 from attnjax.core import normalizers
 
-__all__ = ["DEFAULT_BLOCK", "MAX_MASK_BYTES", "available", "cpu_flash_attention", "unavailable_reason"]
+__all__ = ["DEFAULT_BLOCK", "MAX_MASK_BYTES", "available", "cpu_flash_attention", "tile_list_forward",
+           "unavailable_reason"]
 
 # Tiles of the block mask built when none is given: small tiles skip more of a causal mask; the
 # kernel sub-tiles internally, so its speed barely depends on them.
@@ -107,6 +108,24 @@ def cpu_flash_attention(q, k, v, *, score_mod, mask_mod, block_mask, normalizer,
   f32 = lambda x: x.astype(jnp.float32)
   out, lse = _flash(float(scale), bq, bk, f32(q), f32(k), f32(v), (pnum, pidx, fnum, fidx), mask)
   return out.astype(dtype), lse
+
+
+def tile_list_forward(q, k, v, lists, mask, *, scale: float, block_q: int, block_kv: int):
+  """The kernel's forward over tile lists the caller builds (no `BlockMask`): `(out [B,T,N,h] float32,
+  lse [B,T,N])` for float32 q [B,T,N,H], k [B,S,K,H], v [B,S,K,h]. `lists = (pnum [Bl,nq], pidx
+  [Bl,nq,P], fnum [Bl,nq], fidx [Bl,nq,F])` int32 name each query block's partial and full key blocks
+  (Bl in {1, B}); `mask [Bm,Nm,nq,P,block_q,block_kv]` bool the visible pairs of each partial one.
+  Values of keys a partial tile hides from all its rows are read as zeros (they may be NaN). Not
+  differentiable (no custom_vjp): callers define the backward. Raises NotImplementedError where the
+  kernel cannot run (module docstring)."""
+  if implementations.current_platform() != "cpu":
+    raise NotImplementedError("cpu_flash: runs on the CPU backend only")
+  reason = unavailable_reason()
+  if reason is not None:
+    raise NotImplementedError(f"cpu_flash: {reason}")
+  if mask.size > MAX_MASK_BYTES:
+    raise NotImplementedError(f"cpu_flash: the partial-tile mask would take {mask.size} bytes")
+  return _forward(float(scale), int(block_q), int(block_kv), q, k, v, tuple(lists), mask)
 
 
 def _tile_lists(block_mask: bm.BlockMask):

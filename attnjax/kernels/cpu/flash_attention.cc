@@ -332,6 +332,26 @@ void pack_kv_forward(const Dims& d, const Tiled& tk, const float* k, const float
   }
 }
 
+// The `nk` value rows at `vc` as the chunk's `nr` query rows may read them: a key that the mask
+// `m` (row stride bk) hides from every one of them may hold anything (an unused cache slot, even
+// NaN), and its zero weight times NaN would be NaN, so such rows are read as zeros (copied to
+// `buf`; `vc` itself when every key is seen by some row).
+const float* hide_values(const Dims& d, const bool* m, int nr, int nk, const float* vc,
+                         std::vector<float>& buf) {
+  bool copied = false;
+  for (int e = 0; e < nk; ++e) {
+    bool seen = false;
+    for (int r = 0; r < nr && !seen; ++r) seen = m[(int64_t)r * d.bk + e];
+    if (seen && !copied) continue;
+    if (!copied) {
+      std::memcpy(buf.data(), vc, sizeof(float) * (size_t)nk * d.hp);
+      copied = true;
+    }
+    if (!seen) std::fill(buf.data() + (size_t)e * d.hp, buf.data() + (size_t)(e + 1) * d.hp, 0.f);
+  }
+  return copied ? buf.data() : vc;
+}
+
 void forward_item(const Dims& d, const Tiled& tk, const Lists& L, float c_scale, const float* q,
                   const FwdBuffers& buf, float* out, float* lse, int64_t w) {
   const int i = d.nq - 1 - (int)(w / ((int64_t)d.B * d.N));   // heavy (late) query blocks first
@@ -347,6 +367,7 @@ void forward_item(const Dims& d, const Tiled& tk, const Lists& L, float c_scale,
   const int kcw = tk.kcw, nvk = kcw / VW;
 
   std::vector<float> qbuf((size_t)RQ * d.H), sbuf((size_t)RQ * KC), obuf((size_t)RQ * d.hp);
+  std::vector<float> vbuf((size_t)KC * d.hp);
   float m[RQ];
   vf lv[RQ];
 
@@ -403,8 +424,9 @@ void forward_item(const Dims& d, const Tiled& tk, const Lists& L, float c_scale,
           }
           lv[r] = sum;
         }
-        gemm<true>(nr, d.hp, nk, sbuf.data(), kcw, 1, vp + (int64_t)(j0 + c0) * d.hp, d.hp,
-                   obuf.data(), d.hp);
+        const float* vc = vp + (int64_t)(j0 + c0) * d.hp;
+        if (tmask != nullptr) vc = hide_values(d, tmask + (int64_t)r0 * d.bk + c0, nr, nk, vc, vbuf);
+        gemm<true>(nr, d.hp, nk, sbuf.data(), kcw, 1, vc, d.hp, obuf.data(), d.hp);
       }
     }
     for (int r = 0; r < nr; ++r) {

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from attnjax.core import checks
 from attnjax.core import contract
 from attnjax.core import quantize
+from attnjax.registry import Mechanism, register
 from attnjax.typing import Key, Lengths, Output, Query, Value
 
 __all__ = ["sage_attention3"]
@@ -208,6 +209,12 @@ def sage_attention3(q: Query, k: Key, v: Value, *, causal: bool = False, segment
                                                implementation=implementation), q, k, v)
 
 
-# Not registered (see the catalog's note on row 117): FP4 rounds bf16 inputs differently from fp32
-# ones (5% relative RMS at the conformance sizes, above the suite's bf16-vs-fp32 bound), and, like
-# `sage_attention`, its statistics over the whole call make a causal row depend on later keys.
+register(Mechanism(
+    name="sage_attention3", fn=sage_attention3, family="quantized", seeds=(117,),
+    paper="SageAttention3: Microscaling FP4 Attention for Inference and An Exploration of 8-Bit "
+          "Training", arxiv="2505.11594", decode=False, implementations=("xla", "reference"),
+    # Not causal, as `sage_attention`: the smoothing means and block scales are taken over the
+    # call's keys, so a causal row would depend on later keys through the quantization.
+    patterns=frozenset({"self", "cross"}),
+    # Tiles shorter than the test sequences (FP4 tiles: a multiple of the 16-value microblock).
+    example={"q_block": 8, "k_block": 16}))
