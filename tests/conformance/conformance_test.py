@@ -17,7 +17,9 @@ derived from q and k inside each call (`tests.inputs.token_inputs`), so they mov
 The sizes are this file's constants; each mechanism is called with its `example` keywords built at
 those sizes (`Mechanism.example_kwargs_for`), which exercise it there (e.g. a window shorter than
 the sequence). Compiled programs are shared between checks of the same mechanism and arguments (the
-suite is compile-bound).
+suite is compile-bound): the forward-only checks at the base pattern read the output of the gradient
+program the other checks compile, and the eager run (op-by-op, the costliest check) covers one
+mechanism per family by default and every mechanism under `make test-slow`.
 """
 
 import functools
@@ -150,6 +152,15 @@ def _gradients(m, q, k, v, **kwargs):
   return out, {"dq": dq, "dk": dk, "dv": dv, **{f"d{key}": g for key, g in dparams.items()}}
 
 
+def _forward(m, q, k, v, **kwargs):
+  """The output of the compiled gradient program of these arguments (the one the dtype, bitwise and
+  implementations checks compile): forward-only checks at the same arguments share it instead of
+  compiling a forward program of their own. Single-array outputs only."""
+  kwargs.setdefault("implementation", _fast_path(m))
+  out, _ = _gradients(m, q, k, v, **kwargs)
+  return out
+
+
 def _assert_close_by_name(got, want, tol, what):
   """Each named array of `got` close to the one of `want`; a failure names the array."""
   assert got.keys() == want.keys(), (sorted(got), sorted(want))
@@ -229,11 +240,25 @@ def test_dtype_preserved_gradients_finite_and_bf16_close_to_fp32(mech):
   assert tolerances.rel_rms(outs[jnp.bfloat16], outs[jnp.float32]) < tolerances.BF16_VS_FP32_REL_RMS
 
 
-def test_jit_equals_eager(mech):
+def _eager_cases():
+  """Every mechanism; eager (op-by-op) dispatch compiles each primitive on its own, the costliest
+  check of the suite (5-10 s a mechanism on 2 cores), so the default suite runs the first mechanism
+  of each family (one per family's code patterns) and `make test-slow` the rest."""
+  first = {}
+  for m in MECHANISMS:
+    first.setdefault(m.family, m.name)
+  return [pytest.param(m.name, marks=() if first[m.family] == m.name else pytest.mark.slow)
+          for m in MECHANISMS]
+
+
+@pytest.mark.parametrize("name", _eager_cases())
+def test_jit_equals_eager(name):
+  mech = aj.get_mechanism(name)
   causal, cross, s = _pattern_args(_some_pattern(mech))
   q, k, v = _inputs(mech, s=s)
-  eager = _call_eager(mech, q, k, v, causal=causal, cross=cross)
-  jitted = jax.jit(lambda *a: _call_eager(mech, *a, causal=causal, cross=cross))(q, k, v)
+  eager = _call_eager(mech, q, k, v, causal=causal, cross=cross,
+                      implementation=_fast_path(mech))
+  jitted = _forward(mech, q, k, v, causal=causal, cross=cross)
   chex.assert_trees_all_close(jitted, eager, **tolerances.output(jnp.float32))
 
 
@@ -255,12 +280,12 @@ def test_causal_rows_ignore_future_keys(mech):
     pytest.skip("no causal self-attention")
   q, k, v = _inputs(mech, s=T)
   cut = 7
-  out = _host(_call(mech, q, k, v, causal=True))
+  out = _host(_forward(mech, q, k, v, causal=True))
   noise = 10 * np.random.default_rng(9).standard_normal(k[:, cut + 1:].shape).astype(np.float32)
   k2, v2 = k.copy(), v.copy()
   k2[:, cut + 1:] = noise
   v2[:, cut + 1:] = noise[..., :HV] if HV <= H else noise
-  out2 = _host(_call(mech, q, k2, v2, causal=True))
+  out2 = _host(_forward(mech, q, k2, v2, causal=True))
   chex.assert_trees_all_close(out2[:, :cut + 1], out[:, :cut + 1], **tolerances.output(jnp.float32))
 
 
@@ -293,7 +318,7 @@ def test_prefill_then_decode_equals_full_forward(mech):
   if not mech.decode or "causal_self" not in mech.patterns:
     pytest.skip("no decode")
   q, k, v = _inputs(mech, s=T)
-  full = _host(_call(mech, q, k, v, causal=True))
+  full = _host(_forward(mech, q, k, v, causal=True))
   # The cache holds every key; unfilled slots carry large garbage that must stay hidden.
   garbage = lambda x, n: np.concatenate([x[:, :n], np.full_like(x[:, n:], 1e4)], axis=1)
   prefill = 11
@@ -318,7 +343,7 @@ def test_decode_with_per_row_offsets(mech):
   if not mech.decode or "causal_self" not in mech.patterns:
     pytest.skip("no decode")
   q, k, v = _inputs(mech, s=T)
-  full = _host(_call(mech, q, k, v, causal=True))
+  full = _host(_forward(mech, q, k, v, causal=True))
   pos = np.array([5, 12], np.int32)          # each batch row decodes its own next position
   q_step = np.stack([q[0, pos[0]], q[1, pos[1]]])[:, None]
   out = _host(_call(mech, q_step, k, v, causal=True, cross=False, q_offset=pos, kv_lengths=pos + 1))
@@ -332,7 +357,7 @@ def test_recurrent_decode_equals_full_forward(mech):
   if not mech.recurrent:
     pytest.skip("decodes over a KV cache")
   q, k, v = _inputs(mech, s=T)
-  full = _call(mech, q, k, v, causal=True)
+  full = _forward(mech, q, k, v, causal=True)
   prefill = 11
   out, state = _call(mech, q[:, :prefill], k[:, :prefill], v[:, :prefill], causal=True,
                      q_offset=0, initial_state=None, return_final_state=True)
@@ -352,11 +377,13 @@ def test_recurrent_decode_equals_full_forward(mech):
     state = new_state
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_packed_equals_separate(mech, causal):
-  pattern = "causal_self" if causal else "self"
-  if not mech.packed or pattern not in mech.patterns:
-    pytest.skip("no packed sequences for this pattern")
+def test_packed_equals_separate(mech):
+  """Two packed documents equal each alone, under causal self-attention when the mechanism has it
+  (else noncausal): the documents' masks are the same code for both patterns, and each pattern
+  costs two compiled programs."""
+  causal = "causal_self" in mech.patterns
+  if not mech.packed or not ({"self", "causal_self"} & set(mech.patterns)):
+    pytest.skip("no packed self-attention")
   # Two documents of one length (one compiled program serves both alone), packed at offsets 0 and 9.
   lengths = (9, 9)
   q, k, v = _inputs(mech, t=sum(lengths), s=sum(lengths))
@@ -373,10 +400,10 @@ def test_packed_equals_separate(mech, causal):
 def test_examples_of_a_batch_are_independent(mech):
   causal, cross, s = _pattern_args(_some_pattern(mech))
   q, k, v = _inputs(mech, s=s)
-  out = _host(_call(mech, q, k, v, causal=causal, cross=cross))
+  out = _host(_forward(mech, q, k, v, causal=causal, cross=cross))
   other = _inputs(mech, s=s, seed=5)
   changed = [np.concatenate([x[:1], 3 * y[1:]]) for x, y in zip((q, k, v), other, strict=True)]
-  out2 = _host(_call(mech, *changed, causal=causal, cross=cross))
+  out2 = _host(_forward(mech, *changed, causal=causal, cross=cross))
   chex.assert_trees_all_close(out2[0], out[0], **tolerances.output(jnp.float32))
   assert tolerances.rel_rms(out2[1], out[1]) > tolerances.CHANGED_REL_RMS  # reached example 1
 
@@ -386,12 +413,12 @@ def test_reads_exactly_the_inputs_it_declares(mech):
   layer creates no projection for it)."""
   causal, cross, s = _pattern_args(_some_pattern(mech))
   qkv = _inputs(mech, s=s)
-  base = _call(mech, *qkv, causal=causal, cross=cross)
+  base = _forward(mech, *qkv, causal=causal, cross=cross)
   other = _inputs(mech, s=s, seed=5)
   for i, name in enumerate("qkv"):
     args = list(qkv)
     args[i] = other[i]
-    out = _call(mech, *args, causal=causal, cross=cross)
+    out = _forward(mech, *args, causal=causal, cross=cross)
     if name in mech.reads:
       assert tolerances.rel_rms(out, base) > tolerances.CHANGED_REL_RMS, (
           f"{name} is declared read but does not matter")
@@ -402,8 +429,8 @@ def test_reads_exactly_the_inputs_it_declares(mech):
   for spec in mech.params:
     value = np.asarray(example[spec.name], np.float32)
     bumped = value + (0.5 * float(np.std(value)) + 0.1) * rng.standard_normal(value.shape)
-    out = _call(mech, *qkv, causal=causal, cross=cross,
-                **{spec.name: bumped.astype(np.float32)})
+    out = _forward(mech, *qkv, causal=causal, cross=cross,
+                   **{spec.name: bumped.astype(np.float32)})
     assert tolerances.rel_rms(out, base) > tolerances.PARAM_CHANGED_REL_RMS, (
         f"learned array {spec.name} does not matter")
 
