@@ -9,9 +9,10 @@ batch B in {1, 8, 16} and length L in {1024, 4096, 16384} tokens per row, for th
 16-token pages: `xla` with split-K on (512-key splits) and off, and `cpu_flash` reading the pages in
 place), the contiguous one with split-K on and off; then 16 rows sharing a 4096-token prefix with 128
 suffix tokens each: cascade attention against per-row paged attention by `xla` and by `cpu_flash`
-(and the contiguous cache, which holds one copy of the prefix per row). N=8 query heads, K=2 kv heads, H=64,
-float32; 2 warm-up calls, then 10 rounds in which each path of a group runs once (round-robin). About
-a minute on a 2-core CPU. Targets: paged within 1.3x of contiguous; cascade faster than per-row.
+(and the contiguous cache, which holds one copy of the prefix per row). N=8 query heads, K=2 kv
+heads, H=64, float32; 2 warm-up calls, then 10 rounds in which each path of a group runs once
+(round-robin). About a minute on a 2-core CPU. Targets: paged within 1.3x of contiguous; cascade
+faster than per-row.
 
 `:small`: B in {1, 4}, L in {512, 1024}, 4 rows sharing a 1024-token prefix (about a minute).
 
