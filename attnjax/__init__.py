@@ -16,13 +16,15 @@ from attnjax.core.normalizers import Normalizer, get_normalizer, register_normal
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.registry import Mechanism, ParamSpec, TokenInput, attention, list_mechanisms
 from attnjax.registry import get as get_mechanism
+from attnjax.modules import Module, get_module, list_modules
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockMask", "Mechanism", "Normalizer", "ParamSpec", "TokenInput", "attention",
+    "BlockMask", "Mechanism", "Module", "Normalizer", "ParamSpec", "TokenInput", "attention",
     "attention_weights", "catalog", "create_block_mask",
     "dot_product_attention", "flex_attention", "gated_linear_attention",
-    "gated_linear_attention_step", "get_mechanism", "get_normalizer", "list_mechanisms", "masks",
+    "gated_linear_attention_step", "get_mechanism", "get_module", "get_normalizer", "list_mechanisms",
+    "list_modules", "masks",
     "merge_attention_states", "nn", "register_normalizer",
 ]

@@ -59,6 +59,8 @@ def decode_state_size(model_config, seq_len: int) -> int:
   """Numbers of decode state per sequence, summed over layers: each layer's
   `Mechanism.decode_state_floats` (the KV cache, or the recurrent state) at T = seq_len."""
   from attnjax import models, registry  # pylint: disable=import-outside-toplevel
+  if model_config.get("arch") == "cnn":
+    return 0                                # a CNN classifier keeps no decode state
   width, heads = int(model_config.width), int(model_config.num_heads)
   kv_heads = int(model_config.get("num_kv_heads", None) or heads)
   head_dim = width // heads
@@ -131,7 +133,10 @@ def leaderboard_rows(runs, results):
   rows = []
   for (name, config, params, state), result in zip(runs, results, strict=True):
     rows.append({
-        "name": name, "task": config.task.name, "mechanism": config.model.mechanism,
+        "name": name, "task": config.task.name,
+        # A CNN's row names its attention module (the model's `mechanism` field is unused there).
+        "mechanism": ((config.model.get("attention_module") or "none")
+                      if config.model.get("arch") == "cnn" else config.model.mechanism),
         "params": params, "params_vs_first": f"{(params - first) / first:+.1%}",
         "decode_state": state, "eval_accuracy": result.get("eval_accuracy", float("nan")),
         "eval_loss": result.get("eval_loss", float("nan")),

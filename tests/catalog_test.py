@@ -18,7 +18,8 @@ def test_every_row_is_covered_or_has_a_status():
   assert sorted(rows) == list(range(1, 243))
   cover = catalog.coverage()
   assert sorted(cover) == sorted(rows)
-  names = {m.name for m in aj.list_mechanisms()} | {s.name for s in catalog.servers()}
+  names = ({m.name for m in aj.list_mechanisms()} | {m.name for m in aj.list_modules()}
+           | {s.name for s in catalog.servers()})
   for n, served_by in cover.items():
     assert set(served_by) <= names, (n, served_by)
     state, text = catalog.status(n)
@@ -26,12 +27,13 @@ def test_every_row_is_covered_or_has_a_status():
     assert (state == "served") == bool(served_by), n
 
 
-def test_mechanisms_serve_the_rows_they_name():
+def test_mechanisms_and_modules_serve_the_rows_they_name():
   cover = catalog.coverage()
-  for m in aj.list_mechanisms():
+  for m in [*aj.list_mechanisms(), *aj.list_modules()]:
     for seed in m.seeds:
       assert m.name in cover[seed]
   assert cover[77] == ["forgetting_attention"]
+  assert cover[188] == ["eca_channel_attention"]
   assert catalog.status(43)[0] == "not served" and "equations" in catalog.status(43)[1]
 
 

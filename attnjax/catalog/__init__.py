@@ -4,7 +4,8 @@ The package keeps its own table of the seed papers (`seeds.tsv`: number, title, 
 family, the catalog's proposed operator name, and for some rows `uses` / `note`). Whatever serves a
 row declares it where it is defined, so no list of coverage is kept by hand:
 
-  - a registered mechanism through its record's `seeds` (`attnjax.registry.Mechanism`);
+  - a registered mechanism or module through its record's `seeds` (`attnjax.registry.Mechanism`,
+    `attnjax.modules.Module`);
   - anything else (a Flax layer, an analysis tool, a training loss, a model option, a pooling
     function) with the `serves(*rows)` decorator, or `register_server(name, rows, kind)` for what is
     not a Python object (a config option).
@@ -33,7 +34,7 @@ SEEDS_TSV = pathlib.Path(__file__).resolve().parent / "seeds.tsv"
 # Rows of these kinds propose something to build; "application" rows apply general mechanisms.
 IMPLEMENTABLE_KINDS = ("operator", "module", "kernel", "analysis", "training", "theory")
 # The packages whose import registers everything that serves a row.
-_SERVING_PACKAGES = ("attnjax.ops", "attnjax.nn", "attnjax.models")
+_SERVING_PACKAGES = ("attnjax.ops", "attnjax.nn", "attnjax.models", "attnjax.vision")
 # What the project plans for a family's rows not served yet.
 _FAMILY_PLANS = {
     "local-window": "planned with local, neighborhood and block-sparse attention",
@@ -123,11 +124,12 @@ def _load():
 
 def coverage() -> dict[int, list[str]]:
   """`{row: [names of what serves it]}` for every row (an empty list: nothing serves it yet):
-  registered mechanisms by their seeds, and everything declared with `serves`/`register_server`."""
-  from attnjax import registry  # pylint: disable=import-outside-toplevel
+  registered mechanisms and modules by their seeds, and everything declared with
+  `serves`/`register_server`."""
+  from attnjax import modules, registry  # pylint: disable=import-outside-toplevel
   _load()
   out: dict[int, list[str]] = {n: [] for n in rows()}
-  for m in registry.list_mechanisms():
+  for m in [*registry.list_mechanisms(), *modules.list_modules()]:
     for s in m.seeds:
       out[s].append(m.name)
   for server in sorted(_SERVERS.values(), key=lambda x: x.name):
@@ -151,8 +153,9 @@ def status(n: int) -> tuple[str, str]:
   if row.kind == "application":
     if not row.uses:
       return "application", row.note or "applies general attention; no general mechanism named yet"
-    from attnjax import registry  # pylint: disable=import-outside-toplevel
-    known = {m.name for m in registry.list_mechanisms()} | {s.name for s in _SERVERS.values()}
+    from attnjax import modules, registry  # pylint: disable=import-outside-toplevel
+    known = ({m.name for m in registry.list_mechanisms()} | {m.name for m in modules.list_modules()}
+             | {s.name for s in _SERVERS.values()})
     have = [u for u in row.uses if u in known]
     missing = [u for u in row.uses if u not in known]
     text = "uses " + ", ".join(have) if have else ""

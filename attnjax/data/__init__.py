@@ -14,6 +14,7 @@ the split, the step and the process, so a data iterator's state is its step numb
 | listops | classify | ListOps (Nangia & Bowman, arXiv:1804.06028; LRA, arXiv:2011.04006) |
 | digits | classify | sklearn's 8x8 handwritten digits, as images or pixel tokens |
 | lm_bytes | lm | bytes of a local directory (default: the Python standard library) |
+| textures | classify | find the odd texture patch (generated; needs channel and spatial selection) |
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from attnjax.data.synthetic import Induction
 from attnjax.data.synthetic import MQAR
 from attnjax.data.synthetic import SelectiveCopy
 from attnjax.data.synthetic import Sorting
+from attnjax.data.textures import Textures
 
 TASKS = {
     cls.name: cls
-    for cls in (MQAR, SelectiveCopy, Induction, Sorting, ListOps, Digits, LMBytes)
+    for cls in (MQAR, SelectiveCopy, Induction, Sorting, ListOps, Digits, LMBytes, Textures)
 }
 
 
@@ -75,5 +77,5 @@ def make_task(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]) -> Ta
 
 __all__ = [
     "Digits", "Induction", "LMBytes", "ListOps", "MQAR", "SPLITS", "SelectiveCopy", "Sorting",
-    "TASKS", "Task", "TaskSpec", "default_config", "make_rng", "make_task", "step_rng",
+    "TASKS", "Task", "TaskSpec", "Textures", "default_config", "make_rng", "make_task", "step_rng",
 ]

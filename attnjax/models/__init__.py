@@ -2,10 +2,11 @@
 
 `build_model(config, spec)` checks every field first (a bad value or an unknown field raises
 `ValueError` naming the field, before anything is traced or compiled) and returns a Flax Linen
-module: `DecoderLM` (arch "decoder_lm"), `EncoderClassifier` ("encoder_classifier") or `ViT`
-("vit"). The fields, their defaults and their checks are one schema, `ModelConfig`
-(attnjax/models/config.py); `check_config(config)` runs the checks that need no task, with the same
-messages (attnjax.train.validate calls it for the `model` section).
+module: `DecoderLM` (arch "decoder_lm"), `EncoderClassifier` ("encoder_classifier"), `ViT`
+("vit") or `ResNetCNN` ("cnn", a ResNet-style CNN with an attention module of `attnjax.modules` in
+every block: attnjax/models/cnn.py). The fields, their defaults and their checks are one schema,
+`ModelConfig` (attnjax/models/config.py); `check_config(config)` runs the checks that need no task,
+with the same messages (attnjax.train.validate calls it for the `model` section).
 
 Parameters carry logical axis names; `DEFAULT_LOGICAL_AXIS_RULES` (attnjax.parallel.rules,
 re-exported here) maps them onto the mesh axes ("data", "fsdp", "tensor"); `param_count` counts
@@ -17,12 +18,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from attnjax.models.classifier import EncoderClassifier
+from attnjax.models.cnn import ResNetCNN
+from attnjax.models.cnn import budget_widths
+from attnjax.models.cnn import cnn_param_count
 from attnjax.models.config import ARCHS
 from attnjax.models.config import DTYPES
 from attnjax.models.config import FIELDS
@@ -48,7 +53,7 @@ def _check_spec(arch: str, spec: Any):
                        f"sequences; task {spec.name!r} has kind {spec.kind!r}, inputs "
                        f"{tuple(spec.input_shape)} {spec.input_dtype}")
   elif spec.kind != "classify" or len(spec.input_shape) != 3:
-    raise ValueError(f"model.arch 'vit' needs a 'classify' task over [H, W, C] images; task "
+    raise ValueError(f"model.arch {arch!r} needs a 'classify' task over [H, W, C] images; task "
                      f"{spec.name!r} has kind {spec.kind!r}, inputs {tuple(spec.input_shape)}")
   if spec.num_classes < 1:
     raise ValueError(f"task {spec.name!r}: num_classes must be >= 1, got {spec.num_classes}")
@@ -82,12 +87,32 @@ def build_model(config: ml_collections.ConfigDict, spec: Any) -> nn.Module:
                              num_classes=spec.num_classes, pooling=cfg.pooling,
                              learned_positions=learned_positions, pad_id=pad_id)
 
+  if cfg.arch == "cnn":
+    return _build_cnn(cfg, spec)
+
   height, width = spec.input_shape[:2]
   if height % cfg.patch_size or width % cfg.patch_size:
     raise ValueError(f"model.patch_size ({cfg.patch_size}) must divide the image size "
                      f"{height}x{width} of task {spec.name!r}")
   return ViT(cfg.transformer(), num_classes=spec.num_classes, patch_size=cfg.patch_size,
              pooling=cfg.pooling)
+
+
+def _build_cnn(cfg: ModelConfig, spec: Any) -> ResNetCNN:
+  """`ResNetCNN` from the cnn fields; with `param_budget`, its widths scaled to the budget."""
+  widths = cfg.widths
+  if cfg.param_budget is not None:
+    try:
+      widths, _ = budget_widths(cfg.param_budget, spec.input_shape, spec.num_classes, cfg.widths,
+                                cfg.blocks, cfg.attention_module, cfg.attention_kwargs,
+                                multiple=cfg.width_multiple)
+    except ValueError as e:
+      raise ValueError(f"model.param_budget: {e}") from None
+  return ResNetCNN(num_classes=spec.num_classes, widths=widths, blocks=cfg.blocks,
+                   attention_module=cfg.attention_module,
+                   attention_kwargs=flax.core.FrozenDict(cfg.attention_kwargs),
+                   dropout=cfg.dropout, dtype=DTYPES[cfg.dtype],
+                   param_dtype=DTYPES[cfg.param_dtype])
 
 
 def dummy_inputs(spec: Any, batch_size: int = 1) -> jax.Array:
@@ -108,7 +133,8 @@ def param_count(tree: Any) -> int:
 
 __all__ = [
     "ARCHS", "DEFAULT_LOGICAL_AXIS_RULES", "DTYPES", "FIELDS", "DecoderLM", "EncoderClassifier",
-    "ModelConfig", "ViT", "abstract_variables", "build_model", "check_config", "dummy_inputs",
+    "ModelConfig", "ResNetCNN", "ViT", "abstract_variables", "budget_widths", "build_model",
+    "check_config", "cnn_param_count", "dummy_inputs",
     "generate", "generate_paged", "generate_streaming", "layer_mechanisms", "mechanism_names",
     "param_count", "sample_logits", "supports_kv_cache",
 ]

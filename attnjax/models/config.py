@@ -21,13 +21,14 @@ import numpy as np
 
 from attnjax import catalog
 from attnjax import registry
+from attnjax.models import cnn as cnn_lib
 from attnjax.nn.blocks import MLP_KINDS, NORM_KINDS, TransformerConfig
 from attnjax.ops.positional import fope as fope_lib
 from attnjax.ops.positional import rope
 from attnjax.ops.positional import rope_scaling as rope_scaling_lib
 from attnjax.ops.sparse import tidal_decode as tidal_decode_lib
 
-ARCHS = ("decoder_lm", "encoder_classifier", "vit")
+ARCHS = ("decoder_lm", "encoder_classifier", "vit", "cnn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 POSITION_EMBEDDINGS = ("learned", "none")
 POOLINGS = ("mean", "cls")
@@ -52,7 +53,10 @@ class ModelConfig:
   """Every field of the `model` config section (a field not listed here is a typo and raises).
 
   Attributes:
-    arch: "decoder_lm" (`DecoderLM`), "encoder_classifier" (`EncoderClassifier`) or "vit".
+    arch: "decoder_lm" (`DecoderLM`), "encoder_classifier" (`EncoderClassifier`), "vit" or "cnn"
+      (`ResNetCNN`, attnjax/models/cnn.py: it reads widths, blocks, attention_module,
+      attention_kwargs, param_budget, width_multiple, dropout, dtype and param_dtype; the
+      transformer fields, width to pooling, are not used and not checked).
     width: D, the residual width.
     depth: the number of blocks.
     num_heads: N query heads (must divide width).
@@ -95,6 +99,15 @@ class ModelConfig:
       rngs={"dropout": key})`.
     dtype: compute dtype, "float32" | "bfloat16".
     param_dtype: parameter dtype, "float32" | "bfloat16".
+    widths: cnn: channels per stage (None: (16, 32, 64)).
+    blocks: cnn: residual basic blocks per stage (None: one per stage; one entry per width).
+    attention_module: cnn: None, or the registry name of a feature-map module
+      (`attnjax.list_modules("feature_map")`) inserted in every block before the residual add.
+    attention_kwargs: cnn: the module's Linen settings (a dict).
+    param_budget: cnn: None, or a parameter count: `build_model` then scales `widths` by one
+      multiplier (each a multiple of `width_multiple`) to the count closest to it
+      (`cnn.budget_widths`), for comparisons at equal budgets.
+    width_multiple: cnn with param_budget: the scaled widths are multiples of it.
   """
   arch: str
   width: int
@@ -124,6 +137,12 @@ class ModelConfig:
   dropout: float = 0.0
   dtype: str = "float32"
   param_dtype: str = "float32"
+  widths: Any = None
+  blocks: Any = None
+  attention_module: Optional[str] = None
+  attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  param_budget: Optional[int] = None
+  width_multiple: int = 4
 
   @classmethod
   def from_config(cls, config: Any) -> "ModelConfig":
@@ -134,6 +153,9 @@ class ModelConfig:
     """
     values = _read(config)
     arch = values["arch"]
+    _check_cnn_fields(values)
+    if arch == "cnn":
+      return cls(**values)
     for name in ("width", "depth", "num_heads"):
       values[name] = _positive_int(name, values[name])
     width, num_heads = values["width"], values["num_heads"]
@@ -301,6 +323,59 @@ def _check_rope_options(values: dict[str, Any]):
   if values["fope"] is not None and values["rope_scaling"] is not None:
     raise ValueError("model.fope and model.rope_scaling are not combined; set one")
   layer_rope(values["layer_rope"], values["depth"])
+
+
+_CNN_FIELDS = ("widths", "blocks", "attention_module", "attention_kwargs", "param_budget")
+
+
+def _check_cnn_fields(values: dict[str, Any]):
+  """The cnn fields (normalized in `values`); set on another arch, they are an error. For a cnn,
+  also dropout and the dtypes, the other fields it reads."""
+  if values["arch"] != "cnn":
+    set_here = [n for n in _CNN_FIELDS if values[n] not in (None, {})]
+    if set_here:
+      raise ValueError(f"model.{set_here[0]} is a field of arch 'cnn', got arch "
+                       f"{values['arch']!r}")
+    return
+  widths = (16, 32, 64) if values["widths"] is None else values["widths"]
+  if (not isinstance(widths, (list, tuple)) or not widths
+      or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w <= 0
+             for w in widths)):
+    raise ValueError(f"model.widths must be a non-empty list of positive integers (channels per "
+                     f"stage), got {widths!r}")
+  blocks = (1,) * len(widths) if values["blocks"] is None else values["blocks"]
+  if (not isinstance(blocks, (list, tuple)) or len(blocks) != len(widths)
+      or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b <= 0
+             for b in blocks)):
+    raise ValueError(f"model.blocks must give a positive number of blocks for each of the "
+                     f"{len(widths)} stages of model.widths, got {blocks!r}")
+  values["widths"], values["blocks"] = tuple(int(w) for w in widths), tuple(int(b) for b in blocks)
+  name, kwargs = values["attention_module"], values["attention_kwargs"] or {}
+  if not isinstance(kwargs, Mapping):
+    raise ValueError(f"model.attention_kwargs must be a dict of the module's settings, got "
+                     f"{kwargs!r}")
+  if name is None:
+    if kwargs:
+      raise ValueError(f"model.attention_kwargs {dict(kwargs)} given without a "
+                       "model.attention_module")
+  else:
+    if not isinstance(name, str):
+      raise ValueError(f"model.attention_module must be None or a module name, got {name!r}")
+    record = cnn_lib.check_attention_module(name, where="model.attention_module")
+    unknown = sorted(set(kwargs) - cnn_lib.linen_settings(record))
+    if unknown:
+      raise ValueError(f"model.attention_kwargs: module {name!r} has no settings {unknown}; it "
+                       f"takes {sorted(cnn_lib.linen_settings(record))}")
+  values["attention_kwargs"] = dict(kwargs)
+  if values["param_budget"] is not None:
+    values["param_budget"] = _positive_int("param_budget", values["param_budget"])
+  values["width_multiple"] = _positive_int("width_multiple", values["width_multiple"])
+  dropout = values["dropout"]
+  if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    raise ValueError(f"model.dropout must be in [0, 1), got {dropout!r}")
+  values["dropout"] = float(dropout)
+  _choice("dtype", values["dtype"], tuple(DTYPES))
+  _choice("param_dtype", values["param_dtype"], tuple(DTYPES))
 
 
 def _spans(value: Any) -> tuple[tuple[int, int], ...]:

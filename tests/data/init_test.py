@@ -20,6 +20,7 @@ CONFIGS = {
     "digits": {},
     "digits_pixels": {"name": "digits", "representation": "pixels"},
     "lm_bytes": {"seq_len": 32},
+    "textures": {},
 }
 BATCH = 8
 
