@@ -25,8 +25,9 @@ record holds
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Callable, Mapping, Optional
+
+from attnjax import registry
 
 __all__ = ["KINDS", "ExtraInput", "Module", "get_module", "list_modules", "register_module"]
 
@@ -119,13 +120,7 @@ def _load():
 def get_module(name: str) -> Module:
   """The module registered under `name`."""
   _load()
-  try:
-    return _MODULES[name]
-  except KeyError:
-    close = difflib.get_close_matches(str(name), list(_MODULES), n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    raise ValueError(f"unknown attention module {name!r}; {hint}see attnjax.list_modules() for the "
-                     "registered names") from None
+  return registry.lookup(_MODULES, name, "attention module", "attnjax.list_modules()")
 
 
 def list_modules(kind: Optional[str] = None) -> list[Module]:

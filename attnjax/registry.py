@@ -290,14 +290,19 @@ def _load():
 def get(name: str) -> Mechanism:
   """The mechanism registered under `name`."""
   _load()
+  return lookup(_REGISTRY, name, "attention mechanism", "attnjax.list_mechanisms()")
+
+
+def lookup(table: dict, name: str, what: str, lister: str):
+  """`table[name]`, or a ValueError naming `what` was unknown, the closest registered names and
+  `lister` (the call that lists them): the registries hold well over a hundred names, so the error
+  suggests the nearest instead of printing the whole list."""
   try:
-    return _REGISTRY[name]
-  except KeyError:
-    # The registry holds well over a hundred names: suggest the closest, not the whole list.
-    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.6)
+    return table[name]
+  except (KeyError, TypeError):
+    close = difflib.get_close_matches(str(name), [str(n) for n in table], n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    raise ValueError(f"unknown attention mechanism {name!r}; {hint}see attnjax.list_mechanisms() "
-                     "for the registered names") from None
+    raise ValueError(f"unknown {what} {name!r}; {hint}see {lister} for the registered names") from None
 
 
 def list_mechanisms(family: Optional[str] = None) -> list[Mechanism]:

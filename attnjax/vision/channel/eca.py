@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
 
 __all__ = ["EfficientChannelAttention", "eca_channel_attention", "eca_kernel_size"]
@@ -71,8 +72,7 @@ class EfficientChannelAttention(nn.Module):
   def __call__(self, x):
     k = self.kernel_size or eca_kernel_size(x.shape[-1], self.gamma, self.b)
     # PyTorch's Conv1d default (uniform in ±1/sqrt(fan_in)), as timm's EcaModule gets.
-    bound = 1.0 / math.sqrt(k)
-    init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    init = torch_uniform(k)
     y, gate = eca_channel_attention(x, kernel=self.param("kernel", init, (k,), self.param_dtype),
                                     return_gate=True)
     self.sow("intermediates", modules.GATE, gate)

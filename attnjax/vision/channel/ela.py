@@ -17,7 +17,6 @@ arXiv:2403.01123.
 
 from __future__ import annotations
 
-import math
 
 import flax.linen as nn
 import jax
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
 
 __all__ = ["ELA_VARIANTS", "EfficientLocalAttention", "ela_local_attention"]
@@ -105,8 +105,7 @@ class EfficientLocalAttention(nn.Module):
     k, groups_of, num_groups = ELA_VARIANTS[self.variant]
     groups = groups_of(C)
     # PyTorch's Conv1d default (uniform in ±1/sqrt(fan_in)), as the reference code gets.
-    bound = 1.0 / math.sqrt(k * (C // groups))
-    init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    init = torch_uniform(k * (C // groups))
     y, gates = ela_local_attention(
         x, kernel=self.param("kernel", init, (k, C // groups, C), self.param_dtype),
         gn_scale=self.param("gn_scale", nn.initializers.ones, (C,), self.param_dtype),

@@ -17,7 +17,6 @@ arXiv:2211.07521.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import flax.linen as nn
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
 from attnjax.vision.channel.eca import eca_kernel_size
 
@@ -88,8 +88,7 @@ class PreviousKnowledgeChannelAttention(nn.Module):
   def __call__(self, x, prev):
     k = self.kernel_size or eca_kernel_size(x.shape[-1])
     # PyTorch's Conv1d default (uniform in ±1/sqrt(fan_in)), as the reference code gets.
-    uniform = lambda fan_in: (lambda key, shape, dtype: jax.random.uniform(
-        key, shape, dtype, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in)))
+    uniform = torch_uniform
     y, gate = pkcam_channel_attention(
         x, prev, local_kernel=self.param("local_kernel", uniform(k), (k,), self.param_dtype),
         global_kernel=self.param("global_kernel", uniform(k), (k,), self.param_dtype),

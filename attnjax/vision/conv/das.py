@@ -27,8 +27,9 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
-from attnjax.vision.conv import common
+
 
 __all__ = ["DeformableAttentionGate", "bilinear_sample", "deformable_attention_gate",
            "deformable_conv2d"]
@@ -138,7 +139,7 @@ class DeformableAttentionGate(nn.Module):
   def __call__(self, x):
     C = x.shape[-1]
     D, k = max(1, C // self.reduction), self.kernel_size
-    p = lambda name, fan_in, shape: self.param(name, common.torch_uniform(fan_in), shape,
+    p = lambda name, fan_in, shape: self.param(name, torch_uniform(fan_in), shape,
                                                self.param_dtype)
     y, gate = deformable_attention_gate(
         x, dw_kernel=p("dw_kernel", 9, (3, 3, 1, C)), pw_kernel=p("pw_kernel", C, (1, 1, C, D)),

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
-from attnjax.vision.conv import common
+
 
 __all__ = ["LargeKernelAttention", "large_kernel_attention", "lka_kernel_sizes", "lka_receptive_field"]
 
@@ -98,7 +99,7 @@ class LargeKernelAttention(nn.Module):
   def __call__(self, x):
     C = x.shape[-1]
     k1, k2 = lka_kernel_sizes(self.kernel_size, self.dilation)
-    p = lambda name, fan_in, shape: self.param(name, common.torch_uniform(fan_in), shape,
+    p = lambda name, fan_in, shape: self.param(name, torch_uniform(fan_in), shape,
                                                self.param_dtype)
     return large_kernel_attention(
         x, dw_kernel=p("dw_kernel", k1 * k1, (k1, k1, 1, C)), dw_bias=p("dw_bias", k1 * k1, (C,)),

@@ -22,8 +22,9 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
-from attnjax.vision.conv import common
+
 
 __all__ = ["LargeKernelConvAttention", "large_kernel_conv_attention", "lkca_attention_matrix"]
 
@@ -86,7 +87,7 @@ class LargeKernelConvAttention(nn.Module):
     C, K = x.shape[-1], self.kernel_size
     if K % 2 == 0:
       raise ValueError(f"LargeKernelConvAttention: `kernel_size` must be odd, got {K}")
-    init = common.torch_uniform(K * K)
+    init = torch_uniform(K * K)
     return large_kernel_conv_attention(
         x, kernel=self.param("kernel", init, (K, K, 1, C), self.param_dtype),
         bias=self.param("bias", init, (C,), self.param_dtype))

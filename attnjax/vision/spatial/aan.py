@@ -17,7 +17,6 @@ Super-Resolution", arXiv:2104.09497.
 
 from __future__ import annotations
 
-import math
 
 import flax.linen as nn
 import jax
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
 
 __all__ = ["AttentionInAttentionBlock", "attention_in_attention_block"]
@@ -94,9 +94,7 @@ class AttentionInAttentionBlock(nn.Module):
 
     # PyTorch's Conv2d / Linear default: uniform in ±1/sqrt(fan_in), weights and biases.
     def p(name, fan_in, shape):
-      bound = 1.0 / math.sqrt(fan_in)
-      init = lambda key, s, dtype: jax.random.uniform(key, s, dtype, -bound, bound)
-      return self.param(name, init, shape, self.param_dtype)
+      return self.param(name, torch_uniform(fan_in), shape, self.param_dtype)
 
     y, (pi, pixel) = attention_in_attention_block(
         x, w_first=p("w_first", C, (C, C)), w_a=p("w_a", C, (C, h)), w_b=p("w_b", h, (h, 2)),

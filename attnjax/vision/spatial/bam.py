@@ -15,7 +15,6 @@ Resolution", arXiv:2104.07566.
 
 from __future__ import annotations
 
-import math
 
 import flax.linen as nn
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
 
 __all__ = ["BalancedAttention", "balanced_attention_module"]
@@ -82,9 +82,7 @@ class BalancedAttention(nn.Module):
     k = self.kernel_size
 
     # PyTorch's Conv2d default (uniform in ±1/sqrt(fan_in)); PReLU's default slope 0.25.
-    def uniform(fan_in):
-      bound = 1.0 / math.sqrt(fan_in)
-      return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    uniform = torch_uniform
 
     y, (s, m) = balanced_attention_module(
         x, w1=self.param("w1", uniform(C), (C, hidden), self.param_dtype),

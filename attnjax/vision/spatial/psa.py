@@ -20,7 +20,6 @@ Regression", arXiv:2107.00782.
 
 from __future__ import annotations
 
-import math
 
 import flax.linen as nn
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
 
 __all__ = ["PolarizedSelfAttention", "polarized_self_attention"]
@@ -104,9 +104,7 @@ class PolarizedSelfAttention(nn.Module):
     d = max(1, C // 2)
 
     # PyTorch's Conv2d default (uniform in ±1/sqrt(fan_in), weights and biases); LN: ones, zeros.
-    def uniform(fan_in):
-      bound = 1.0 / math.sqrt(fan_in)
-      return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    uniform = torch_uniform
 
     p = lambda name, fan_in, shape: self.param(name, uniform(fan_in), shape, self.param_dtype)
     y, (a_ch, a_sp) = polarized_self_attention(

@@ -20,7 +20,6 @@ Classification", arXiv:1704.06904.
 
 from __future__ import annotations
 
-import math
 
 import flax.linen as nn
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
 
 __all__ = ["ResidualAttention", "residual_attention_module", "residual_unit"]
@@ -109,9 +109,7 @@ class ResidualAttention(nn.Module):
 
     # PyTorch's Conv2d default: uniform in ±1/sqrt(fan_in), weights and biases.
     def p(name, fan_in, shape):
-      bound = 1.0 / math.sqrt(fan_in)
-      init = lambda key, s, dtype: jax.random.uniform(key, s, dtype, -bound, bound)
-      return self.param(name, init, shape, self.param_dtype)
+      return self.param(name, torch_uniform(fan_in), shape, self.param_dtype)
 
     weights = {}
     for prefix in ("t_", "m_"):

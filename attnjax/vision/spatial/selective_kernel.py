@@ -18,7 +18,6 @@ arXiv:1903.06586).
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
 
 __all__ = ["SelectiveKernelAttention", "selective_kernel_attention"]
@@ -89,9 +89,7 @@ class SelectiveKernelAttention(nn.Module):
     d = max(self.min_hidden, C // self.reduction)
 
     # PyTorch's Conv2d / Linear default: uniform in ±1/sqrt(fan_in), weights and biases.
-    def uniform(fan_in):
-      bound = 1.0 / math.sqrt(fan_in)
-      return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    uniform = torch_uniform
 
     branch = {}
     for m, k in enumerate(self.kernel_sizes):

@@ -17,7 +17,6 @@ Compact Convolutional Neural Networks", arXiv:2006.15102.
 
 from __future__ import annotations
 
-import math
 
 import flax.linen as nn
 import jax
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
 
 __all__ = ["SubspaceAttention", "ulsam_subspace_attention"]
@@ -86,9 +86,7 @@ class SubspaceAttention(nn.Module):
     k, cg = self.kernel_size, C // self.groups
 
     # PyTorch's Conv2d default: uniform in ±1/sqrt(fan_in) (fan_in k² for depthwise, C/g for PW).
-    def uniform(fan_in):
-      bound = 1.0 / math.sqrt(fan_in)
-      return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    uniform = torch_uniform
 
     y, gate = ulsam_subspace_attention(
         x, dw_kernel=self.param("dw_kernel", uniform(k * k), (k, k, 1, C), self.param_dtype),

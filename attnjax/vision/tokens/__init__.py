@@ -1,7 +1,7 @@
 """Vision attention modules where channels (or pixels) are the attention tokens, on feature maps
 `[B, H, W, C]`.
 
-  common.py       transposed (channel) attention, layer norm and PyTorch's default initializer
+  common.py       transposed (channel) attention and layer norm
   davit.py        channel group attention, C_g x C_g scores over all pixels, DaViT (#208,
                   arXiv:2204.03645)
   guided.py       position (P x P) and channel (C x C) attention of the guided block and its guiding

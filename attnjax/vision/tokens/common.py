@@ -1,15 +1,13 @@
 """Pieces the token-attention modules share: the transposed (channel) attention of XCiT / Restormer
-that DAE-Former, TransDAE and RealViformer use, a per-pixel layer norm, and PyTorch's default
-initializer for linear and 1x1 convolution weights (the papers' reference code keeps those)."""
+that DAE-Former, TransDAE and RealViformer use and a per-pixel layer norm."""
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["layer_norm", "torch_default_init", "transposed_attention"]
+__all__ = ["layer_norm", "transposed_attention"]
 
 
 def transposed_attention(q, k, v, temperature):
@@ -38,8 +36,3 @@ def layer_norm(x, scale, bias, eps: float = 1e-5):
   var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
   return (x - mean) / jnp.sqrt(var + eps) * scale + bias
 
-
-def torch_default_init(fan_in: int):
-  """PyTorch's nn.Linear / nn.Conv2d default for weights and biases: uniform in ±1/sqrt(fan_in)."""
-  bound = 1.0 / math.sqrt(fan_in)
-  return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)

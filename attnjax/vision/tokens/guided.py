@@ -36,8 +36,8 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
-from attnjax.vision.tokens import common
 
 __all__ = ["GuidedPositionChannelAttention", "channel_attention_module", "guided_attention_loss",
            "guided_position_channel_attention", "position_attention_module"]
@@ -160,8 +160,8 @@ class GuidedPositionChannelAttention(nn.Module):
     C = x.shape[-1]
     cq = max(1, C // self.reduction)
     p = lambda name, init, shape: self.param(name, init, shape, self.param_dtype)
-    from_z, from_c3, from_c = (common.torch_default_init(9 * 2 * C), common.torch_default_init(9 * C),
-                               common.torch_default_init(C))
+    from_z, from_c3, from_c = (torch_uniform(9 * 2 * C), torch_uniform(9 * C),
+                               torch_uniform(C))
     slope = nn.initializers.constant(0.25)
     y, gates = guided_position_channel_attention(
         x, fused, pin_kernel=p("pin_kernel", from_z, (3, 3, 2 * C, C)),

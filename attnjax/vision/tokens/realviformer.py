@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
-from attnjax.vision.tokens import common
 
 __all__ = ["ImprovedChannelAttention", "realviformer_channel_attention"]
 
@@ -112,7 +112,7 @@ class ImprovedChannelAttention(nn.Module):
     cs = max(1, C // self.squeeze_factor)
     c = cs // self.heads
     p = lambda name, init, shape: self.param(name, init, shape, self.param_dtype)
-    torch = common.torch_default_init
+    torch = torch_uniform
     ones = nn.initializers.ones
     y, gates = realviformer_channel_attention(
         x, squeeze_kernel=p("squeeze_kernel", torch(9 * C), (3, 3, C, cs)),

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
 from attnjax.vision.tokens import common
 
@@ -132,7 +133,7 @@ class TransDAEDualAttention(nn.Module):
     dk, dv = self.key_channels or C, self.value_channels or C
     p = lambda name, init, shape: self.param(name, init, shape, self.param_dtype)
     ones, zeros = nn.initializers.ones, nn.initializers.zeros
-    from_c, from_v = common.torch_default_init(C), common.torch_default_init(dv)
+    from_c, from_v = torch_uniform(C), torch_uniform(dv)
     y, gates = transdae_dual_attention(
         x, ln1_scale=p("ln1_scale", ones, (C,)), ln1_bias=p("ln1_bias", zeros, (C,)),
         ea_wq=p("ea_wq", from_c, (C, dk)), ea_bq=p("ea_bq", from_c, (dk,)),
