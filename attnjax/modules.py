@@ -2,7 +2,8 @@
 
 Sequence mechanisms keep the `q, k, v` contract of `attnjax.registry`. A module here acts on another
 kind of input (`KINDS`): feature maps `[B, H, W, C]` (channel, spatial and convolutional attention),
-1-D signals `[B, L, C]` (audio, temporal features), and, later, graphs, point sets and pairs. Each
+1-D signals `[B, L, C]` (audio, temporal features), pair grids `[B, T, S, C]` of two sequences,
+and, later, graphs and point sets. Each
 record holds
 
   - `fn`, the pure function: `fn(x, *extra_inputs, **weights, **settings) -> y`, every weight an
@@ -31,10 +32,11 @@ from attnjax import registry
 
 __all__ = ["KINDS", "ExtraInput", "Module", "get_module", "list_modules", "register_module"]
 
-# What a module takes: a feature map [B, H, W, C], a signal [B, L, C], a graph, a point set, a pair.
+# What a module takes: a feature map [B, H, W, C], a signal [B, L, C], a graph, a point set, or a
+# pair grid [B, T, S, C] (features of every (target, source) pair of two sequences).
 KINDS = ("feature_map", "signal", "graph", "points", "pair")
 # The conformance suite's input shape for each kind it can build.
-EXAMPLE_SHAPES = {"feature_map": (2, 9, 11, 16), "signal": (2, 23, 16)}
+EXAMPLE_SHAPES = {"feature_map": (2, 9, 11, 16), "signal": (2, 23, 16), "pair": (2, 5, 7, 16)}
 # The name under which a Linen class sows its gates (collection "intermediates").
 GATE = "gate"
 
@@ -42,9 +44,11 @@ GATE = "gate"
 @dataclasses.dataclass(frozen=True)
 class ExtraInput:
   """An input besides `x` that `fn` takes positionally after it (and the Linen class's `__call__`
-  too): `shape(x_shape) -> shape` for the conformance suite's random example (float32 normal)."""
+  too): `shape(x_shape) -> shape` for the conformance suite's random example (float32 normal, or
+  log-normal when `positive`: e.g. physical parameters the module takes the log of)."""
   name: str
   shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+  positive: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

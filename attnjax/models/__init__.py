@@ -3,9 +3,11 @@
 `build_model(config, spec)` checks every field first (a bad value or an unknown field raises
 `ValueError` naming the field, before anything is traced or compiled) and returns a Flax Linen
 module: `DecoderLM` (arch "decoder_lm"), `EncoderClassifier` ("encoder_classifier"), `ViT`
-("vit") or `ResNetCNN` ("cnn", a ResNet-style CNN with an attention module of `attnjax.modules` in
-every block: attnjax/models/cnn.py). The fields, their defaults and their checks are one schema,
-`ModelConfig` (attnjax/models/config.py); `check_config(config)` runs the checks that need no task,
+("vit"), `ResNetCNN` ("cnn", a ResNet-style CNN with an attention module of `attnjax.modules` in
+every block: attnjax/models/cnn.py) or `PervasiveSeq2Seq` ("pervasive", a 2-D convolutional
+sequence-to-sequence model: attnjax/models/pervasive.py). The fields, their defaults and their
+checks are one schema, `ModelConfig` (attnjax/models/config.py, with the fields one architecture
+reads in attnjax/models/arch_fields.py); `check_config(config)` runs the checks that need no task,
 with the same messages (attnjax.train.validate calls it for the `model` section).
 
 Parameters carry logical axis names; `DEFAULT_LOGICAL_AXIS_RULES` (attnjax.parallel.rules,
@@ -39,6 +41,7 @@ from attnjax.models.config import mechanism_names
 from attnjax.models.generate import generate, sample_logits, supports_kv_cache
 from attnjax.models.lm import DecoderLM
 from attnjax.models.paged_generate import generate_paged
+from attnjax.models.pervasive import PervasiveSeq2Seq
 from attnjax.models.streaming import generate_streaming
 from attnjax.models.vit import ViT
 from attnjax.parallel.rules import DEFAULT_LOGICAL_AXIS_RULES
@@ -51,6 +54,11 @@ def _check_spec(arch: str, spec: Any):
     if spec.kind != want_kind or not tokens or len(spec.input_shape) != 1 or spec.vocab_size < 1:
       raise ValueError(f"model.arch {arch!r} needs a {want_kind!r} task over int32 token "
                        f"sequences; task {spec.name!r} has kind {spec.kind!r}, inputs "
+                       f"{tuple(spec.input_shape)} {spec.input_dtype}")
+  elif arch == "pervasive":
+    if spec.kind != "lm" or not tokens or len(spec.input_shape) != 1:
+      raise ValueError(f"model.arch 'pervasive' needs an 'lm' task over int32 token rows (source, "
+                       f"then target); task {spec.name!r} has kind {spec.kind!r}, inputs "
                        f"{tuple(spec.input_shape)} {spec.input_dtype}")
   elif spec.kind != "classify" or len(spec.input_shape) != 3:
     raise ValueError(f"model.arch {arch!r} needs a 'classify' task over [H, W, C] images; task "
@@ -89,6 +97,20 @@ def build_model(config: ml_collections.ConfigDict, spec: Any) -> nn.Module:
 
   if cfg.arch == "cnn":
     return _build_cnn(cfg, spec)
+
+  if cfg.arch == "pervasive":
+    if not cfg.source_len < spec.seq_len:
+      raise ValueError(f"model.source_len ({cfg.source_len}) must be less than the task's seq_len "
+                       f"({spec.seq_len}): every row needs target positions after the source")
+    if cfg.tie_embeddings and spec.num_classes != spec.vocab_size:
+      raise ValueError(f"model.tie_embeddings needs num_classes == vocab_size; task "
+                       f"{spec.name!r} has {spec.num_classes} and {spec.vocab_size}")
+    return PervasiveSeq2Seq(vocab_size=spec.vocab_size, num_classes=spec.num_classes,
+                            source_len=cfg.source_len, embed_dim=cfg.width,
+                            num_layers=cfg.depth, growth_rate=cfg.growth_rate,
+                            kernel_size=cfg.kernel_size, tie_embeddings=cfg.tie_embeddings,
+                            dropout=cfg.dropout, dtype=DTYPES[cfg.dtype],
+                            param_dtype=DTYPES[cfg.param_dtype])
 
   height, width = spec.input_shape[:2]
   if height % cfg.patch_size or width % cfg.patch_size:
@@ -133,8 +155,8 @@ def param_count(tree: Any) -> int:
 
 __all__ = [
     "ARCHS", "DEFAULT_LOGICAL_AXIS_RULES", "DTYPES", "FIELDS", "DecoderLM", "EncoderClassifier",
-    "ModelConfig", "ResNetCNN", "ViT", "abstract_variables", "budget_widths", "build_model",
-    "check_config", "cnn_param_count", "dummy_inputs",
+    "ModelConfig", "PervasiveSeq2Seq", "ResNetCNN", "ViT", "abstract_variables", "budget_widths",
+    "build_model", "check_config", "cnn_param_count", "dummy_inputs",
     "generate", "generate_paged", "generate_streaming", "layer_mechanisms", "mechanism_names",
     "param_count", "sample_logits", "supports_kv_cache",
 ]

@@ -15,21 +15,21 @@ import re
 from typing import Any, Mapping, Optional, Sequence
 
 import flax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from attnjax import catalog
 from attnjax import registry
-from attnjax.models import cnn as cnn_lib
+from attnjax.models import arch_fields
+from attnjax.models.arch_fields import choice, positive_int
 from attnjax.nn.blocks import MLP_KINDS, NORM_KINDS, TransformerConfig
 from attnjax.ops.positional import fope as fope_lib
 from attnjax.ops.positional import rope
 from attnjax.ops.positional import rope_scaling as rope_scaling_lib
 from attnjax.ops.sparse import tidal_decode as tidal_decode_lib
 
-ARCHS = ("decoder_lm", "encoder_classifier", "vit", "cnn")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ARCHS = ("decoder_lm", "encoder_classifier", "vit", "cnn", "pervasive")
+DTYPES = arch_fields.DTYPES
 POSITION_EMBEDDINGS = ("learned", "none")
 POOLINGS = ("mean", "cls")
 
@@ -53,10 +53,13 @@ class ModelConfig:
   """Every field of the `model` config section (a field not listed here is a typo and raises).
 
   Attributes:
-    arch: "decoder_lm" (`DecoderLM`), "encoder_classifier" (`EncoderClassifier`), "vit" or "cnn"
+    arch: "decoder_lm" (`DecoderLM`), "encoder_classifier" (`EncoderClassifier`), "vit", "cnn"
       (`ResNetCNN`, attnjax/models/cnn.py: it reads widths, blocks, attention_module,
       attention_kwargs, param_budget, width_multiple, dropout, dtype and param_dtype; the
-      transformer fields, width to pooling, are not used and not checked).
+      transformer fields, width to pooling, are not used and not checked) or "pervasive"
+      (`PervasiveSeq2Seq`, attnjax/models/pervasive.py: it reads width (the embedding width),
+      depth (the DenseNet's layers), source_len, growth_rate, kernel_size, tie_embeddings, dropout
+      and the dtypes; a 2-D convolutional sequence-to-sequence model on "lm" tasks).
     width: D, the residual width.
     depth: the number of blocks.
     num_heads: N query heads (must divide width).
@@ -108,6 +111,9 @@ class ModelConfig:
       multiplier (each a multiple of `width_multiple`) to the count closest to it
       (`cnn.budget_widths`), for comparisons at equal budgets.
     width_multiple: cnn with param_budget: the scaled widths are multiples of it.
+    source_len: pervasive: S, the source tokens at the start of every input row.
+    growth_rate: pervasive: g, channels each DenseNet layer adds (None: the paper's 32).
+    kernel_size: pervasive: k, odd, the masked convolutions' size (None: the paper's 3).
   """
   arch: str
   width: int
@@ -143,6 +149,9 @@ class ModelConfig:
   attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   param_budget: Optional[int] = None
   width_multiple: int = 4
+  source_len: Optional[int] = None
+  growth_rate: Optional[int] = None
+  kernel_size: Optional[int] = None
 
   @classmethod
   def from_config(cls, config: Any) -> "ModelConfig":
@@ -153,16 +162,17 @@ class ModelConfig:
     """
     values = _read(config)
     arch = values["arch"]
-    _check_cnn_fields(values)
-    if arch == "cnn":
+    arch_fields.check_cnn_fields(values)
+    arch_fields.check_pervasive_fields(values)
+    if arch in ("cnn", "pervasive"):
       return cls(**values)
     for name in ("width", "depth", "num_heads"):
-      values[name] = _positive_int(name, values[name])
+      values[name] = positive_int(name, values[name])
     width, num_heads = values["width"], values["num_heads"]
     if width % num_heads:
       raise ValueError(f"model.num_heads ({num_heads}) must divide model.width ({width})")
     if values["num_kv_heads"] is not None:
-      kv_heads = values["num_kv_heads"] = _positive_int("num_kv_heads", values["num_kv_heads"])
+      kv_heads = values["num_kv_heads"] = positive_int("num_kv_heads", values["num_kv_heads"])
       if num_heads % kv_heads:
         raise ValueError(f"model.num_kv_heads ({kv_heads}) must divide model.num_heads "
                          f"({num_heads})")
@@ -180,33 +190,28 @@ class ModelConfig:
         raise ValueError(f"model.rope_base: {e}") from None
       values["rope_base"] = float(rope_base)
     _check_rope_options(values)
-    dropout = values["dropout"]
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-      raise ValueError(f"model.dropout must be in [0, 1), got {dropout!r}")
-    values["dropout"] = float(dropout)
+    arch_fields.check_dropout_and_dtypes(values)
     if not isinstance(values["use_bias"], bool):
       raise ValueError(f"model.use_bias must be a bool, got {values['use_bias']!r}")
-    _choice("mlp", values["mlp"], MLP_KINDS)
-    _choice("norm", values["norm"], NORM_KINDS)
-    _choice("dtype", values["dtype"], tuple(DTYPES))
-    _choice("param_dtype", values["param_dtype"], tuple(DTYPES))
+    choice("mlp", values["mlp"], MLP_KINDS)
+    choice("norm", values["norm"], NORM_KINDS)
 
     default_pos = "none" if arch == "decoder_lm" or (rope_base and arch != "vit") else "learned"
     if values["position_embedding"] is None:
       values["position_embedding"] = default_pos
-    _choice("position_embedding", values["position_embedding"], POSITION_EMBEDDINGS)
+    choice("position_embedding", values["position_embedding"], POSITION_EMBEDDINGS)
     if arch == "decoder_lm":
       if not isinstance(values["tie_embeddings"], bool):
         raise ValueError(f"model.tie_embeddings must be a bool, got {values['tie_embeddings']!r}")
     else:
       if values["pooling"] is None:
         values["pooling"] = "cls" if arch == "vit" else "mean"
-      _choice("pooling", values["pooling"], POOLINGS)
+      choice("pooling", values["pooling"], POOLINGS)
     if arch == "vit":
       if values["position_embedding"] == "none":
         raise ValueError("model.position_embedding: a vit always learns its patch positions; "
                          "use 'learned' (or leave it unset)")
-      values["patch_size"] = _positive_int("patch_size", values["patch_size"])
+      values["patch_size"] = positive_int("patch_size", values["patch_size"])
     config = cls(**values)
     names, _ = config.layers()  # checks the mechanisms and their keyword arguments
     if values["tidal_decode"] is not None:
@@ -289,7 +294,7 @@ def check_fields(config: Any) -> str:
   unknown = sorted(set(config.keys()) - set(FIELDS))
   if unknown:
     raise ValueError(f"model: unknown fields {unknown}; the model config takes {list(FIELDS)}")
-  return _choice("arch", _plain(config.get("arch", None)), ARCHS)
+  return choice("arch", _plain(config.get("arch", None)), ARCHS)
 
 
 def _read(config: Any) -> dict[str, Any]:
@@ -323,59 +328,6 @@ def _check_rope_options(values: dict[str, Any]):
   if values["fope"] is not None and values["rope_scaling"] is not None:
     raise ValueError("model.fope and model.rope_scaling are not combined; set one")
   layer_rope(values["layer_rope"], values["depth"])
-
-
-_CNN_FIELDS = ("widths", "blocks", "attention_module", "attention_kwargs", "param_budget")
-
-
-def _check_cnn_fields(values: dict[str, Any]):
-  """The cnn fields (normalized in `values`); set on another arch, they are an error. For a cnn,
-  also dropout and the dtypes, the other fields it reads."""
-  if values["arch"] != "cnn":
-    set_here = [n for n in _CNN_FIELDS if values[n] not in (None, {})]
-    if set_here:
-      raise ValueError(f"model.{set_here[0]} is a field of arch 'cnn', got arch "
-                       f"{values['arch']!r}")
-    return
-  widths = (16, 32, 64) if values["widths"] is None else values["widths"]
-  if (not isinstance(widths, (list, tuple)) or not widths
-      or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w <= 0
-             for w in widths)):
-    raise ValueError(f"model.widths must be a non-empty list of positive integers (channels per "
-                     f"stage), got {widths!r}")
-  blocks = (1,) * len(widths) if values["blocks"] is None else values["blocks"]
-  if (not isinstance(blocks, (list, tuple)) or len(blocks) != len(widths)
-      or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b <= 0
-             for b in blocks)):
-    raise ValueError(f"model.blocks must give a positive number of blocks for each of the "
-                     f"{len(widths)} stages of model.widths, got {blocks!r}")
-  values["widths"], values["blocks"] = tuple(int(w) for w in widths), tuple(int(b) for b in blocks)
-  name, kwargs = values["attention_module"], values["attention_kwargs"] or {}
-  if not isinstance(kwargs, Mapping):
-    raise ValueError(f"model.attention_kwargs must be a dict of the module's settings, got "
-                     f"{kwargs!r}")
-  if name is None:
-    if kwargs:
-      raise ValueError(f"model.attention_kwargs {dict(kwargs)} given without a "
-                       "model.attention_module")
-  else:
-    if not isinstance(name, str):
-      raise ValueError(f"model.attention_module must be None or a module name, got {name!r}")
-    record = cnn_lib.check_attention_module(name, where="model.attention_module")
-    unknown = sorted(set(kwargs) - cnn_lib.linen_settings(record))
-    if unknown:
-      raise ValueError(f"model.attention_kwargs: module {name!r} has no settings {unknown}; it "
-                       f"takes {sorted(cnn_lib.linen_settings(record))}")
-  values["attention_kwargs"] = dict(kwargs)
-  if values["param_budget"] is not None:
-    values["param_budget"] = _positive_int("param_budget", values["param_budget"])
-  values["width_multiple"] = _positive_int("width_multiple", values["width_multiple"])
-  dropout = values["dropout"]
-  if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-    raise ValueError(f"model.dropout must be in [0, 1), got {dropout!r}")
-  values["dropout"] = float(dropout)
-  _choice("dtype", values["dtype"], tuple(DTYPES))
-  _choice("param_dtype", values["param_dtype"], tuple(DTYPES))
 
 
 def _spans(value: Any) -> tuple[tuple[int, int], ...]:
@@ -423,18 +375,6 @@ def layer_rope(schedule: Any, depth: int) -> Optional[tuple[bool, ...]]:
     return tuple(bool(x) for x in schedule)
   raise ValueError(f"model.layer_rope must be None, a list of bools or 'every K: nope', got "
                    f"{schedule!r}")
-
-
-def _positive_int(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-  return int(value)
-
-
-def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
-  if value not in choices:
-    raise ValueError(f"model.{name} must be one of {tuple(choices)}, got {value!r}")
-  return value
 
 
 def _mechanism(where: str, name: str) -> registry.Mechanism:

@@ -4,7 +4,8 @@ class, registered in `attnjax.modules` (`aj.list_modules(kind="feature_map")`).
 
   channel/   channel gates from pooled descriptors (SE, ECA, FcaNet, ELA, PKCAM, ...)
   spatial/   spatial and mixed channel-spatial attention (BAM, PSA, ULSAM, residual attention, SK)
-  conv/      convolutional attention (LKA, LKCA, ParCNetV2, DAS, DiffuSSM)
+  conv/      convolutional attention (LKA, LKCA, ParCNetV2, DAS, DiffuSSM, and Pervasive Attention
+             over a (target, source) pair grid `[B, T, S, C]`)
   tokens/    channels or pixels as attention tokens (DaViT, RealViformer, TransDAE, guided attention)
 """
 

@@ -44,7 +44,8 @@ def _inputs(rec, seed=0, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   draw = lambda shape: rng.standard_normal(shape) + rng.standard_normal(shape[-1])
   shape = _shape(rec)
-  arrays = [draw(shape)] + [draw(e.shape(shape)) for e in rec.extra_inputs]
+  arrays = [draw(shape)] + [np.exp(draw(e.shape(shape))) if e.positive else draw(e.shape(shape))
+                            for e in rec.extra_inputs]
   return tuple(np.asarray(jnp.asarray(a, jnp.bfloat16).astype(dtype)) for a in arrays)
 
 
