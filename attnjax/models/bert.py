@@ -8,10 +8,8 @@ the pretrained sentence encoders `attnjax.pretrained` loads.
 
 `tokens [B, T] int32`, `lengths [B]` (the real tokens of each right-padded row) -> `[B, T, D]`
 float32. The attention of every layer is `attnjax.nn.MultiHeadAttention` with the mechanism by name
-(softmax by default), so a registered mechanism can stand in for the trained one. With
-`capture=True` each layer sows its attention weights (post-softmax, `[B, N, T, T]`, from the same
-queries and keys the mechanism reads) as `("intermediates", "layer_<l>", "attention_weights")`:
-`model.apply(variables, tokens, lengths, capture=True, mutable=["intermediates"])`.
+(softmax by default), so a registered mechanism can stand in for the trained one, and its maps are
+captured like any model's (`attnjax.analysis.capture(model, variables, tokens, lengths)`).
 
 Parameter names follow the layer's own (`query`, `key`, `value`, `out` DenseGeneral kernels
 `[D, N, H]`, `[N, H, D]`); `attnjax.pretrained` maps a Hugging Face BERT state dict onto them.
@@ -46,14 +44,10 @@ class BertLayer(nn.Module):
   mechanism_kwargs: Optional[Mapping[str, Any]]
 
   @nn.compact
-  def __call__(self, x, lengths, capture: bool):
-    attention = MultiHeadAttention(num_heads=self.num_heads, mechanism=self.mechanism,
-                                   mechanism_kwargs=self.mechanism_kwargs, name="attention")
-    if capture:
-      a, weights = attention(x, kv_lengths=lengths, return_weights=True)
-      self.sow("intermediates", "attention_weights", weights)
-    else:
-      a = attention(x, kv_lengths=lengths)
+  def __call__(self, x, lengths):
+    a = MultiHeadAttention(num_heads=self.num_heads, mechanism=self.mechanism,
+                           mechanism_kwargs=self.mechanism_kwargs, name="attention")(
+                               x, kv_lengths=lengths)
     h = nn.LayerNorm(epsilon=self.eps, name="attention_norm")(x + a)
     f = nn.Dense(self.mlp_dim, name="intermediate")(h)
     f = nn.Dense(x.shape[-1], name="output")(jax.nn.gelu(f, approximate=False))
@@ -81,7 +75,7 @@ class BertEncoder(nn.Module):
   mechanism_kwargs: Optional[Mapping[str, Any]] = None
 
   @nn.compact
-  def __call__(self, tokens: Tokens, lengths: Lengths, *, capture: bool = False) -> Hidden:
+  def __call__(self, tokens: Tokens, lengths: Lengths) -> Hidden:
     if jnp.ndim(tokens) != 2 or jnp.shape(lengths) != jnp.shape(tokens)[:1]:
       raise ValueError(f"BertEncoder: tokens must be [B, T] and lengths [B], got {jnp.shape(tokens)} "
                        f"and {jnp.shape(lengths)}")
@@ -95,5 +89,5 @@ class BertEncoder(nn.Module):
     x = nn.LayerNorm(epsilon=self.eps, name="embedding_norm")(x)
     for i in range(self.depth):
       x = BertLayer(self.num_heads, self.mlp_dim, self.eps, self.mechanism, self.mechanism_kwargs,
-                    name=f"layer_{i}")(x, lengths, capture)
+                    name=f"layer_{i}")(x, lengths)
     return x

@@ -67,6 +67,11 @@ from attnjax.ops.positional import rope
 from attnjax.ops.sparse import tidal_decode
 
 Initializer = Callable[..., Any]
+# The collection the layer sows the softmax weights and logits `[B, N, T, S]` of its queries and keys
+# into (float32; masked pairs: weight 0, logit -inf) when the collection is mutable, so any model's
+# one forward captures every layer: `model.apply(variables, x, mutable=[CAPTURE])`
+# (attnjax.analysis.capture). Decode steps over a cache capture over the cache.
+CAPTURE = "attention_maps"
 # TidalDecode's key positions `(indices, valid)`, each `[B, N, T, k]`.
 Selection = tuple[jax.Array, jax.Array]
 
@@ -345,10 +350,18 @@ class MultiHeadAttention(nn.Module):
                         bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
                         dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                         name="out")(out)
-    if return_weights:
+    # Not at init, where every collection is mutable: the maps would join the variables.
+    capture = (seen is not None and self.is_mutable_collection(CAPTURE)
+               and not self.is_initializing())
+    if return_weights or capture:
       q_seen, k_seen, mask_kw = seen
       mask = contract.contract_mask(B=B, T=T, S=k_seen.shape[1], op="MultiHeadAttention", **mask_kw)
-      return y, flex.attention_weights(q_seen, k_seen, mask_mod=mask, scale=self.scale)[0]
+      weights, logits = flex.attention_weights(q_seen, k_seen, mask_mod=mask, scale=self.scale)
+      if capture:
+        self.sow(CAPTURE, "weights", weights)
+        self.sow(CAPTURE, "logits", logits)
+      if return_weights:
+        return y, weights
     return y if select_top_k is None else (y, chosen)
 
   def _mechanism_array(self, spec: registry.ParamSpec, shape: tuple[int, ...]) -> jax.Array:

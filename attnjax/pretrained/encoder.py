@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import registry
+from attnjax.analysis.capture import CAPTURE, from_state
 from attnjax.models.bert import BertEncoder
 
 __all__ = ["MODELS", "PretrainedEncoder", "available", "bert_params_from_hf", "load", "model_dir"]
@@ -104,12 +105,8 @@ class PretrainedEncoder:
 
   @functools.cached_property
   def _capture(self):
-    def run(variables, ids, lengths):
-      _, state = self.model.apply(variables, ids, lengths, capture=True, mutable=["intermediates"])
-      inter = state["intermediates"]
-      return jnp.stack([inter[f"layer_{i}"]["attention_weights"][0]
-                        for i in range(self.model.depth)])
-    return jax.jit(run)
+    return jax.jit(lambda variables, ids, lengths: self.model.apply(
+        variables, ids, lengths, mutable=[CAPTURE])[1])
 
   def hidden_states(self, texts: Sequence[str], pad_multiple: int = 1):
     """`(last hidden states [n, T, D], lengths [n])` (float32 numpy)."""
@@ -130,7 +127,7 @@ class PretrainedEncoder:
     """`[layers, n, heads, T, T]`: every layer's post-softmax weights (keys past a row's length get
     zero), the batch padded to its longest text."""
     ids, lengths = self.tokenize(texts)
-    return np.asarray(self._capture(self.variables, ids, lengths))
+    return from_state(self._capture(self.variables, ids, lengths)).weights
 
   def with_mechanism(self, mechanism: str, **mechanism_kwargs) -> "PretrainedEncoder":
     """The same weights with every layer's attention computed by the registered `mechanism`; arrays
