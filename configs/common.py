@@ -129,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.async_checkpoints = True  # save checkpoints in the background
   # Redraw fixed random arrays (the 'buffers', e.g. FAVOR+'s features) every n steps; 0: never.
   config.train.redraw_buffers_every = 0
+  # Attention-map penalty added to the training loss (attnjax.train.regularizers): None (off) or
+  # {"name": "deceive" | "entropy" | "diversity", "weight": λ, ...its settings}.
+  config.train.attention_regularizer = None
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # data-parallel axis (-1: every device not used by the others)

@@ -3,13 +3,28 @@
   capture.py  every attention layer's weights and logits from any project model's one forward
               (the layer sows them into the "attention_maps" collection when it is mutable)
   cab.py      CAB's attention-pattern matrix over the registry (#205)
-  sinks.py  attention-sink statistics and length extrapolation of language models (read by probing
-            each layer's mechanism with one-hot values), used by `experiments/sinks.py`.
+  sinks.py    attention-sink statistics and length extrapolation of language models (read by
+              probing each layer's mechanism with one-hot values), used by `experiments/sinks.py`.
+  topology.py      edges, Betti numbers and the H0 barcode of thresholded maps (#104)
+  export.py        JSON dict, self-contained HTML head view and PNG grid of maps (#193)
+  logit_lens.py    value vectors and head outputs through an unembedding; the flow graph (#198)
+  commonsense.py   maximum attention score for pronoun resolution (#74)
+  graph_tokens.py  attention share on graph neighbours' tokens and the k-hop mask (#1)
+  edatt.py         EDAtt's attention-based emission policy for simultaneous translation (#44)
+
+Each file is a namespace: `attnjax.analysis.topology.graph_features(...)`.
 """
 
 from attnjax.analysis import cab
+from attnjax.analysis import commonsense
+from attnjax.analysis import edatt
+from attnjax.analysis import export
+from attnjax.analysis import graph_tokens
+from attnjax.analysis import logit_lens
 from attnjax.analysis import sinks
+from attnjax.analysis import topology
 # The function shadows its module's name here: `attnjax.analysis.capture(model, variables, x)`.
 from attnjax.analysis.capture import CAPTURE, Captured, capture, from_state
 
-__all__ = ["CAPTURE", "Captured", "cab", "capture", "from_state", "sinks"]
+__all__ = ["CAPTURE", "Captured", "cab", "capture", "commonsense", "edatt", "export", "from_state",
+           "graph_tokens", "logit_lens", "sinks", "topology"]

@@ -25,7 +25,7 @@ __all__ = ["CAB_PATTERNS", "markdown", "pattern_matrix"]
 CAB_PATTERNS = {"NS": "self", "CS": "causal_self", "NC": "cross", "CC": "causal_cross"}
 
 
-@catalog.serves(205, kind="analysis")
+@catalog.serves(205, kind="analysis", name="attnjax.analysis.cab.pattern_matrix")
 def pattern_matrix(family: Optional[str] = None) -> dict[str, dict[str, bool]]:
   """`{mechanism: {"NS" | "CS" | "NC" | "CC": served}}` for every registered mechanism (of `family`),
   sorted by name."""

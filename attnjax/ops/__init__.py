@@ -11,4 +11,5 @@ from attnjax.ops import positional  # noqa: F401
 from attnjax.ops import quantized  # noqa: F401
 from attnjax.ops import softmax  # noqa: F401
 from attnjax.ops import sparse  # noqa: F401
+from attnjax.ops import theory  # noqa: F401
 from attnjax.ops.softmax import dot_product_attention  # noqa: F401

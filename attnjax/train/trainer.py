@@ -44,11 +44,13 @@ import numpy as np
 import optax
 
 from attnjax import registry
+from attnjax.nn.attention import CAPTURE
 from attnjax.parallel import mesh as mesh_lib
 from attnjax.parallel import rules as rules_lib
 from attnjax.train import checkpoint as checkpoint_lib
 from attnjax.train import metrics as metrics_lib
 from attnjax.train import optim
+from attnjax.train import regularizers
 from attnjax.train import validate
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
@@ -191,6 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   dummy = jnp.zeros((1,) + tuple(spec.input_shape), input_dtype)
 
   redraw_every = int(tcfg.get("redraw_buffers_every", 0) or 0)
+  attention_reg = tcfg.get("attention_regularizer", None)  # checked by validate
 
   def init_variables(params_rng, dropout_rng):
     return model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
@@ -222,9 +225,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def loss_fn(params, buffers, batch, rng, train):
     variables = {"params": params, **({registry.BUFFERS: buffers} if buffers else {})}
     rngs = {"dropout": rng, registry.SAMPLE_RNG: jax.random.fold_in(rng, 1)} if train else None
-    logits = model.apply(variables, batch["inputs"], train=train, rngs=rngs)
+    if train and attention_reg:
+      # The attention maps are sown as jnp arrays in this forward, so the penalty differentiates.
+      logits, maps = model.apply(variables, batch["inputs"], train=train, rngs=rngs,
+                                 mutable=[CAPTURE])
+    else:
+      logits = model.apply(variables, batch["inputs"], train=train, rngs=rngs)
     sums = weighted_metrics(logits, batch["targets"], batch["weights"])
-    return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1e-12), sums
+    loss = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1e-12)
+    if train and attention_reg:
+      loss = loss + float(attention_reg["weight"]) * regularizers.penalty(
+          attention_reg, maps, batch["inputs"])
+    return loss, sums
 
   def train_step(state, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])

@@ -26,6 +26,7 @@ import ml_collections
 from attnjax import models
 from attnjax.parallel import mesh as mesh_lib
 from attnjax.train import optim
+from attnjax.train import regularizers
 
 # Every mechanism name a model config uses (the models' parser of `layer_mechanisms`).
 mechanism_names = models.mechanism_names
@@ -89,6 +90,8 @@ def _check_train(train: ml_collections.ConfigDict, batch_shards: int):
   if not isinstance(redraw, int) or redraw < 0:
     raise ValueError(f"train.redraw_buffers_every: must be an integer >= 0 (0: never), got "
                      f"{redraw!r}")
+  if train.get("attention_regularizer", None) is not None:
+    regularizers.check_config(train.attention_regularizer)
   divisor = math.lcm(batch_shards, jax.process_count())
   if train.batch_size % divisor:
     raise ValueError(f"train.batch_size: {train.batch_size} is not divisible by the {batch_shards} "
