@@ -51,8 +51,10 @@ Embedding", arXiv:2104.09864.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -74,6 +76,28 @@ Initializer = Callable[..., Any]
 CAPTURE = "attention_maps"
 # TidalDecode's key positions `(indices, valid)`, each `[B, N, T, k]`.
 Selection = tuple[jax.Array, jax.Array]
+# `fn(weights [B, N, T, S] float32, path) -> weights`: an edit of the post-softmax maps (`edit_weights`).
+WeightsEdit = Callable[[jax.Array, str], jax.Array]
+_EDIT: contextvars.ContextVar[Optional[WeightsEdit]] = contextvars.ContextVar("attention_edit",
+                                                                              default=None)
+
+
+@contextlib.contextmanager
+def edit_weights(fn: WeightsEdit) -> Iterator[None]:
+  """Inference-time interventions on attention maps: inside the `with`, every softmax
+  `MultiHeadAttention` of a full (non-decode) forward computes its weights
+  w = softmax(q·k·scale + masks) `[B, N, T, S]` densely and outputs `fn(w, path) · V`, where `path`
+  is the layer's module path ("layers_2/attention"); `fn` may return `w` unchanged for layers it
+  leaves alone. The captured maps ("attention_maps") are the edited ones.
+
+  The edit is read when the model is traced: call `apply`, or a `jax.jit` made for it, inside the
+  `with` (a function jitted earlier keeps what it traced). Nested uses replace the outer edit.
+  """
+  token = _EDIT.set(fn)
+  try:
+    yield
+  finally:
+    _EDIT.reset(token)
 
 
 class MultiHeadAttention(nn.Module):
@@ -285,6 +309,7 @@ class MultiHeadAttention(nn.Module):
     initialized = row_cache is not None or self.has_variable(
         "cache", "state" if recurrent else "cached_value" if shared else "cached_key")
     seen = None       # (queries, keys, mask keywords) the weights were taken over (return_weights)
+    edited = None     # (weights, logits) under `edit_weights`
     chosen = None
     if num_new is not None and row_cache is None:
       raise ValueError("MultiHeadAttention: `num_new` is for decoding over a paged or StreamingLLM "
@@ -340,10 +365,13 @@ class MultiHeadAttention(nn.Module):
         seq_len = jnp.maximum(layer_parts.row_end(q_pos), layer_parts.row_end(kv_pos))
         query = rotate(query, q_pos, seq_len)
         key = rotate(key, kv_pos, seq_len)
-      out = self._attend(mech, query, key, value, causal=self.causal, cross=cross,
-                         segment_ids=segment_ids, kv_lengths=kv_lengths,
-                         kwargs={**kwargs, **tokens})
       seen = (query, key, dict(causal=self.causal, segment_ids=segment_ids, kv_lengths=kv_lengths))
+      if _EDIT.get() is not None and not decode:
+        out, edited = self._edited_step(mech, query, key, value, seen[2])
+      else:
+        out = self._attend(mech, query, key, value, causal=self.causal, cross=cross,
+                           segment_ids=segment_ids, kv_lengths=kv_lengths,
+                           kwargs={**kwargs, **tokens})
 
     y = nn.DenseGeneral(features=out_features, axis=(-2, -1),
                         kernel_init=self.out_kernel_init or self.kernel_init,
@@ -355,14 +383,31 @@ class MultiHeadAttention(nn.Module):
                and not self.is_initializing())
     if return_weights or capture:
       q_seen, k_seen, mask_kw = seen
-      mask = contract.contract_mask(B=B, T=T, S=k_seen.shape[1], op="MultiHeadAttention", **mask_kw)
-      weights, logits = flex.attention_weights(q_seen, k_seen, mask_mod=mask, scale=self.scale)
+      weights, logits = edited or self._weights(q_seen, k_seen, mask_kw)
       if capture:
         self.sow(CAPTURE, "weights", weights)
         self.sow(CAPTURE, "logits", logits)
       if return_weights:
         return y, weights
     return y if select_top_k is None else (y, chosen)
+
+  def _weights(self, query, key, mask_kw):
+    """Dense softmax weights and logits `[B, N, T, S]` (float32) under the layer's masks."""
+    B, T = query.shape[:2]
+    mask = contract.contract_mask(B=B, T=T, S=key.shape[1], op="MultiHeadAttention", **mask_kw)
+    return flex.attention_weights(query, key, mask_mod=mask, scale=self.scale)
+
+  def _edited_step(self, mech, query, key, value, mask_kw):
+    """`(fn(w) · V, (fn(w), logits))` for the active `edit_weights` fn."""
+    if mech.name != "softmax" or self.mechanism_kwargs:
+      raise ValueError(f"MultiHeadAttention: `edit_weights` edits softmax attention maps; this "
+                       f"layer runs {mech.name!r} with {dict(self.mechanism_kwargs or {})}")
+    weights, logits = self._weights(query, key, mask_kw)
+    new = _EDIT.get()(weights, "/".join(self.scope.path))
+    if new.shape != weights.shape:
+      raise ValueError(f"edit_weights: the edit must return weights of shape {weights.shape} "
+                       f"[B, N, T, S] (layer {'/'.join(self.scope.path)}), got {new.shape}")
+    return self._weights_times_values(new, value), (new.astype(jnp.float32), logits)
 
   def _mechanism_array(self, spec: registry.ParamSpec, shape: tuple[int, ...]) -> jax.Array:
     if spec.trainable:
@@ -448,11 +493,18 @@ class MultiHeadAttention(nn.Module):
       # First call (init): a value-only cache as long as this input.
       self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
       self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-    B, N, T = weights.shape[:3]
     S, K = value.shape[1], value.shape[2]
-    if weights.shape != (value.shape[0], N, T, S) or N % K:
+    if (weights.ndim != 4 or weights.shape[0] != value.shape[0] or weights.shape[3] != S
+        or weights.shape[1] % K):
       raise ValueError(f"MultiHeadAttention: `shared_weights` must have shape [B, N, T, S] = "
                        f"[{value.shape[0]}, N, T, {S}] (N a multiple of {K}), got {weights.shape}")
+    return self._weights_times_values(weights, value)
+
+  @staticmethod
+  def _weights_times_values(weights, value):
+    """`o[b, t, n] = Σ_s weights[b, n, t, s] v[b, s, n // (N/K)]` `[B, T, N, h]`."""
+    B, N, T, S = weights.shape
+    K = value.shape[2]
     w = weights.reshape(B, K, N // K, T, S).astype(jnp.float32)
     out = jnp.einsum("bkgts,bskh->btkgh", w, value.astype(jnp.float32))
     return out.reshape(B, T, N, -1).astype(value.dtype)

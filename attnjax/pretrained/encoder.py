@@ -18,6 +18,7 @@ import numpy as np
 from attnjax import registry
 from attnjax.analysis.capture import CAPTURE, from_state
 from attnjax.models.bert import BertEncoder
+from attnjax.nn.attention import WeightsEdit, edit_weights
 
 __all__ = ["MODELS", "PretrainedEncoder", "available", "bert_params_from_hf", "load", "model_dir"]
 
@@ -99,35 +100,53 @@ class PretrainedEncoder:
       ids[row, :len(e.ids)] = e.ids
     return ids, lengths
 
+  def _apply(self, variables, ids, lengths):
+    return self.model.apply(variables, ids, lengths)
+
+  def _apply_capturing(self, variables, ids, lengths):
+    return self.model.apply(variables, ids, lengths, mutable=[CAPTURE])[1]
+
   @functools.cached_property
   def _forward(self):
-    return jax.jit(lambda variables, ids, lengths: self.model.apply(variables, ids, lengths))
+    # Lambdas: jit would hash a bound method, and with it this dataclass's variables.
+    return jax.jit(lambda variables, ids, lengths: self._apply(variables, ids, lengths))
 
   @functools.cached_property
   def _capture(self):
-    return jax.jit(lambda variables, ids, lengths: self.model.apply(
-        variables, ids, lengths, mutable=[CAPTURE])[1])
+    return jax.jit(lambda variables, ids, lengths: self._apply_capturing(variables, ids, lengths))
 
-  def hidden_states(self, texts: Sequence[str], pad_multiple: int = 1):
-    """`(last hidden states [n, T, D], lengths [n])` (float32 numpy)."""
+  def _run(self, compiled, fn, edit, *args):
+    if edit is None:
+      return compiled(self.variables, *args)
+    # The edit is read while tracing: a fresh jit traced inside the context (`edit_weights`).
+    with edit_weights(edit):
+      return jax.jit(lambda variables, *a: fn(variables, *a))(self.variables, *args)
+
+  def hidden_states(self, texts: Sequence[str], pad_multiple: int = 1,
+                    edit: Optional[WeightsEdit] = None):
+    """`(last hidden states [n, T, D], lengths [n])` (float32 numpy); `edit`: an intervention on
+    every layer's attention maps (`attnjax.nn.attention.edit_weights`)."""
     ids, lengths = self.tokenize(texts, pad_multiple)
-    return np.asarray(self._forward(self.variables, ids, lengths)), lengths
+    hidden = self._run(self._forward, self._apply, edit, ids, lengths)
+    return np.asarray(hidden), lengths
 
-  def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """`[n, D]`: the mean of each text's token states (padding excluded), L2-normalized."""
+  def encode(self, texts: Sequence[str], batch_size: int = 64,
+             edit: Optional[WeightsEdit] = None) -> np.ndarray:
+    """`[n, D]`: the mean of each text's token states (padding excluded), L2-normalized; `edit` as
+    in `hidden_states`."""
     out = []
     for start in range(0, len(texts), batch_size):
-      hidden, lengths = self.hidden_states(texts[start:start + batch_size], _PAD_MULTIPLE)
+      hidden, lengths = self.hidden_states(texts[start:start + batch_size], _PAD_MULTIPLE, edit)
       mask = (np.arange(hidden.shape[1])[None] < lengths[:, None])[..., None]
       mean = (hidden * mask).sum(1) / np.maximum(lengths[:, None], 1)
       out.append(mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12))
     return np.concatenate(out).astype(np.float32)
 
-  def attention_maps(self, texts: Sequence[str]) -> np.ndarray:
+  def attention_maps(self, texts: Sequence[str], edit: Optional[WeightsEdit] = None) -> np.ndarray:
     """`[layers, n, heads, T, T]`: every layer's post-softmax weights (keys past a row's length get
-    zero), the batch padded to its longest text."""
+    zero), the batch padded to its longest text; with `edit`, the edited maps each layer used."""
     ids, lengths = self.tokenize(texts)
-    return from_state(self._capture(self.variables, ids, lengths)).weights
+    return from_state(self._run(self._capture, self._apply_capturing, edit, ids, lengths)).weights
 
   def with_mechanism(self, mechanism: str, **mechanism_kwargs) -> "PretrainedEncoder":
     """The same weights with every layer's attention computed by the registered `mechanism`; arrays

@@ -87,6 +87,29 @@ def test_a_training_free_mechanism_stands_in_and_moves_the_embeddings(enc):
   assert np.all(moved > tolerances.CHANGED_REL_RMS) and np.all(moved < between.min())
 
 
+def test_attention_edits_apply_inside_the_chosen_layers_only(enc):
+  """`edit=`: the identity edit is the original; a previous-token map forced on layer 0 moves the
+  embeddings, shows in layer 0's maps, and leaves the other layers' maps computed as usual."""
+  texts = list(SENTENCES[:3])
+  base = enc.encode(texts)
+  assert np.all(_cosine_distance(enc.encode(texts, edit=lambda w, path: w), base)
+                < tolerances.EMBEDDING_COSINE_DISTANCE)
+
+  def previous_token(w, path):
+    if not path.startswith("layer_0/"):
+      return w
+    t = w.shape[-1]
+    return np.broadcast_to(np.eye(t, k=-1) + np.eye(t)[0] * (np.arange(t) == 0)[:, None], w.shape)
+
+  assert np.all(_cosine_distance(enc.encode(texts, edit=previous_token), base)
+                > tolerances.CHANGED_REL_RMS)
+  maps, plain = enc.attention_maps(texts, edit=previous_token), enc.attention_maps(texts)
+  np.testing.assert_array_equal(maps[0, :, :, 1:, :], np.broadcast_to(
+      np.eye(maps.shape[-1], k=-1)[1:], maps[0, :, :, 1:, :].shape))
+  assert np.abs(maps[1] - plain[1]).max() > tolerances.CHANGED_REL_RMS   # layer 1 sees new inputs
+  np.testing.assert_allclose(maps[1:].sum(-1)[..., 0], 1.0, **tolerances.output(np.float32))
+
+
 def test_bad_inputs_and_unknown_models_are_clear_errors(enc):
   with pytest.raises(ValueError, match="non-empty sequence of strings"):
     enc.encode("a single string")
