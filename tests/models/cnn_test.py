@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from attnjax import models
@@ -17,6 +16,7 @@ from attnjax.data import shipped
 from attnjax.data.base import TaskSpec
 from attnjax.models import cnn
 from tests import tolerances
+from tests import training_loop
 
 SPEC = TaskSpec(name="digits", kind="classify", input_shape=(8, 8, 1), input_dtype="float32",
                 vocab_size=0, num_classes=10, seq_len=64)
@@ -136,25 +136,9 @@ def test_unknown_module_lists_registered_ones():
 def test_trains_on_digits_loss_falls():
   model = models.build_model(_config(attention_module="eca_channel_attention"), SPEC)
   task = shipped.Digits()
-  tx = optax.adam(1e-2)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
-  opt_state = tx.init(params)
-
-  def loss_fn(p, batch):
-    logits = model.apply({"params": p}, batch["inputs"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-
-  @jax.jit
-  def step(p, o, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, loss
-
-  losses = []
-  for s in range(50):
-    batch = {k: jnp.asarray(v) for k, v in task.batch(s, 64).items()}
-    params, opt_state, loss = step(params, opt_state, batch)
-    losses.append(float(loss))
+  _, losses = training_loop.train(lambda p, x: model.apply({"params": p}, x), params,
+                                  lambda s: task.batch(s, 64), 50)
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
 
 

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from attnjax import data
@@ -16,6 +15,7 @@ from attnjax.train import trainer
 from attnjax.train import validate
 from experiments import sweep
 from tests import tolerances
+from tests import training_loop
 
 V, T, S = 16, 10, 5
 
@@ -80,25 +80,8 @@ def test_trains_on_sorting_loss_falls():
   spec_task = data.make_task(ml_collections.ConfigDict(
       {"name": "sorting", "seed": 0, "vocab_size": V, "seq_len": T}))
   model, variables = _model_and_params(depth=3, growth_rate=8, width=16)
-  params, tx = variables["params"], optax.adam(1e-2)
-  opt_state = tx.init(params)
-
-  def loss_fn(p, batch):
-    logits = model.apply({"params": p}, batch["inputs"])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return (nll * batch["weights"]).sum() / batch["weights"].sum()
-
-  @jax.jit
-  def step(p, o, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, loss
-
-  losses = []
-  for s in range(60):
-    batch = {k: jnp.asarray(v) for k, v in spec_task.batch(s, 32).items()}
-    params, opt_state, loss = step(params, opt_state, batch)
-    losses.append(float(loss))
+  _, losses = training_loop.train(lambda p, x: model.apply({"params": p}, x), variables["params"],
+                                  lambda s: spec_task.batch(s, 32), 60)
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
 
 
