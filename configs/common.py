@@ -130,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Redraw fixed random arrays (the 'buffers', e.g. FAVOR+'s features) every n steps; 0: never.
   config.train.redraw_buffers_every = 0
   # Attention-map penalty added to the training loss (attnjax.train.regularizers): None (off) or
-  # {"name": "deceive" | "entropy" | "diversity", "weight": λ, ...its settings}.
+  # {"name": "deceive" | "entropy" | "diversity", "weight": λ, ...its settings}; see that module.
   config.train.attention_regularizer = None
 
   config.mesh = ml_collections.ConfigDict()

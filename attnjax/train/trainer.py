@@ -196,7 +196,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   attention_reg = tcfg.get("attention_regularizer", None)  # checked by validate
 
   def init_variables(params_rng, dropout_rng):
-    return model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
+    extra = regularizers.extra_params(attention_reg, int(config.model.num_heads))
+    return {**variables, "params": {**variables["params"], **extra}} if extra else variables
 
   def init_state(rng):
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
@@ -223,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     write_param_shardings(workdir, abstract_state["params"])
 
   def loss_fn(params, buffers, batch, rng, train):
+    params, reg_params = regularizers.split_params(params)
     variables = {"params": params, **({registry.BUFFERS: buffers} if buffers else {})}
     rngs = {"dropout": rng, registry.SAMPLE_RNG: jax.random.fold_in(rng, 1)} if train else None
     if train and attention_reg:
@@ -235,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     loss = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1e-12)
     if train and attention_reg:
       loss = loss + float(attention_reg["weight"]) * regularizers.penalty(
-          attention_reg, maps, batch["inputs"])
+          attention_reg, maps, batch["inputs"], reg_params)
     return loss, sums
 
   def train_step(state, batch):

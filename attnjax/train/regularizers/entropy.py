@@ -12,7 +12,8 @@ so heads whose entropy collapses (deep layers) or overloads towards uniform (ear
 pulled back into the tolerance band of half-width γ E_max around their target; inside the band the
 loss and its gradient are zero. The paper learns the per-head fractions θ jointly with the model
 (its "reg_threshold_weights"): here they are an argument, so a caller can make them parameters and
-differentiate `entropy_band_penalty` w.r.t. them; the trainer flag uses a fixed `target`.
+differentiate `entropy_band_penalty` w.r.t. them; the trainer flag does so with `learn_target`
+(one θ per head shared by the layers, as the paper's code reads them).
 The paper's code sums the penalty over batch and query rows; the mean used here only rescales λ.
 """
 

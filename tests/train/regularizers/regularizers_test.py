@@ -53,12 +53,23 @@ def test_flag_trains_with_a_finite_loss_and_changes_the_trajectory(tmp_path, pla
   assert max(leaves) > 1e-4, reg["name"]
 
 
+def test_learned_entropy_targets_are_trained_per_head_and_checkpointed(tmp_path):
+  reg = {"name": "entropy", "weight": 1.0, "target": 0.2, "tolerance": 0.05, "learn_target": True}
+  result, params = _run(tmp_path, "learned", reg)
+  assert np.isfinite(result["train_loss"])
+  target = np.asarray(params[regularizers.TARGET_PARAM])
+  assert target.shape == (fakes_test.make_config().model.num_heads,)
+  # Pulled from the start 0.2 towards the heads' entropies (outside the band at the start).
+  assert np.abs(target - 0.2).max() > 1e-4, target
+
+
 @pytest.mark.parametrize("reg, field", [
     ({"name": "dropout_of_heads", "weight": 1.0}, "attention_regularizer.name"),
     ({"name": "entropy", "weight": -1.0}, "attention_regularizer.weight"),
     ({"name": "entropy", "weight": 1.0, "target": 1.5}, "attention_regularizer.target"),
     ({"name": "deceive", "weight": 1.0}, "attention_regularizer.impermissible_tokens"),
     ({"name": "diversity", "weight": 1.0, "target": 0.5}, "are not settings of 'diversity'"),
+    ({"name": "entropy", "weight": 1.0, "learn_target": 1}, "attention_regularizer.learn_target"),
 ])
 def test_bad_settings_are_errors_naming_the_field(reg, field):
   config = fakes_test.make_config()
