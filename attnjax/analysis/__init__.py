@@ -11,6 +11,7 @@
   commonsense.py   maximum attention score for pronoun resolution (#74)
   graph_tokens.py  attention share on graph neighbours' tokens and the k-hop mask (#1)
   edatt.py         EDAtt's attention-based emission policy for simultaneous translation (#44)
+  tame.py          T-TAME: a trained explanation head on a frozen CNN's feature maps (#9)
 
 Each file is a namespace: `attnjax.analysis.topology.graph_features(...)`.
 """
@@ -22,9 +23,10 @@ from attnjax.analysis import export
 from attnjax.analysis import graph_tokens
 from attnjax.analysis import logit_lens
 from attnjax.analysis import sinks
+from attnjax.analysis import tame
 from attnjax.analysis import topology
 # The function shadows its module's name here: `attnjax.analysis.capture(model, variables, x)`.
 from attnjax.analysis.capture import CAPTURE, Captured, capture, from_state
 
 __all__ = ["CAPTURE", "Captured", "cab", "capture", "commonsense", "edatt", "export", "from_state",
-           "graph_tokens", "logit_lens", "sinks", "topology"]
+           "graph_tokens", "logit_lens", "sinks", "tame", "topology"]
