@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.core import checks
-from attnjax.core import contract
-from attnjax.core import masks
+from attnjax.core import dense
 from attnjax.registry import Mechanism, register
 from attnjax.typing import Key, Lengths, Output, Query, Value
 
@@ -43,19 +42,11 @@ def hard_attention(q: Query, k: Key, v: Value, *, causal: bool = False, segment_
   checks.check_implementation("hard_attention", implementation, ("reference",))
   if mode not in MODES:
     raise ValueError(f"hard_attention: `mode` must be one of {MODES}, got {mode!r}")
-  B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
-  if N % K:
-    raise ValueError(f"hard_attention: query heads N={N} must be a multiple of key heads K={K}")
-  scale = H ** -0.5 if scale is None else scale
-  mask_mod = contract.contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset,
-                                    segment_ids=segment_ids, kv_lengths=kv_lengths,
-                                    op="hard_attention")
-  visible = masks.evaluate_mask(mask_mod, B, N, T, S)
-  kr = jnp.repeat(k, N // K, axis=2)
-  vr = jnp.repeat(v, N // K, axis=2)
-  s = jnp.einsum("btnh,bsnh->bnts", q, kr, preferred_element_type=jnp.float32) * scale
-  s = jax.lax.stop_gradient(jnp.where(visible, s, -jnp.inf))
+  scores, visible = dense.contract_scores("hard_attention", q, k, v, causal=causal,
+                                          segment_ids=segment_ids, q_offset=q_offset,
+                                          kv_lengths=kv_lengths, scale=scale)
+  S = scores.shape[-1]
+  s = jax.lax.stop_gradient(jnp.where(visible, scores, -jnp.inf))
   top = jnp.max(s, axis=-1, keepdims=True)
   tied = visible & (s == top)
   if mode == "unique":
@@ -65,8 +56,7 @@ def hard_attention(q: Query, k: Key, v: Value, *, causal: bool = False, segment_
   else:
     count = tied.sum(-1, keepdims=True)
     w = tied / jnp.maximum(count, 1)
-  out = jnp.einsum("bnts,bsnh->btnh", w.astype(jnp.float32), vr.astype(jnp.float32))
-  return out.astype(v.dtype)
+  return dense.weighted_values(w, v).astype(v.dtype)
 
 
 register(Mechanism(name="hard_attention", fn=hard_attention, family="theory", seeds=(203,),

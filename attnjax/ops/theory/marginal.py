@@ -24,8 +24,7 @@ from typing import Optional
 import jax.numpy as jnp
 
 from attnjax.core import checks
-from attnjax.core import contract
-from attnjax.core import masks
+from attnjax.core import dense
 from attnjax.registry import Mechanism, register
 from attnjax.typing import Key, Lengths, Output, Query, Value
 
@@ -39,29 +38,21 @@ def marginal_attention(q: Query, k: Key, v: Value, *, causal: bool = False, segm
   """Posterior-marginal attention (see the module docstring) under the common contract."""
   op = "marginal_attention"
   checks.check_implementation(op, implementation, ("reference",))
-  B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
-  if N % K:
-    raise ValueError(f"{op}: query heads N={N} must be a multiple of key heads K={K}")
-  scale = H ** -0.5 if scale is None else scale
-  mask_mod = contract.contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset,
-                                    segment_ids=segment_ids, kv_lengths=kv_lengths, op=op)
-  visible = masks.evaluate_mask(mask_mod, B, N, T, S)
-  kr = jnp.repeat(k, N // K, axis=2).astype(jnp.float32)
-  vr = jnp.repeat(v, N // K, axis=2).astype(jnp.float32)
-  qf = q.astype(jnp.float32)
-  # -||q - k||² / 2σ² without the per-row ||q||² (it cancels in the normalization).
-  s = (jnp.einsum("btnh,bsnh->bnts", qf, kr)
-       - 0.5 * jnp.einsum("bsnh,bsnh->bns", kr, kr)[:, :, None, :]) * scale
+  qk, visible = dense.contract_scores(op, q, k, v, causal=causal, segment_ids=segment_ids,
+                                      q_offset=q_offset, kv_lengths=kv_lengths, scale=scale)
+  B, N, _, S = qk.shape
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  # -||q - k||² / 2σ² without the per-row ||q||² (it cancels in the normalization); query head n
+  # reads key head n // (N/K).
+  k_norms = jnp.repeat(jnp.sum(jnp.square(k.astype(jnp.float32)), -1), N // k.shape[2], axis=2)
+  s = qk - 0.5 * scale * jnp.swapaxes(k_norms, 1, 2)[:, :, None, :]
   if log_prior is not None:
     checks.check_shape(op, "log_prior", log_prior, (B, S), "[B, S]")
     s = s + log_prior.astype(jnp.float32)[:, None, None, :]
-  s = jnp.where(visible, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  e = jnp.where(visible, jnp.exp(s - m), 0.0)
-  w = e / jnp.maximum(e.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-  return jnp.einsum("bnts,bsnh->btnh", w, vr).astype(v.dtype)
+  # Softmax over the visible keys; a row with none gets zeros (and finite gradients).
+  lse = dense.masked_logsumexp(s, visible)
+  w = jnp.where(visible, jnp.exp(jnp.where(visible, s, lse) - lse), 0.0)
+  return dense.weighted_values(w, v).astype(v.dtype)
 
 
 register(Mechanism(name="marginal_attention", fn=marginal_attention, family="theory", seeds=(36,),

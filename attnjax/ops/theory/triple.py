@@ -37,18 +37,16 @@ def triple_attention(q: Query, k: Key, v: Value, *, causal: bool = False, segmen
   """Triple attention over key pairs (see the module docstring) under the common contract."""
   op = "triple_attention"
   checks.check_implementation(op, implementation, ("reference",))
-  B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
-  if N % K:
-    raise ValueError(f"{op}: query heads N={N} must be a multiple of key heads K={K}")
+  _, _, _, N, K, H, _ = checks.check_qkv(op, q, k, v)
   k2 = k if k2 is None else k2
   v2 = v if v2 is None else v2
   checks.check_shape(op, "k2", k2, k.shape, "[B, S, K, H]")
   checks.check_shape(op, "v2", v2, v.shape, "[B, S, K, h]")
   scale = H ** -0.5 if scale is None else scale
-  mask_mod = contract.contract_mask(B=B, T=T, S=S, causal=causal, q_offset=q_offset,
-                                    segment_ids=segment_ids, kv_lengths=kv_lengths, op=op)
-  visible = masks.evaluate_mask(mask_mod, B, N, T, S)
+  mask_mod = contract.contract_mask(B=q.shape[0], T=q.shape[1], S=k.shape[1], causal=causal,
+                                    q_offset=q_offset, segment_ids=segment_ids,
+                                    kv_lengths=kv_lengths, op=op)
+  visible = masks.evaluate_mask(mask_mod, q.shape[0], N, q.shape[1], k.shape[1])
   pair_visible = visible[..., :, None] & visible[..., None, :]  # [B, N, T, S, S]
   rep = lambda x: jnp.repeat(x, N // K, axis=2).astype(jnp.float32)  # noqa: E731
   k1r, k2r, v1r, v2r = rep(k), rep(k2), rep(v), rep(v2)
