@@ -12,6 +12,9 @@
   graph_tokens.py  attention share on graph neighbours' tokens and the k-hop mask (#1)
   edatt.py         EDAtt's attention-based emission policy for simultaneous translation (#44)
   tame.py          T-TAME: a trained explanation head on a frozen CNN's feature maps (#9)
+  statistics.py    per-head entropy, key shares (sinks), offset profile, head distance / diversity
+  head_probes.py   Clark et al.'s probes: special-token shares, most-attended-word accuracy per
+                   dependency relation on a hand-labelled set, the attention-only probe (#128)
 
 Each file is a namespace: `attnjax.analysis.topology.graph_features(...)`.
 """
@@ -21,12 +24,14 @@ from attnjax.analysis import commonsense
 from attnjax.analysis import edatt
 from attnjax.analysis import export
 from attnjax.analysis import graph_tokens
+from attnjax.analysis import head_probes
 from attnjax.analysis import logit_lens
 from attnjax.analysis import sinks
+from attnjax.analysis import statistics
 from attnjax.analysis import tame
 from attnjax.analysis import topology
 # The function shadows its module's name here: `attnjax.analysis.capture(model, variables, x)`.
 from attnjax.analysis.capture import CAPTURE, Captured, capture, from_state
 
 __all__ = ["CAPTURE", "Captured", "cab", "capture", "commonsense", "edatt", "export", "from_state",
-           "graph_tokens", "logit_lens", "sinks", "tame", "topology"]
+           "graph_tokens", "head_probes", "logit_lens", "sinks", "statistics", "tame", "topology"]
