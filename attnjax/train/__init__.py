@@ -1,6 +1,9 @@
 """Training: the train loop, optimizer, orbax checkpoints, metric writers, config checks and the
-sweep leaderboard."""
+sweep leaderboard; attention-based training methods: `regularizers` (losses on attention maps),
+`quantization` (DQA, #230) and `pruning` (ASWL, #169)."""
 
+from attnjax.train import pruning
+from attnjax.train import quantization
 from attnjax.train.checkpoint import Checkpointer
 from attnjax.train.metrics import MetricWriter
 from attnjax.train.metrics import read_jsonl
@@ -10,6 +13,6 @@ from attnjax.train.trainer import train_and_evaluate
 from attnjax.train.validate import validate_config
 
 __all__ = [
-    "Checkpointer", "MetricWriter", "PREEMPTED_EXIT_CODE", "make_optimizer", "read_jsonl",
-    "train_and_evaluate", "validate_config",
+    "Checkpointer", "MetricWriter", "PREEMPTED_EXIT_CODE", "make_optimizer", "pruning", "quantization",
+    "read_jsonl", "train_and_evaluate", "validate_config",
 ]
