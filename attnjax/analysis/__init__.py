@@ -15,6 +15,8 @@
   statistics.py    per-head entropy, key shares (sinks), offset profile, head distance / diversity
   head_probes.py   Clark et al.'s probes: special-token shares, most-attended-word accuracy per
                    dependency relation on a hand-labelled set, the attention-only probe (#128)
+  report.py        all statistics of a pretrained encoder or a trained run, written as files
+                   (experiments/analyze.py)
 
 Each file is a namespace: `attnjax.analysis.topology.graph_features(...)`.
 """
@@ -26,6 +28,7 @@ from attnjax.analysis import export
 from attnjax.analysis import graph_tokens
 from attnjax.analysis import head_probes
 from attnjax.analysis import logit_lens
+from attnjax.analysis import report
 from attnjax.analysis import sinks
 from attnjax.analysis import statistics
 from attnjax.analysis import tame
@@ -34,4 +37,5 @@ from attnjax.analysis import topology
 from attnjax.analysis.capture import CAPTURE, Captured, capture, from_state
 
 __all__ = ["CAPTURE", "Captured", "cab", "capture", "commonsense", "edatt", "export", "from_state",
-           "graph_tokens", "head_probes", "logit_lens", "sinks", "statistics", "tame", "topology"]
+           "graph_tokens", "head_probes", "logit_lens", "report", "sinks", "statistics", "tame",
+           "topology"]

