@@ -15,14 +15,20 @@
   statistics.py    per-head entropy, key shares (sinks), offset profile, head distance / diversity
   head_probes.py   Clark et al.'s probes: special-token shares, most-attended-word accuracy per
                    dependency relation on a hand-labelled set, the attention-only probe (#128)
+  dagcd.py         DAGCD: context attention of chosen heads boosts uncertain next-token choices (#72)
+  damro.py         DAMRO: [CLS]-attention outlier patches and contrastive logits against them (#6)
+  additive_probe.py  additive attention in a bounded window and its offset profile (#186)
   report.py        all statistics of a pretrained encoder or a trained run, written as files
                    (experiments/analyze.py)
 
 Each file is a namespace: `attnjax.analysis.topology.graph_features(...)`.
 """
 
+from attnjax.analysis import additive_probe
 from attnjax.analysis import cab
 from attnjax.analysis import commonsense
+from attnjax.analysis import dagcd
+from attnjax.analysis import damro
 from attnjax.analysis import edatt
 from attnjax.analysis import export
 from attnjax.analysis import graph_tokens
@@ -36,6 +42,7 @@ from attnjax.analysis import topology
 # The function shadows its module's name here: `attnjax.analysis.capture(model, variables, x)`.
 from attnjax.analysis.capture import CAPTURE, Captured, capture, from_state
 
-__all__ = ["CAPTURE", "Captured", "cab", "capture", "commonsense", "edatt", "export", "from_state",
+__all__ = ["CAPTURE", "Captured", "additive_probe", "cab", "capture", "commonsense", "dagcd", "damro",
+           "edatt", "export", "from_state",
            "graph_tokens", "head_probes", "logit_lens", "report", "sinks", "statistics", "tame",
            "topology"]
