@@ -1,5 +1,5 @@
-"""Suite-wide settings: float32 matmuls at full precision so comparisons test the algorithm, and a
-cheap XLA backend optimization level.
+"""Suite-wide settings: float32 matmuls at full precision so comparisons test the algorithm, a
+cheap XLA backend optimization level, and a compilation cache shared by the run's workers.
 
 The suite is dominated by compiling many small programs, not by running them: LLVM's optimization
 level 0 halves the wall time on a 2-core CPU (tests/core/linear_test.py: 4 min 29 s -> 2 min 29 s)
@@ -7,8 +7,11 @@ and does not change what a program computes (no fast-math; that is a separate fl
 yourself to override it.
 """
 
+import atexit
 import gc
 import os
+import shutil
+import tempfile
 
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   # Before the backend starts (the first jax.devices() below), so every compile uses it.
@@ -19,6 +22,18 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Many programs repeat across test files (the same reference attention at the same sizes, the same
+# layer in several model tests): a persistent compilation cache shared by the run's xdist workers
+# turns each repeat into a read (tests/ops/memory + low_rank cold: 153 s -> 139 s). One fresh
+# directory per run, made by the controller (whose environment the workers inherit) and removed at
+# its exit, so every run is as cold as CI's and the disk does not fill.
+_CACHE_ENV = "ATTNJAX_TEST_COMPILATION_CACHE"
+if _CACHE_ENV not in os.environ:
+  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="attnjax-compilation-cache-")
+  atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def pytest_collection_modifyitems(config, items):
