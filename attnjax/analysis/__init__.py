@@ -17,6 +17,9 @@
                    dependency relation on a hand-labelled set, the attention-only probe (#128)
   dagcd.py         DAGCD: context attention of chosen heads boosts uncertain next-token choices (#72)
   damro.py         DAMRO: [CLS]-attention outlier patches and contrastive logits against them (#6)
+  interventions.py  edits of the maps for edit_weights: VAR sink redistribution (#216), ACT
+                   calibration (#217), MotionCLR column rescaling and map replacement (#19),
+                   pattern injection (#90)
   additive_probe.py  additive attention in a bounded window and its offset profile (#186)
   report.py        all statistics of a pretrained encoder or a trained run, written as files
                    (experiments/analyze.py)
@@ -33,6 +36,7 @@ from attnjax.analysis import edatt
 from attnjax.analysis import export
 from attnjax.analysis import graph_tokens
 from attnjax.analysis import head_probes
+from attnjax.analysis import interventions
 from attnjax.analysis import logit_lens
 from attnjax.analysis import report
 from attnjax.analysis import sinks
@@ -43,6 +47,5 @@ from attnjax.analysis import topology
 from attnjax.analysis.capture import CAPTURE, Captured, capture, from_state
 
 __all__ = ["CAPTURE", "Captured", "additive_probe", "cab", "capture", "commonsense", "dagcd", "damro",
-           "edatt", "export", "from_state",
-           "graph_tokens", "head_probes", "logit_lens", "report", "sinks", "statistics", "tame",
-           "topology"]
+           "edatt", "export", "from_state", "graph_tokens", "head_probes", "interventions",
+           "logit_lens", "report", "sinks", "statistics", "tame", "topology"]
