@@ -13,6 +13,10 @@ with the same messages (attnjax.train.validate calls it for the `model` section)
 Parameters carry logical axis names; `DEFAULT_LOGICAL_AXIS_RULES` (attnjax.parallel.rules,
 re-exported here) maps them onto the mesh axes ("data", "fsdp", "tensor"); `param_count` counts
 parameters of a (possibly abstract) tree.
+
+The theory papers' probes are small models of their own, as namespaces: `rank_heads` (one full-rank
+head against many low-rank heads on nearest neighbours, #201) and `memorization` (how many random
+labels H heads fit, #237); experiments/rank_heads.py and experiments/memorization.py run them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from attnjax.models import memorization
+from attnjax.models import rank_heads
 from attnjax.models.classifier import EncoderClassifier
 from attnjax.models.cnn import ResNetCNN
 from attnjax.models.cnn import budget_widths
@@ -158,5 +164,6 @@ __all__ = [
     "ModelConfig", "PervasiveSeq2Seq", "ResNetCNN", "ViT", "abstract_variables", "budget_widths",
     "build_model", "check_config", "cnn_param_count", "dummy_inputs",
     "generate", "generate_paged", "generate_streaming", "layer_mechanisms", "mechanism_names",
+    "memorization", "rank_heads",
     "param_count", "sample_logits", "supports_kv_cache",
 ]
