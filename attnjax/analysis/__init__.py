@@ -11,7 +11,7 @@
   commonsense.py   maximum attention score for pronoun resolution (#74)
   graph_tokens.py  attention share on graph neighbours' tokens and the k-hop mask (#1)
   edatt.py         EDAtt's attention-based emission policy for simultaneous translation (#44)
-  tame.py          T-TAME: a trained explanation head on a frozen CNN's feature maps (#9)
+  tame.py          T-TAME: a trained explanation head on a frozen CNN or ViT's features (#9)
   statistics.py    per-head entropy, key shares (sinks), offset profile, head distance / diversity
   head_probes.py   Clark et al.'s probes: special-token shares, most-attended-word accuracy per
                    dependency relation on a hand-labelled set, the attention-only probe (#128)

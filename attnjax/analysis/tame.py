@@ -18,6 +18,13 @@ label) and A_y the map of that class:
   L = λ3 · CE(f(x ⊙ up(A_y)), y) + λ2 · mean((A_y + ε)^λ4) + λ1 · TV(A_y)
   TV(A) = (Σ |A[i+1, j] - A[i, j]|² + Σ |A[i, j+1] - A[i, j]|² + β Σ_border A²) / (2 B)
 
+Vision transformers (T-TAME's extension): a layer's output `[B, 1 + h·w, C]` is split into the
+class token `t_cls` and the patch tokens, which are laid out on their `h x w` grid (row-major) and
+multiplied channel-wise by the class token, `F_l[i, j] = t_patch(i, j) ⊙ t_cls` (the authors' code,
+IDT-ITI/T-TAME, uses the last three blocks of ViT-B/16); the head is then the CNN one. `TokenGrid`
+does this and its variants (class token dropped, or no class token in a mean-pooled ViT), and
+`feature_maps` applies it to every `[B, N, C]` output.
+
 with up the bilinear resize to the input's size (half-pixel centres), λ1 = 0.01, λ2 = 2, λ3 = 1.5,
 λ4 = 0.3, ε = 5e-4 and the border weight β = 0.3 (the authors' values). The area and variation
 terms read each example's own map A_y, as the paper's equations (the authors' code evaluates them
@@ -25,6 +32,7 @@ on the maps of every label of the batch for each image). After training,
 `explain` gives the map of a class from one forward pass of f and the head.
 
   feature_maps(model, variables, images, layers)   frozen features of named layers + logits
+  TokenGrid(class_token, grid)                     a transformer layer's tokens -> a feature map
   TameHead(num_classes)                            the head: features -> A [B, H, W, num_classes]
   area_loss, variation_loss, masked_logits         the objective's terms
   objective(head, head_variables, model, ...)      (L, terms) for a batch
@@ -35,6 +43,7 @@ on the maps of every label of the batch for each image). After training,
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -46,10 +55,12 @@ from attnjax import catalog
 from attnjax.core import initializers
 from attnjax.typing import Array, Float, Int
 
-__all__ = ["LossWeights", "TameHead", "area_loss", "explain", "feature_maps", "make_train_step",
-           "masked_logits", "objective", "upsample", "variation_loss"]
+__all__ = ["CLASS_TOKEN", "LossWeights", "TameHead", "TokenGrid", "area_loss", "explain",
+           "feature_maps", "make_train_step", "masked_logits", "objective", "upsample",
+           "variation_loss"]
 
 Images = Float[Array, "B H_img W_img C_img"]
+Tokens = Float[Array, "B N C_l"]
 FeatureMap = Float[Array, "B H_l W_l C_l"]
 ClassMaps = Float[Array, "B H W num_classes"]
 Maps = Float[Array, "B H W"]
@@ -71,6 +82,44 @@ class LossWeights:
   border: float = 0.3       # β: weight of the squared map on its border in TV
 
 
+CLASS_TOKEN = ("multiply", "drop", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenGrid:
+  """How the tokens `[B, N, C]` of a transformer layer become a feature map `[B, h, w, C]`.
+
+  Attributes:
+    class_token: "multiply": the tokens are `[cls; patches]`, each patch token multiplied
+      channel-wise by the class token (T-TAME's ViT path, module docstring); "drop": `[cls; patches]`
+      with the class token discarded (TAME's CNN head applied to a ViT as is); "none": the tokens
+      are the patches alone (a ViT with mean pooling).
+    grid: `(h, w)` of the patches, row-major; None: a square grid, `h = w = sqrt(#patches)`.
+  """
+  class_token: str = "multiply"
+  grid: Optional[tuple[int, int]] = None
+
+  def __call__(self, tokens: Tokens) -> FeatureMap:
+    if self.class_token not in CLASS_TOKEN:
+      raise ValueError(f"TokenGrid: class_token must be one of {CLASS_TOKEN}, got "
+                       f"{self.class_token!r}")
+    if jnp.ndim(tokens) != 3:
+      raise ValueError(f"TokenGrid: tokens must be [B, N, C], got {jnp.shape(tokens)}")
+    cls, patches = (None, tokens) if self.class_token == "none" else (tokens[:, :1], tokens[:, 1:])
+    n = patches.shape[1]
+    grid = self.grid
+    if grid is None:
+      side = math.isqrt(n)
+      grid = (side, side)
+    if grid[0] * grid[1] != n:
+      lead = "" if cls is None else "1 class token + "
+      raise ValueError(f"TokenGrid: tokens [B, N, C] must be {lead}h*w patches with grid (h, w) = "
+                       f"{self.grid or 'square'}, got N = {tokens.shape[1]}; pass grid")
+    if self.class_token == "multiply":
+      patches = patches * cls
+    return patches.reshape(patches.shape[0], grid[0], grid[1], patches.shape[-1])
+
+
 def _check_layers(layers: Sequence[str]) -> tuple[str, ...]:
   layers = tuple(layers)
   if not layers or not all(isinstance(n, str) and n for n in layers):
@@ -79,11 +128,12 @@ def _check_layers(layers: Sequence[str]) -> tuple[str, ...]:
   return layers
 
 
-def feature_maps(model: nn.Module, variables: Any, images: Images, layers: Sequence[str]
-                 ) -> tuple[list[FeatureMap], Logits]:
-  """The outputs of the submodules `layers` (module paths, "/"-joined, e.g. "stage1_block0") of
-  `model` on `images`, in the order given, and the model's logits, from one forward pass
-  (Flax `capture_intermediates`; the model needs no change).
+def feature_maps(model: nn.Module, variables: Any, images: Images, layers: Sequence[str], *,
+                 tokens: TokenGrid = TokenGrid()) -> tuple[list[FeatureMap], Logits]:
+  """The outputs of the submodules `layers` (module paths, "/"-joined, e.g. "stage1_block0", or
+  "encoder/layer_3" in a ViT) of `model` on `images`, in the order given, and the model's logits,
+  from one forward pass (Flax `capture_intermediates`; the model needs no change). A layer whose
+  output is tokens `[B, N, C]` gives the feature map `tokens(output)` (`TokenGrid`).
 
   Raises:
     ValueError: naming the layers that did not run or whose output is not `[B, H, W, C]`.
@@ -104,12 +154,12 @@ def feature_maps(model: nn.Module, variables: Any, images: Images, layers: Seque
   if missing:
     raise ValueError(f"tame.feature_maps: layers {missing} are not submodules of "
                      f"{type(model).__name__} that ran (paths like 'stage0_block0')")
-  maps = [found[n] for n in layers]
+  maps = [tokens(found[n]) if jnp.ndim(found[n]) == 3 else found[n] for n in layers]
   bad = [(n, tuple(m.shape)) for n, m in zip(layers, maps, strict=True) if m.ndim != 4
          or m.shape[0] != images.shape[0]]
   if bad:
-    raise ValueError(f"tame.feature_maps: each layer's output must be [B, H, W, C] with "
-                     f"B = {images.shape[0]}, got {bad}")
+    raise ValueError(f"tame.feature_maps: each layer's output must be [B, H, W, C] (or tokens "
+                     f"[B, N, C]) with B = {images.shape[0]}, got {bad}")
   return maps, logits
 
 
@@ -216,7 +266,8 @@ def _select(class_maps: ClassMaps, labels: Labels) -> Maps:
 @catalog.serves(9, kind="analysis", name="attnjax.analysis.tame.objective")
 def objective(head: TameHead, head_variables: Any, model: nn.Module, model_variables: Any,
               images: Images, layers: Sequence[str], labels: Optional[Labels] = None, *,
-              train: bool = True, weights: LossWeights = LossWeights()) -> tuple[Any, dict]:
+              train: bool = True, weights: LossWeights = LossWeights(),
+              tokens: TokenGrid = TokenGrid()) -> tuple[Any, dict]:
   """T-TAME's training loss on a batch (module docstring) and its terms.
 
   Args:
@@ -229,13 +280,14 @@ def objective(head: TameHead, head_variables: Any, model: nn.Module, model_varia
       (the authors' choice: the map explains the model's decision).
     train: BatchNorm on batch statistics (and its running averages updated) or on running ones.
     weights: λ1..λ4, ε, β.
+    tokens: how token outputs become feature maps (a ViT's layers; `TokenGrid`).
 
   Returns:
     `(L, terms)`: terms has "cross_entropy", "area", "variation" (each already weighted), "labels",
     and "batch_stats" (the updated running averages when `train`, else the given ones).
   """
   frozen = jax.lax.stop_gradient(model_variables)
-  features, logits = feature_maps(model, frozen, images, layers)
+  features, logits = feature_maps(model, frozen, images, layers, tokens=tokens)
   if labels is None:
     labels = jnp.argmax(logits, axis=-1)
   labels = jnp.asarray(labels, jnp.int32)
@@ -261,8 +313,8 @@ def objective(head: TameHead, head_variables: Any, model: nn.Module, model_varia
 
 
 def make_train_step(head: TameHead, model: nn.Module, layers: Sequence[str],
-                    tx: optax.GradientTransformation, *, weights: LossWeights = LossWeights()
-                    ) -> Callable[..., tuple[Any, Any, Any]]:
+                    tx: optax.GradientTransformation, *, weights: LossWeights = LossWeights(),
+                    tokens: TokenGrid = TokenGrid()) -> Callable[..., tuple[Any, Any, Any]]:
   """A jitted `step(head_variables, opt_state, model_variables, images, labels=None) ->
   (head_variables, opt_state, loss)`: one `tx` update of the head's params (the frozen model's
   variables are only read) and its BatchNorm running averages. `opt_state = tx.init(
@@ -273,7 +325,7 @@ def make_train_step(head: TameHead, model: nn.Module, layers: Sequence[str],
   def step(head_variables, opt_state, model_variables, images, labels=None):
     def loss_fn(params):
       return objective(head, {**head_variables, "params": params}, model, model_variables, images,
-                       layers, labels, train=True, weights=weights)
+                       layers, labels, train=True, weights=weights, tokens=tokens)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(head_variables["params"])
     updates, opt_state = tx.update(grads, opt_state, head_variables["params"])
@@ -286,13 +338,14 @@ def make_train_step(head: TameHead, model: nn.Module, layers: Sequence[str],
 @catalog.serves(9, kind="analysis", name="attnjax.analysis.tame.explain")
 def explain(head: TameHead, head_variables: Any, model: nn.Module, model_variables: Any,
             images: Images, layers: Sequence[str], class_index: Optional[Any] = None, *,
-            at_input_size: bool = True) -> Maps:
+            at_input_size: bool = True, tokens: TokenGrid = TokenGrid()) -> Maps:
   """The explanation map of a class, from one forward pass of the frozen model and the head.
 
   Args:
     class_index: an int or `[B]` classes; None: the class the model predicts for each image.
     at_input_size: resize the map to the image (`[B, H_img, W_img]`, as used for masking) or keep
       the head's resolution.
+    tokens: how token outputs become feature maps (a ViT's layers; `TokenGrid`).
 
   Returns:
     float32 `[B, H, W]` in (0, 1).
@@ -300,7 +353,7 @@ def explain(head: TameHead, head_variables: Any, model: nn.Module, model_variabl
   if isinstance(class_index, int) and not 0 <= class_index < head.num_classes:
     raise ValueError(f"tame.explain: class_index must be in [0, {head.num_classes}), got "
                      f"{class_index}")
-  features, logits = feature_maps(model, model_variables, images, layers)
+  features, logits = feature_maps(model, model_variables, images, layers, tokens=tokens)
   if class_index is None:
     labels = jnp.argmax(logits, axis=-1)
   else:

@@ -1,8 +1,9 @@
 """T-TAME (arXiv:2403.04523): the head and the objective's terms against a float64 numpy rewrite of
-the paper's equations; on a small CNN trained on sklearn's digits, maps in (0, 1), the gradient
-reaching only the head, a short training lowering the objective, and the trained map of the
-predicted class keeping more of the frozen model's confidence as a mask than the same map with its
-pixels shuffled (same area) or the map of another class."""
+the paper's equations; on a small CNN and a small ViT (its blocks' tokens on the patch grid)
+trained on sklearn's digits, maps in (0, 1), the gradient reaching only the head, a short training
+lowering the objective, and the trained map of the predicted class keeping more of the frozen
+model's confidence as a mask than the same map with its pixels shuffled (same area) or the map of
+another class."""
 
 import functools
 
@@ -20,6 +21,7 @@ from tests import tolerances
 from tests import training_loop
 
 LAYERS = ("stage0_block0", "stage1_block0")
+VIT_LAYERS = ("encoder/layer_0", "encoder/layer_1")
 VALID = 128  # held-out digits used by every test on the trained head
 
 
@@ -146,6 +148,31 @@ def trained():
               after=float(_objective(head, hv, model, mv, valid, LAYERS)[0]))
 
 
+@pytest.fixture(scope="module")
+def trained_vit():
+  """T-TAME's ViT path: a 2-block ViT (2x2 patches, so a 4x4 grid, and a class token) trained 150
+  steps on digits, and a head trained 100 steps on both blocks' tokens (class token multiplied in)."""
+  task = shipped.Digits()
+  config = ml_collections.ConfigDict(dict(arch="vit", width=32, depth=2, num_heads=2, mlp_dim=64,
+                                          mechanism="softmax", patch_size=2, pooling="cls"))
+  model = models.build_model(config, task.spec)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  params, _ = training_loop.train(lambda p, x: model.apply({"params": p}, x), params,
+                                  lambda s: task.batch(s, 64), 150, learning_rate=3e-3)
+  mv = {"params": params}
+  valid = jnp.asarray(task.batch(0, VALID, split="valid")["inputs"])
+  head = tame.TameHead(num_classes=10)
+  features, _ = _features(model, mv, valid, VIT_LAYERS)
+  initial = jax.jit(head.init)(jax.random.PRNGKey(1), features)
+  tx = optax.adam(1e-2)
+  step = tame.make_train_step(head, model, VIT_LAYERS, tx)
+  hv, opt_state = initial, tx.init(initial["params"])
+  for s in range(100):
+    hv, opt_state, _ = step(hv, opt_state, mv, jnp.asarray(task.batch(1000 + s, 64)["inputs"]))
+  return dict(model=model, model_variables=mv, head=head, initial=initial, head_variables=hv,
+              valid=valid)
+
+
 def _unpack(trained):
   return (trained[k] for k in ("model", "model_variables", "head", "head_variables", "valid"))
 
@@ -250,24 +277,80 @@ def test_short_training_lowers_the_objective(trained):
   assert trained["after"] < 0.7 * trained["before"], (trained["before"], trained["after"])
 
 
-def test_trained_map_keeps_more_confidence_than_same_area_or_other_class(trained):
+@pytest.mark.parametrize("which", ["cnn", "vit"])
+def test_trained_map_keeps_more_confidence_than_same_area_or_other_class(which, request):
   """Masking with the trained map of the predicted class keeps more of the frozen model's
   probability of that class than the same map with its pixels shuffled (the same area) or the
-  map of another class, and more than the untrained head's map (the training is what explains)."""
+  map of another class, and more than the untrained head's map (the training is what explains);
+  for the CNN and, through its blocks' tokens, for the ViT."""
+  trained = request.getfixturevalue("trained" if which == "cnn" else "trained_vit")
+  layers = LAYERS if which == "cnn" else VIT_LAYERS
   model, mv, head, hv, x = _unpack(trained)
-  y = jnp.argmax(_features(model, mv, x, LAYERS)[1], axis=-1)
-  mine = _explain(head, hv, model, mv, x, LAYERS, y, at_input_size=False)
+  y = jnp.argmax(_features(model, mv, x, layers)[1], axis=-1)
+  mine = _explain(head, hv, model, mv, x, layers, y, at_input_size=False)
   keys = jax.random.split(jax.random.PRNGKey(7), len(y))
   shuffled = jax.vmap(lambda k, a: jax.random.permutation(k, a.reshape(-1)).reshape(a.shape))(
       keys, mine)
-  other = _explain(head, hv, model, mv, x, LAYERS, (y + 1) % 10, at_input_size=False)
-  untrained = _explain(head, trained["initial"], model, mv, x, LAYERS, y, at_input_size=False)
+  other = _explain(head, hv, model, mv, x, layers, (y + 1) % 10, at_input_size=False)
+  untrained = _explain(head, trained["initial"], model, mv, x, layers, y, at_input_size=False)
   kept = {name: float(_confidence(model, mv, x, m, y))
           for name, m in [("trained", mine), ("shuffled", shuffled), ("other", other),
                           ("untrained", untrained)]}
   assert kept["trained"] > kept["shuffled"] + 0.05, kept
   assert kept["trained"] > kept["other"] + 0.05, kept
   assert kept["trained"] > kept["untrained"], kept
+
+
+def _np_token_grid(tokens, mode, grid):
+  """Explicit loops: patch token 1 + i*w + j (or i*w + j without a class token) at (i, j)."""
+  tokens = np.asarray(tokens, np.float64)
+  b, _, c = tokens.shape
+  first = 0 if mode == "none" else 1
+  out = np.zeros((b, grid[0], grid[1], c))
+  for n in range(b):
+    for i in range(grid[0]):
+      for j in range(grid[1]):
+        out[n, i, j] = tokens[n, first + i * grid[1] + j]
+        if mode == "multiply":
+          out[n, i, j] *= tokens[n, 0]
+  return out
+
+
+@pytest.mark.parametrize("mode", tame.CLASS_TOKEN)
+def test_token_grid_matches_loops(mode):
+  rng = np.random.default_rng(2)
+  grid = (2, 3)
+  tokens = jnp.asarray(rng.normal(size=(2, 6 + (mode != "none"), 5)), jnp.float32)
+  got = tame.TokenGrid(mode, grid)(tokens)
+  np.testing.assert_allclose(got, _np_token_grid(tokens, mode, grid),
+                             **tolerances.OUTPUT[jnp.float32])
+  square = jnp.asarray(rng.normal(size=(2, 9 + (mode != "none"), 5)), jnp.float32)
+  assert tame.TokenGrid(mode)(square).shape == (2, 3, 3, 5)
+  with pytest.raises(ValueError, match="grid"):
+    tame.TokenGrid(mode, (4, 2))(tokens)
+
+
+def test_vit_features_are_the_blocks_tokens_on_the_grid(trained_vit):
+  """`feature_maps` on the ViT gives each block's patch tokens on the 4x4 grid times its class
+  token (the raw tokens read through a 1 x 17 grid without a class token), the head's maps are
+  on that grid, and no gradient reaches the frozen ViT while every head parameter gets one."""
+  model, mv, head, hv, x = _unpack(trained_vit)
+  features, _ = _features(model, mv, x, VIT_LAYERS)
+  raw, _ = jax.jit(tame.feature_maps, static_argnums=(0, 3), static_argnames="tokens")(
+      model, mv, x, VIT_LAYERS, tokens=tame.TokenGrid("none", (1, 17)))
+  for f, r in zip(features, raw, strict=True):
+    assert f.shape == (VALID, 4, 4, 32)
+    np.testing.assert_allclose(f, _np_token_grid(r[:, 0], "multiply", (4, 4)),
+                               **tolerances.OUTPUT[jnp.float32])
+  assert _head(head, hv, features)[0].shape == (VALID, 4, 4, 10)
+
+  def loss(head_params, model_variables):
+    return tame.objective(head, {**hv, "params": head_params}, model, model_variables, x,
+                          VIT_LAYERS)[0]
+
+  g_head, g_model = jax.jit(jax.grad(loss, argnums=(0, 1)))(hv["params"], mv)
+  assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(g_model))
+  assert all(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(g_head))
 
 
 def test_errors_name_the_argument(trained):
