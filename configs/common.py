@@ -132,6 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Attention-map penalty added to the training loss (attnjax.train.regularizers): None (off) or
   # {"name": "deceive" | "entropy" | "diversity", "weight": λ, ...its settings}; see that module.
   config.train.attention_regularizer = None
+  # Quantization / pruning of the model's kernels by attention (attnjax.train.weight_methods): None
+  # (off) or {"name": "dqa" | "aswl", ...its settings}; see that module.
+  config.train.weight_method = None
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # data-parallel axis (-1: every device not used by the others)

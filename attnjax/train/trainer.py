@@ -52,6 +52,7 @@ from attnjax.train import metrics as metrics_lib
 from attnjax.train import optim
 from attnjax.train import regularizers
 from attnjax.train import validate
+from attnjax.train import weight_methods
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -194,10 +195,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   redraw_every = int(tcfg.get("redraw_buffers_every", 0) or 0)
   attention_reg = tcfg.get("attention_regularizer", None)  # checked by validate
+  weight_method = tcfg.get("weight_method", None)  # checked by validate
 
   def init_variables(params_rng, dropout_rng):
     variables = model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
-    extra = regularizers.extra_params(attention_reg, int(config.model.num_heads))
+    extra = {**regularizers.extra_params(attention_reg, int(config.model.num_heads)),
+             **weight_methods.extra_params(weight_method, nn.unbox(variables["params"]))}
     return {**variables, "params": {**variables["params"], **extra}} if extra else variables
 
   def init_state(rng):
@@ -224,8 +227,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if is_chief:
     write_param_shardings(workdir, abstract_state["params"])
 
-  def loss_fn(params, buffers, batch, rng, train):
+  def loss_fn(params, buffers, batch, rng, train, step):
     params, reg_params = regularizers.split_params(params)
+    dense, method_params = weight_methods.split_params(params)
+    # DQA / ASWL: the forward pass (training and evaluation) sees the quantized / pruned kernels.
+    params = weight_methods.effective_params(weight_method, dense, method_params, step, num_steps)
     variables = {"params": params, **({registry.BUFFERS: buffers} if buffers else {})}
     rngs = {"dropout": rng, registry.SAMPLE_RNG: jax.random.fold_in(rng, 1)} if train else None
     if train and attention_reg:
@@ -239,6 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if train and attention_reg:
       loss = loss + float(attention_reg["weight"]) * regularizers.penalty(
           attention_reg, maps, batch["inputs"], reg_params)
+    if train and weight_method:
+      loss = loss + weight_methods.penalty(weight_method, dense, method_params, step, num_steps)
     return loss, sums
 
   def train_step(state, batch):
@@ -251,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       buffers = jax.lax.cond(
           redraw, lambda: nn.unbox(init_variables(*fresh_rngs)[registry.BUFFERS]), lambda: buffers)
     (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], buffers, batch, rng, True)
+        state["params"], buffers, batch, rng, True, state["step"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # The metric window restarts at multiples of log_every; it lives in the state (and the
@@ -265,8 +273,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return new_state, {"grad_norm": optax.tree.norm(grads),
                        "learning_rate": schedule(state["step"] // accum)}
 
-  def eval_step(params, buffers, batch):
-    return loss_fn(params, buffers, batch, None, False)[1]
+  def eval_step(params, buffers, batch, step):
+    return loss_fn(params, buffers, batch, None, False, step)[1]
 
   # Activation constraints (nn.with_logical_constraint in the model) apply when the logical rules
   # are in context; parameter and batch shardings come from the jit in/out shardings either way.
@@ -279,7 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     step_fn = jax.jit(train_step, in_shardings=(state_shardings, data_sharding),
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
     eval_fn = jax.jit(eval_step, in_shardings=(state_shardings["params"],
-                                               state_shardings.get("buffers", {}), data_sharding),
+                                               state_shardings.get("buffers", {}), data_sharding,
+                                               replicated),
                       out_shardings=replicated)
     train_rows = _LocalRows(mesh, batch_size)
     eval_rows = _LocalRows(mesh, eval_batch_size)
@@ -293,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       totals = None
       for i in range(int(tcfg.get("eval_batches", 1))):
         sums = eval_fn(state["params"], state.get("buffers", {}),
-                       get_batch(i, "valid", eval_batch_size, eval_rows))
+                       get_batch(i, "valid", eval_batch_size, eval_rows), state["step"])
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
       if totals is None:
         return {}

@@ -27,6 +27,7 @@ from attnjax import models
 from attnjax.parallel import mesh as mesh_lib
 from attnjax.train import optim
 from attnjax.train import regularizers
+from attnjax.train import weight_methods
 
 # Every mechanism name a model config uses (the models' parser of `layer_mechanisms`).
 mechanism_names = models.mechanism_names
@@ -92,6 +93,8 @@ def _check_train(train: ml_collections.ConfigDict, batch_shards: int):
                      f"{redraw!r}")
   if train.get("attention_regularizer", None) is not None:
     regularizers.check_config(train.attention_regularizer)
+  if train.get("weight_method", None) is not None:
+    weight_methods.check_config(train.weight_method)
   divisor = math.lcm(batch_shards, jax.process_count())
   if train.batch_size % divisor:
     raise ValueError(f"train.batch_size: {train.batch_size} is not divisible by the {batch_shards} "
