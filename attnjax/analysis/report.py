@@ -36,9 +36,14 @@ def run_maps(config, run_dir, examples):
   """(weights, lengths, tokens of the first example, None) of a trained run on held-out inputs."""
   from attnjax import data, models  # pylint: disable=import-outside-toplevel
   from attnjax.analysis import sinks  # pylint: disable=import-outside-toplevel
-  from attnjax.train import trainer, validate  # pylint: disable=import-outside-toplevel
+  from attnjax.train import trainer, validate, weight_methods  # pylint: disable=import-outside-toplevel
   validate.check_config(config)
   params, buffers = sinks.restore_params(run_dir)
+  # A run trained with `train.weight_method` is read as the quantized / pruned model it evaluated
+  # (at its last step: analysis reads finished runs).
+  num_steps = int(config.train.num_steps)
+  params = weight_methods.export(config.train.get("weight_method", None), params, num_steps,
+                                 num_steps)
   task = data.make_task(config.task)
   model = models.build_model(trainer.model_config_for_run(config), task.spec)
   inputs = task.batch(0, examples, split="valid")["inputs"]
