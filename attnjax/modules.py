@@ -3,7 +3,8 @@
 Sequence mechanisms keep the `q, k, v` contract of `attnjax.registry`. A module here acts on another
 kind of input (`KINDS`): feature maps `[B, H, W, C]` (channel, spatial and convolutional attention),
 1-D signals `[B, L, C]` (audio, temporal features), pair grids `[B, T, S, C]` of two sequences,
-and, later, graphs and point sets. Each
+graphs (node features `[V, F]` with `senders`, `receivers` `[E]` edge lists: `attnjax.graph`) and,
+later, point sets. Each
 record holds
 
   - `fn`, the pure function: `fn(x, *extra_inputs, **weights, **settings) -> y`, every weight an
@@ -30,13 +31,15 @@ from typing import Any, Callable, Mapping, Optional
 
 from attnjax import registry
 
-__all__ = ["KINDS", "ExtraInput", "Module", "get_module", "list_modules", "register_module"]
+__all__ = ["EXAMPLE_COMPONENTS", "EXAMPLE_EDGES", "KINDS", "ExtraInput", "Module", "get_module",
+           "graph_inputs", "list_modules", "register_module"]
 
 # What a module takes: a feature map [B, H, W, C], a signal [B, L, C], a graph, a point set, or a
 # pair grid [B, T, S, C] (features of every (target, source) pair of two sequences).
 KINDS = ("feature_map", "signal", "graph", "points", "pair")
 # The conformance suite's input shape for each kind it can build.
-EXAMPLE_SHAPES = {"feature_map": (2, 9, 11, 16), "signal": (2, 23, 16), "pair": (2, 5, 7, 16)}
+EXAMPLE_SHAPES = {"feature_map": (2, 9, 11, 16), "signal": (2, 23, 16), "pair": (2, 5, 7, 16),
+                  "graph": (12, 16)}
 # The name under which a Linen class sows its gates (collection "intermediates").
 GATE = "gate"
 
@@ -49,6 +52,24 @@ class ExtraInput:
   name: str
   shape: Callable[[tuple[int, ...]], tuple[int, ...]]
   positive: bool = False
+  # A fixed example instead of a random draw (e.g. a graph's edge list): `fixed(x_shape) -> array`.
+  fixed: Optional[Callable[[tuple[int, ...]], Any]] = None
+
+
+# The graph of the conformance suite: two components of 6 nodes (0-5, 6-11), each a ring in both
+# directions plus two chords and a self-loop, so the components play the part of a batch's examples.
+_COMPONENT = ([(i, (i + 1) % 6) for i in range(6)] + [((i + 1) % 6, i) for i in range(6)]
+              + [(0, 3), (4, 1), (2, 2)])
+EXAMPLE_EDGES = tuple(_COMPONENT + [(s + 6, r + 6) for s, r in _COMPONENT])
+EXAMPLE_COMPONENTS = (range(0, 6), range(6, 12))
+
+
+def graph_inputs() -> tuple[ExtraInput, ExtraInput]:
+  """The `senders` and `receivers` extra inputs of a graph module (the suite's example graph)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  edges = np.asarray(EXAMPLE_EDGES, np.int32)
+  return (ExtraInput("senders", lambda s: (len(EXAMPLE_EDGES),), fixed=lambda s: edges[:, 0]),
+          ExtraInput("receivers", lambda s: (len(EXAMPLE_EDGES),), fixed=lambda s: edges[:, 1]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +139,7 @@ def register_module(module: Module) -> Module:
 
 def _load():
   # Importing the packages that define modules registers them.
+  import attnjax.graph  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   import attnjax.vision  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 
 

@@ -34,8 +34,8 @@ SEEDS_TSV = pathlib.Path(__file__).resolve().parent / "seeds.tsv"
 # Rows of these kinds propose something to build; "application" rows apply general mechanisms.
 IMPLEMENTABLE_KINDS = ("operator", "module", "kernel", "analysis", "training", "theory")
 # The packages whose import registers everything that serves a row.
-_SERVING_PACKAGES = ("attnjax.ops", "attnjax.nn", "attnjax.models", "attnjax.vision", "attnjax.analysis",
-                      "attnjax.train")
+_SERVING_PACKAGES = ("attnjax.ops", "attnjax.nn", "attnjax.models", "attnjax.vision", "attnjax.graph",
+                      "attnjax.analysis", "attnjax.train")
 # What the project plans for a family's rows not served yet.
 _FAMILY_PLANS = {
     "local-window": "planned with local, neighborhood and block-sparse attention",

@@ -44,9 +44,16 @@ def _inputs(rec, seed=0, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   draw = lambda shape: rng.standard_normal(shape) + rng.standard_normal(shape[-1])
   shape = _shape(rec)
-  arrays = [draw(shape)] + [np.exp(draw(e.shape(shape))) if e.positive else draw(e.shape(shape))
-                            for e in rec.extra_inputs]
-  return tuple(np.asarray(jnp.asarray(a, jnp.bfloat16).astype(dtype)) for a in arrays)
+
+  def extra(e):
+    if e.fixed is not None:  # e.g. a graph's edge list: used as is
+      return None
+    return np.exp(draw(e.shape(shape))) if e.positive else draw(e.shape(shape))
+
+  arrays = [draw(shape)] + [extra(e) for e in rec.extra_inputs]
+  cast = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(dtype))  # noqa: E731
+  return tuple(np.asarray(e.fixed(shape)) if a is None else cast(a)
+               for a, e in zip(arrays, (None,) + rec.extra_inputs, strict=True))
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,14 +140,22 @@ def test_jit_equals_eager_and_gradients_are_finite(record):
 
 
 def test_examples_of_a_batch_are_independent(record):
+  """Changing the second example changes its output and leaves the first's; a graph's examples
+  are the example graph's two connected components (`modules.EXAMPLE_COMPONENTS`)."""
   variables = _variables(record.name)
   inputs = _inputs(record)
   other = _inputs(record, seed=5)
-  changed = [np.concatenate([a[:1], 3 * b[1:]]) for a, b in zip(inputs, other, strict=True)]
+  if record.kind == "graph":
+    first, second = (np.asarray(c) for c in modules.EXAMPLE_COMPONENTS)
+    changed = [inputs[0].copy(), *inputs[1:]]
+    changed[0][second] = 3 * other[0][second]
+  else:
+    first, second = np.asarray([0]), slice(1, None)
+    changed = [np.concatenate([a[:1], 3 * b[1:]]) for a, b in zip(inputs, other, strict=True)]
   y, _ = _apply(record.name)(variables, *inputs)
   y2, _ = _apply(record.name)(variables, *changed)
-  chex.assert_trees_all_close(y2[0], y[0], **tolerances.output(jnp.float32))
-  assert tolerances.rel_rms(y2[1], y[1]) > tolerances.CHANGED_REL_RMS
+  chex.assert_trees_all_close(y2[first], y[first], **tolerances.output(jnp.float32))
+  assert tolerances.rel_rms(y2[second], y[second]) > tolerances.CHANGED_REL_RMS
 
 
 def _jittered(tree, seed):

@@ -1,0 +1,20 @@
+"""Graph attention over edge lists: a segment softmax over each node's incoming edges and the layers
+built on it, each a pure function of node features, `senders`, `receivers` (and edge features) with
+explicit weights plus a Flax Linen class, registered in `attnjax.modules` (kind "graph").
+
+  segment.py    segment_softmax, aggregate, add_self_loops, pad_graphs (jraph-style batches)
+  gat.py        GAT and GATv2 (#144), PyTorch Geometric's weight layout and converters
+  supergat.py   SuperGAT (#31): dot-product and mixed scores, the self-supervised edge loss
+"""
+
+from attnjax.graph import gat
+from attnjax.graph import segment
+from attnjax.graph import supergat
+from attnjax.graph.gat import GATConv, GATv2Conv, from_pyg, gat_layer, gatv2_layer, to_pyg
+from attnjax.graph.segment import GraphBatch, add_self_loops, aggregate, pad_graphs, segment_softmax
+from attnjax.graph.supergat import (SuperGATConv, negative_edges, supergat_attention_loss,
+                                    supergat_layer)
+
+__all__ = ["GATConv", "GATv2Conv", "GraphBatch", "SuperGATConv", "add_self_loops", "aggregate",
+           "from_pyg", "gat", "gat_layer", "gatv2_layer", "negative_edges", "pad_graphs", "segment",
+           "segment_softmax", "supergat", "supergat_attention_loss", "supergat_layer", "to_pyg"]
