@@ -139,6 +139,7 @@ def register_module(module: Module) -> Module:
 
 def _load():
   # Importing the packages that define modules registers them.
+  import attnjax.cross  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   import attnjax.graph  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   import attnjax.vision  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 

@@ -15,6 +15,9 @@ the split, the step and the process, so a data iterator's state is its step numb
 | digits | classify | sklearn's 8x8 handwritten digits, as images or pixel tokens |
 | lm_bytes | lm | bytes of a local directory (default: the Python standard library) |
 | textures | classify | find the odd texture patch (generated; needs channel and spatial selection) |
+
+Graph tasks (`attnjax.data.graphs`: karate club, planted partition, DictionaryLookup) are arrays for
+`attnjax.models.graph_net`, outside the sequence-task table.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Mapping, Union
 
 import ml_collections
 
+from attnjax.data import graphs
 from attnjax.data.base import SPLITS
 from attnjax.data.base import Task
 from attnjax.data.base import TaskSpec
@@ -77,5 +81,6 @@ def make_task(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]) -> Ta
 
 __all__ = [
     "Digits", "Induction", "LMBytes", "ListOps", "MQAR", "SPLITS", "SelectiveCopy", "Sorting",
-    "TASKS", "Task", "TaskSpec", "Textures", "default_config", "make_rng", "make_task", "step_rng",
+    "TASKS", "Task", "TaskSpec", "Textures", "default_config", "graphs", "make_rng", "make_task",
+    "step_rng",
 ]

@@ -113,6 +113,8 @@ def negative_edges(rng: jax.Array, senders: EdgeIds, receivers: EdgeIds, num_nod
   s = jax.random.randint(k1, (num_samples,), 0, num_nodes, senders.dtype)
   # A uniform other node: offset by 1..V-1, never the node itself.
   r = (s + jax.random.randint(k2, (num_samples,), 1, max(num_nodes, 2), senders.dtype)) % num_nodes
+  if senders.shape[0] == 0:   # no edges: every pair is a non-edge
+    return s, r, jnp.full((num_samples,), num_nodes > 1)
   valid = jnp.ones_like(senders, bool) if mask is None else mask
   both = jnp.concatenate([jnp.where(valid, senders * num_nodes + receivers, -1),
                           jnp.where(valid, receivers * num_nodes + senders, -1)])

@@ -17,6 +17,8 @@ parameters of a (possibly abstract) tree.
 The theory papers' probes are small models of their own, as namespaces: `rank_heads` (one full-rank
 head against many low-rank heads on nearest neighbours, #201) and `memorization` (how many random
 labels H heads fit, #237); experiments/rank_heads.py and experiments/memorization.py run them.
+`graph_net` holds the graph attention networks (GAT / GATv2 / SuperGAT node classifiers and the
+DictionaryLookup model) that experiments/graph_attention.py compares.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from attnjax.models import graph_net
 from attnjax.models import memorization
 from attnjax.models import rank_heads
 from attnjax.models.classifier import EncoderClassifier
@@ -164,6 +167,6 @@ __all__ = [
     "ModelConfig", "PervasiveSeq2Seq", "ResNetCNN", "ViT", "abstract_variables", "budget_widths",
     "build_model", "check_config", "cnn_param_count", "dummy_inputs",
     "generate", "generate_paged", "generate_streaming", "layer_mechanisms", "mechanism_names",
-    "memorization", "rank_heads",
+    "graph_net", "memorization", "rank_heads",
     "param_count", "sample_logits", "supports_kv_cache",
 ]

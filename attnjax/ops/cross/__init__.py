@@ -1,0 +1,1 @@
+"""Cross-attention and alignment mechanisms between two sequences (encoder-decoder attention)."""

@@ -1,0 +1,1 @@
+"""Geometric attention: sequence mechanisms whose tokens carry poses or positions on a manifold."""
