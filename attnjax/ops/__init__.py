@@ -3,6 +3,7 @@
 from attnjax.ops import cross  # noqa: F401
 from attnjax.ops import decode  # noqa: F401
 from attnjax.ops import geometric  # noqa: F401
+from attnjax.ops import graph  # noqa: F401
 from attnjax.ops import linear  # noqa: F401
 from attnjax.ops import local  # noqa: F401
 from attnjax.ops import low_rank  # noqa: F401
