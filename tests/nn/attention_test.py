@@ -25,15 +25,15 @@ def _apply(layer, variables, *args, **kwargs):
   return jax.jit(lambda v, a: layer.apply(v, *a, **kwargs))(variables, args)
 
 
-def _init_apply(layer, x, **given):
-  """(variables, output) of a fresh layer on `x` (with the per-token arrays `given`), in one
-  compilation."""
+def _init_apply(layer, x, kv=None, **given):
+  """(variables, output) of a fresh layer on `x` (cross-attending to `kv` when given; with the
+  per-token arrays `given`), in one compilation."""
 
-  def run(x, given):
-    variables = layer.init(jax.random.PRNGKey(0), x, **given)
-    return variables, layer.apply(variables, x, **given)
+  def run(x, kv, given):
+    variables = layer.init(jax.random.PRNGKey(0), x, kv, **given)
+    return variables, layer.apply(variables, x, kv, **given)
 
-  return jax.jit(run)(x, given)
+  return jax.jit(run)(x, kv, given)
 
 
 def _x(shape, seed=0):
@@ -262,8 +262,10 @@ LAYER_DECODE = _layer_decode_paths()
 def test_every_registered_mechanism_runs_in_the_layer(name):
   mech = aj.get_mechanism(name)
   decodes = mech.decode and "causal_self" in mech.patterns
-  causal = decodes or "self" not in mech.patterns
-  assert ("causal_self" if causal else "self") in mech.patterns
+  # A cross-attention-only mechanism (learned queries over another sequence) runs on a second input.
+  cross_only = not {"self", "causal_self"} & mech.patterns
+  causal = (decodes or "self" not in mech.patterns) and not cross_only
+  assert cross_only or ("causal_self" if causal else "self") in mech.patterns
   # Width 32 gives the conformance head dim (8). The example's arrays are sized for the conformance
   # suite (value width 6); the layer creates its own learned arrays, so only settings are kept.
   width = 32
@@ -274,8 +276,9 @@ def test_every_registered_mechanism_runs_in_the_layer(name):
                      rope_base=10000.0)
   # Per-token arrays the caller supplies (token types, masks), derived from x; projected ones are
   # the layer's own ('<name>_proj').
-  given = inputs.token_inputs(mech, x, x, N=N, K=2, H=8, kinds=("given",))
-  params, out = _init_apply(layer, x, **given)
+  kv = _x((B, T + 3, width), seed=1) if cross_only else None
+  given = inputs.token_inputs(mech, x, x if kv is None else kv, N=N, K=2, H=8, kinds=("given",))
+  params, out = _init_apply(layer, x, kv, **given)
   chex.assert_shape(out, (B, T, width))
   chex.assert_tree_all_finite(out)
   # Projections exist only for the inputs the mechanism reads, and the arrays its paper keeps
