@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import modules
-from attnjax.typing import Array, Float
+from attnjax.typing import Array, Bool, Float
 
 __all__ = ["Perceiver", "fourier_features", "perceiver_block"]
 
@@ -42,6 +42,7 @@ Latents = Float[Array, "N D"]
 LatentOut = Float[Array, "B N D"]
 Params = Mapping[str, Any]
 PositionFeatures = Float[Array, "M F"]
+InputMask = Bool[Array, "B M"]
 _EPS = 1e-5
 
 
@@ -62,13 +63,19 @@ def _layer_norm(x: jax.Array, p: Params) -> jax.Array:
   return (x - mean) * jax.lax.rsqrt(var + _EPS) * p["scale"] + p["bias"]
 
 
-def _attention(zq: jax.Array, xkv: jax.Array, p: Params) -> jax.Array:
-  """Multi-head attention, heads from the kernels' shapes: q [D, h, d], k, v [C, h, d], o [h, d, D]."""
+def _attention(zq: jax.Array, xkv: jax.Array, p: Params, mask=None) -> jax.Array:
+  """Multi-head attention, heads from the kernels' shapes: q [D, h, d], k, v [C, h, d], o [h, d, D];
+  `mask [B, M]` drops keys (a latent with none left gets zeros)."""
   q = jnp.einsum("bnd,dhk->bnhk", zq, p["query"])
   k = jnp.einsum("bmc,chk->bmhk", xkv, p["key"])
   v = jnp.einsum("bmc,chk->bmhk", xkv, p["value"])
   logits = jnp.einsum("bnhk,bmhk->bhnm", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
-  w = jax.nn.softmax(logits, axis=-1)
+  if mask is None:
+    w = jax.nn.softmax(logits, axis=-1)
+  else:
+    keep = mask[:, None, None, :]
+    w = jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1, where=keep)
+    w = jnp.where(keep, w, 0.0)
   out = jnp.einsum("bhnm,bmhk->bnhk", w, v)
   return jnp.einsum("bnhk,hkd->bnd", out, p["out"])
 
@@ -77,9 +84,9 @@ def _mlp(x: jax.Array, p: Params) -> jax.Array:
   return jax.nn.gelu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
 
 
-def _cross(z: jax.Array, x: jax.Array, p: Params) -> jax.Array:
+def _cross(z: jax.Array, x: jax.Array, p: Params, mask=None) -> jax.Array:
   z = z + _attention(_layer_norm(z, p["norm_latents"]), _layer_norm(x, p["norm_inputs"]),
-                     p["attention"])
+                     p["attention"], mask)
   return z + _mlp(_layer_norm(z, p["norm_mlp"]), p["mlp"])
 
 
@@ -91,11 +98,13 @@ def _self(z: jax.Array, p: Params) -> jax.Array:
 
 def perceiver_block(x: Inputs, *, latents: Latents, cross_0: Params, latent_layers: Params,
                     cross_1: Optional[Params] = None, num_blocks: int = 1, num_bands: int = 8,
-                    max_freq: Optional[float] = None, fourier: bool = True) -> LatentOut:
+                    max_freq: Optional[float] = None, fourier: bool = True,
+                    mask: Optional[InputMask] = None) -> LatentOut:
   """The Perceiver (module docstring): `x [B, M, C]` → latents `[B, N, D]` after `num_blocks`
   blocks. `cross_0` / `cross_1`: the cross-attention + MLP weights of the first / later blocks;
   `latent_layers`: {"layer_0": ..., ...}, the shared latent transformer. `fourier=False` drops the
-  position features (the input is then a set: permuting it changes nothing)."""
+  position features (the input is then a set: permuting it changes nothing). `mask [B, M]`: the
+  input elements the latents may read (padding False)."""
   op = "perceiver_block"
   if jnp.ndim(x) != 3:
     raise ValueError(f"{op}: `x` must be [B, M, C], got shape {jnp.shape(x)}")
@@ -105,6 +114,8 @@ def perceiver_block(x: Inputs, *, latents: Latents, cross_0: Params, latent_laye
     raise ValueError(f"{op}: num_blocks must be >= 1, and blocks after the first need `cross_1`; "
                      f"got num_blocks={num_blocks}, cross_1 {'missing' if cross_1 is None else 'given'}")
   b, m, _ = x.shape
+  if mask is not None and jnp.shape(mask) != (b, m):
+    raise ValueError(f"{op}: `mask` must be [B, M] = [{b}, {m}], got shape {jnp.shape(mask)}")
   f32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)  # noqa: E731
   h = x.astype(jnp.float32)
   if fourier:
@@ -113,7 +124,7 @@ def perceiver_block(x: Inputs, *, latents: Latents, cross_0: Params, latent_laye
   z = jnp.broadcast_to(jnp.asarray(latents, jnp.float32)[None], (b,) + latents.shape)
   layers = [f32(latent_layers[k]) for k in sorted(latent_layers, key=lambda s: int(s.split("_")[-1]))]
   for block in range(num_blocks):
-    z = _cross(z, h, f32(cross_0 if block == 0 else cross_1))
+    z = _cross(z, h, f32(cross_0 if block == 0 else cross_1), mask)
     for p in layers:
       z = _self(z, p)
   return z.astype(x.dtype)
@@ -178,7 +189,7 @@ class Perceiver(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Inputs) -> LatentOut:
+  def __call__(self, x: Inputs, mask: Optional[InputMask] = None) -> LatentOut:
     if self.latent_dim % self.num_heads or self.latent_dim % self.cross_heads:
       raise ValueError(f"Perceiver: latent_dim {self.latent_dim} must be divisible by num_heads "
                        f"({self.num_heads}) and cross_heads ({self.cross_heads})")
@@ -193,7 +204,8 @@ class Perceiver(nn.Module):
                     self.param_dtype, name="latent_layers")()
     return perceiver_block(x, latents=latents, cross_0=cross_0, cross_1=cross_1,
                            latent_layers=layers, num_blocks=self.num_blocks,
-                           num_bands=self.num_bands, max_freq=self.max_freq, fourier=self.fourier)
+                           num_bands=self.num_bands, max_freq=self.max_freq, fourier=self.fourier,
+                           mask=mask)
 
 
 class _Stack(nn.Module):

@@ -18,7 +18,8 @@ The theory papers' probes are small models of their own, as namespaces: `rank_he
 head against many low-rank heads on nearest neighbours, #201) and `memorization` (how many random
 labels H heads fit, #237); experiments/rank_heads.py and experiments/memorization.py run them.
 `graph_net` holds the graph attention networks (GAT / GATv2 / SuperGAT node classifiers and the
-DictionaryLookup model) that experiments/graph_attention.py compares.
+DictionaryLookup model) that experiments/graph_attention.py compares; `perceiver_classifier` the
+Perceiver token classifier that experiments/perceiver_listops.py compares with an encoder.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import ml_collections
 
 from attnjax.models import graph_net
 from attnjax.models import memorization
+from attnjax.models import perceiver_classifier
 from attnjax.models import rank_heads
 from attnjax.models.classifier import EncoderClassifier
 from attnjax.models.cnn import ResNetCNN
@@ -167,6 +169,6 @@ __all__ = [
     "ModelConfig", "PervasiveSeq2Seq", "ResNetCNN", "ViT", "abstract_variables", "budget_widths",
     "build_model", "check_config", "cnn_param_count", "dummy_inputs",
     "generate", "generate_paged", "generate_streaming", "layer_mechanisms", "mechanism_names",
-    "graph_net", "memorization", "rank_heads",
+    "graph_net", "memorization", "perceiver_classifier", "rank_heads",
     "param_count", "sample_logits", "supports_kv_cache",
 ]

@@ -138,3 +138,23 @@ def test_errors_name_the_argument():
                               latent_layers={}, num_blocks=2)
   with pytest.raises(ValueError, match="divisible"):
     perceiver.Perceiver(latent_dim=6, num_heads=4).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 3)))
+
+
+def test_masked_inputs_are_not_read():
+  layer = perceiver.Perceiver(**SMALL)
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((2, 9, 3)).astype(np.float32)
+  mask = np.ones((2, 9), bool)
+  mask[0, 6:] = False
+  mask[1] = False   # an empty input: the latents read nothing and stay finite
+  params = _moved(layer.init(jax.random.PRNGKey(0), x)["params"])
+  apply = jax.jit(lambda x, m: layer.apply({"params": params}, x, m))
+  y = apply(x, mask)
+  x2 = x.copy()
+  x2[0, 6:] += 5.0
+  x2[1] += 5.0
+  np.testing.assert_allclose(apply(x2, mask), y, **tolerances.OUTPUT[jnp.float32])
+  assert bool(jnp.all(jnp.isfinite(y)))
+  x3 = x.copy()
+  x3[0, :6] += 5.0
+  assert tolerances.rel_rms(apply(x3, mask)[0], y[0]) > tolerances.CHANGED_REL_RMS
