@@ -3,8 +3,8 @@
 Sequence mechanisms keep the `q, k, v` contract of `attnjax.registry`. A module here acts on another
 kind of input (`KINDS`): feature maps `[B, H, W, C]` (channel, spatial and convolutional attention),
 1-D signals `[B, L, C]` (audio, temporal features), pair grids `[B, T, S, C]` of two sequences,
-graphs (node features `[V, F]` with `senders`, `receivers` `[E]` edge lists: `attnjax.graph`) and,
-later, point sets. Each
+graphs (node features `[V, F]` with `senders`, `receivers` `[E]` edge lists: `attnjax.graph`) and
+point sets `[B, N, C]` (`attnjax.geometry`). Each
 record holds
 
   - `fn`, the pure function: `fn(x, *extra_inputs, **weights, **settings) -> y`, every weight an
@@ -39,7 +39,7 @@ __all__ = ["EXAMPLE_COMPONENTS", "EXAMPLE_EDGES", "KINDS", "ExtraInput", "Module
 KINDS = ("feature_map", "signal", "graph", "points", "pair")
 # The conformance suite's input shape for each kind it can build.
 EXAMPLE_SHAPES = {"feature_map": (2, 9, 11, 16), "signal": (2, 23, 16), "pair": (2, 5, 7, 16),
-                  "graph": (12, 16)}
+                  "graph": (12, 16), "points": (2, 24, 16)}
 # The name under which a Linen class sows its gates (collection "intermediates").
 GATE = "gate"
 
@@ -140,6 +140,7 @@ def register_module(module: Module) -> Module:
 def _load():
   # Importing the packages that define modules registers them.
   import attnjax.cross  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  import attnjax.geometry  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   import attnjax.graph  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   import attnjax.vision  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 

@@ -35,7 +35,7 @@ SEEDS_TSV = pathlib.Path(__file__).resolve().parent / "seeds.tsv"
 IMPLEMENTABLE_KINDS = ("operator", "module", "kernel", "analysis", "training", "theory")
 # The packages whose import registers everything that serves a row.
 _SERVING_PACKAGES = ("attnjax.ops", "attnjax.nn", "attnjax.models", "attnjax.vision", "attnjax.graph",
-                      "attnjax.cross", "attnjax.analysis", "attnjax.train")
+                      "attnjax.cross", "attnjax.geometry", "attnjax.analysis", "attnjax.train")
 # What the project plans for a family's rows not served yet.
 _FAMILY_PLANS = {
     "local-window": "planned with local, neighborhood and block-sparse attention",
