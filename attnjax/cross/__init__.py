@@ -3,10 +3,14 @@ learned latent array, several outputs, modality-specific inputs), each a pure fu
 inputs and weights plus a Flax Linen class, registered in `attnjax.modules`. Cross-attention that
 fits the contract lives with the mechanisms (`attnjax.ops.cross`).
 
-  perceiver.py   Perceiver (#171): latents cross-attend to a long input array, shared weights
+  perceiver.py    Perceiver (#171): latents cross-attend to a long input array, shared weights
+  dual_cross.py   DCAL (#207): rollout-selected global-local and pair-wise cross-attention
 """
 
+from attnjax.cross import dual_cross
 from attnjax.cross import perceiver
+from attnjax.cross.dual_cross import attention_rollout, glca, pwca
 from attnjax.cross.perceiver import Perceiver, fourier_features, perceiver_block
 
-__all__ = ["Perceiver", "fourier_features", "perceiver", "perceiver_block"]
+__all__ = ["Perceiver", "attention_rollout", "dual_cross", "fourier_features", "glca", "perceiver",
+           "perceiver_block", "pwca"]
