@@ -6,12 +6,15 @@ explicit weights plus a Flax Linen class, registered in `attnjax.modules` (kind 
   gat.py        GAT and GATv2 (#144), PyTorch Geometric's weight layout and converters
   supergat.py   SuperGAT (#31): dot-product and mixed scores, the self-supervised edge loss
   relative_molecule.py   R-MAT (#106): atom-pair relation embeddings in the logits and values
+  coulomb.py    CoulGAT (#46): attention on a (screened) Coulomb adjacency with per-node parameters
 """
 
+from attnjax.graph import coulomb
 from attnjax.graph import gat
 from attnjax.graph import relative_molecule
 from attnjax.graph import segment
 from attnjax.graph import supergat
+from attnjax.graph.coulomb import CoulombGraphAttention, coulomb_graph_attention
 from attnjax.graph.gat import GATConv, GATv2Conv, from_pyg, gat_layer, gatv2_layer, to_pyg
 from attnjax.graph.relative_molecule import (RelativeMoleculeAttention, bessel_basis,
                                              relative_molecule_attention)
@@ -19,8 +22,9 @@ from attnjax.graph.segment import GraphBatch, add_self_loops, aggregate, pad_gra
 from attnjax.graph.supergat import (SuperGATConv, negative_edges, supergat_attention_loss,
                                     supergat_layer)
 
-__all__ = ["GATConv", "GATv2Conv", "GraphBatch", "RelativeMoleculeAttention", "SuperGATConv",
-           "add_self_loops", "aggregate", "bessel_basis", "from_pyg", "gat", "gat_layer",
+__all__ = ["CoulombGraphAttention", "GATConv", "GATv2Conv", "GraphBatch",
+           "RelativeMoleculeAttention", "SuperGATConv", "add_self_loops", "aggregate", "bessel_basis",
+           "coulomb", "coulomb_graph_attention", "from_pyg", "gat", "gat_layer",
            "gatv2_layer", "negative_edges", "pad_graphs", "relative_molecule",
            "relative_molecule_attention", "segment", "segment_softmax", "supergat",
            "supergat_attention_loss", "supergat_layer", "to_pyg"]
