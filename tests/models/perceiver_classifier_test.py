@@ -37,7 +37,7 @@ def test_logits_per_sequence():
 
 def test_cost_is_linear_in_length():
   model = _model()
-  lengths = (64, 128, 256, 512)
+  lengths = (64, 128, 256)
   flops = []
   for t in lengths:
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, t), jnp.int32))["params"]
