@@ -6,14 +6,22 @@ fits the contract lives with the mechanisms (`attnjax.ops.cross`).
   perceiver.py    Perceiver (#171): latents cross-attend to a long input array, shared weights
   dual_cross.py   DCAL (#207): rollout-selected global-local and pair-wise cross-attention
   label_attention.py   LAL (#35): one learned query per label, its vector added back to every word
+  multi_source.py   multi-source attention (#131): flat and hierarchical combination over encoders
+  bidirectional.py  NeuFA (#17): one score matrix normalized over each axis, both directions' outputs
 """
 
+from attnjax.cross import bidirectional
 from attnjax.cross import dual_cross
 from attnjax.cross import label_attention
+from attnjax.cross import multi_source
+from attnjax.cross.bidirectional import BidirectionalSharedAttention, bidirectional_shared_attention
 from attnjax.cross import perceiver
 from attnjax.cross.dual_cross import attention_rollout, glca, pwca
 from attnjax.cross.label_attention import LabelAttention
+from attnjax.cross.multi_source import MultiSourceAttention, multi_source_attention
 from attnjax.cross.perceiver import Perceiver, fourier_features, perceiver_block
 
-__all__ = ["LabelAttention", "Perceiver", "attention_rollout", "dual_cross", "fourier_features",
-           "glca", "label_attention", "perceiver", "perceiver_block", "pwca"]
+__all__ = ["BidirectionalSharedAttention", "LabelAttention", "MultiSourceAttention", "Perceiver",
+           "attention_rollout", "bidirectional", "bidirectional_shared_attention", "dual_cross",
+           "fourier_features", "glca", "label_attention", "multi_source", "multi_source_attention",
+           "perceiver", "perceiver_block", "pwca"]
