@@ -7,21 +7,28 @@ fits the contract lives with the mechanisms (`attnjax.ops.cross`).
   dual_cross.py   DCAL (#207): rollout-selected global-local and pair-wise cross-attention
   label_attention.py   LAL (#35): one learned query per label, its vector added back to every word
   multi_source.py   multi-source attention (#131): flat and hierarchical combination over encoders
+  all_to_key.py     A2K (#142): region-summary and best-region attention from content to style maps
+  crosslmm.py       CrossLMM (#21): pooled visual and text tokens cross-attend to all visual tokens
   bidirectional.py  NeuFA (#17): one score matrix normalized over each axis, both directions' outputs
 """
 
+from attnjax.cross import all_to_key
 from attnjax.cross import bidirectional
+from attnjax.cross import crosslmm
 from attnjax.cross import dual_cross
 from attnjax.cross import label_attention
 from attnjax.cross import multi_source
-from attnjax.cross.bidirectional import BidirectionalSharedAttention, bidirectional_shared_attention
 from attnjax.cross import perceiver
+from attnjax.cross.all_to_key import AllToKeyAttention, all_to_key_attention
+from attnjax.cross.bidirectional import BidirectionalSharedAttention, bidirectional_shared_attention
+from attnjax.cross.crosslmm import DualCrossAttentionLayer, dual_cross_attention_layer
 from attnjax.cross.dual_cross import attention_rollout, glca, pwca
 from attnjax.cross.label_attention import LabelAttention
 from attnjax.cross.multi_source import MultiSourceAttention, multi_source_attention
 from attnjax.cross.perceiver import Perceiver, fourier_features, perceiver_block
 
-__all__ = ["BidirectionalSharedAttention", "LabelAttention", "MultiSourceAttention", "Perceiver",
-           "attention_rollout", "bidirectional", "bidirectional_shared_attention", "dual_cross",
-           "fourier_features", "glca", "label_attention", "multi_source", "multi_source_attention",
-           "perceiver", "perceiver_block", "pwca"]
+__all__ = ["AllToKeyAttention", "BidirectionalSharedAttention", "DualCrossAttentionLayer",
+           "LabelAttention", "MultiSourceAttention", "Perceiver", "all_to_key", "all_to_key_attention",
+           "attention_rollout", "bidirectional", "bidirectional_shared_attention", "crosslmm",
+           "dual_cross", "dual_cross_attention_layer", "fourier_features", "glca", "label_attention",
+           "multi_source", "multi_source_attention", "perceiver", "perceiver_block", "pwca"]
