@@ -3,8 +3,7 @@ its neighbours under each meta-relation of one order, then over those relations;
 the t-hop meta-relations composed from layer t − 1's attended edges, and the layers' outputs are
 stacked.
 
-Tran, Wong, Chen, Stone, "Layer-stacked Attention for Heterogeneous Network Embedding",
-arXiv:2009.08072. Following the authors' `LATTE` and `LATTEConv` (JonnyTran/LATTE, `conv.py`). A
+"Layer-stacked Attention for Heterogeneous Network Embedding", arXiv:2009.08072. Following the authors' `LATTE` and `LATTEConv` (JonnyTran/LATTE, `conv.py`). A
 heterogeneous graph has node types τ with features h_τ `[V_τ, D]` and meta-relations m = (τ_head, ...,
 τ_tail) with adjacency A_m `[V_head, V_tail]` (nonzero: an edge). One layer, for each node type τ:
 
