@@ -5,7 +5,8 @@ stacked.
 
 "Layer-stacked Attention for Heterogeneous Network Embedding", arXiv:2009.08072. Following the
 authors' `LATTE` and `LATTEConv` (JonnyTran/LATTE, `conv.py`). A heterogeneous graph has node types
-τ with features h_τ `[V_τ, D]` and meta-relations m = (τ_head, ..., τ_tail) with adjacency A_m `[V_head, V_tail]` (nonzero: an edge). One layer, for each node type τ:
+τ with features h_τ `[V_τ, D]` and meta-relations m = (τ_head, ..., τ_tail) with adjacency
+A_m `[V_head, V_tail]` (nonzero: an edge). One layer, for each node type τ:
 
     l = h_τ W^l_τ + b^l_τ,  r = h_τ W^r_τ + b^r_τ                  [V, heads, C]  (per type)
     e_ij^m = s_m · LeakyReLU_0.2(⟨l_i, a^l_m⟩ + ⟨r_j, a^r_m⟩)       per head, edge (i, j) of m
