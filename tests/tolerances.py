@@ -146,6 +146,9 @@ TWO_LEVEL_GAIN_MIN = 1.5
 # against the integral on a near-uniform point set (measured 52x smaller at 12 x 24): the weights must
 # cut the error at least this much.
 QUADRATURE_ERROR_REDUCTION_MIN = 10.0
+# Context parallelism: the most loaded device's unmasked causal tiles over the least loaded's (the
+# issue's "within 10%"; the zigzag layout gives exactly equal counts).
+LOAD_BALANCE_MAX_RATIO = 1.1
 # Cosine similarity of SageBwd's (8-bit) gradients with exact attention's on N(0, 1) inputs
 # (measured 0.9992-0.9996 for dq, dk, dv at T = 64, H = 32, causal).
 SAGEBWD_GRAD_COSINE_MIN = 0.99
