@@ -44,7 +44,8 @@ from attnjax.core.merge import merge_attention_states
 from attnjax.parallel.mesh import BATCH_AXES
 from attnjax.typing import Key, Output, Query, Value
 
-__all__ = ["LAYOUTS", "STRATEGIES", "context_parallel_attention", "layout_positions", "tile_counts"]
+__all__ = ["LAYOUTS", "STRATEGIES", "context_parallel_attention", "current_context_size",
+           "layer_attention", "layout_positions", "tile_counts"]
 
 LAYOUTS = ("contiguous", "zigzag")
 STRATEGIES = ("ring", "allgather")
@@ -173,7 +174,8 @@ def context_parallel_attention(q: Query, k: Key, v: Value, *, mesh: Mesh, axis: 
 
   Args:
     q, k, v: `[B, T, N, H]`, `[B, T, K, H]`, `[B, T, K, h]` (self-attention), K dividing N.
-    mesh: the device mesh; its `axis` (size P) splits T, and its batch axes ("data", "fsdp") B.
+    mesh: the device mesh; its `axis` (size P) splits T, and its batch axes ("data", "fsdp") B
+      (when B divides over them; otherwise every device of a context ring holds the whole batch).
     causal, segment_ids `[B, T]`: as the operator contract. mask_mod, score_mod: in global
       positions (`flex_attention`'s signatures with q_idx, kv_idx the tokens' positions).
     scale: multiplies q·k (default H ** -0.5). layout: "zigzag" or "contiguous".
@@ -192,10 +194,8 @@ def context_parallel_attention(q: Query, k: Key, v: Value, *, mesh: Mesh, axis: 
   devices = mesh.shape[axis]
   pos = layout_positions(T, devices, layout)           # raises when T does not divide
   batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-  shards = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
-  if B % shards:
-    raise ValueError(f"{op}: the batch B = {B} must divide over the mesh's batch axes "
-                     f"{batch_axes} ({shards} shards)")
+  if B % int(np.prod([mesh.shape[a] for a in batch_axes], dtype=int)):
+    batch_axes = ()  # a batch that does not split (e.g. an init batch of 1) is replicated
   if segment_ids is not None:
     checks.check_shape(op, "segment_ids", segment_ids, (B, T), "[B, T]")
   scale = H ** -0.5 if scale is None else scale
@@ -253,3 +253,31 @@ def context_parallel_attention(q: Query, k: Key, v: Value, *, mesh: Mesh, axis: 
   # The tokens stay in their order and sharding; inside the mesh each device swaps chunks into the
   # layout (`pos` gives each layout slot its global position) and back.
   return run(q, k, v, jnp.asarray(pos), seg_arg)
+
+
+def current_context_size(axis: str = "context") -> int:
+  """The size of `axis` in the mesh set by `jax.set_mesh` (the trainer sets it), 1 without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return int(mesh.shape[axis]) if axis in mesh.axis_names else 1
+
+
+# Mechanisms with a context-parallel form, by registry name, and the keywords that form takes.
+_SHARDED_KEYWORDS = {"softmax": frozenset({"scale", "implementation"})}
+
+
+def layer_attention(name: str, q: Query, k: Key, v: Value, *, causal: bool, segment_ids,
+                    kwargs: dict) -> Optional[Output]:
+  """What `attnjax.nn.MultiHeadAttention` runs for a self-attention over the whole sequence when the
+  current mesh has `context` > 1: the context-parallel form of mechanism `name` (zigzag ring), or
+  None when the mesh has no context axis, the mechanism has no such form or the call has keywords it
+  does not take; the layer then runs the mechanism itself and XLA partitions it."""
+  devices = current_context_size()
+  if devices <= 1 or name not in _SHARDED_KEYWORDS or set(kwargs) - _SHARDED_KEYWORDS[name]:
+    return None
+  if isinstance(segment_ids, (tuple, list)) or q.shape[1] != k.shape[1] or q.shape[1] % devices:
+    return None
+  layout = "zigzag" if q.shape[1] % (2 * devices) == 0 else "contiguous"
+  return context_parallel_attention(
+      q, k, v, mesh=jax.sharding.get_abstract_mesh(), causal=causal, segment_ids=segment_ids,
+      scale=kwargs.get("scale"), layout=layout,
+      implementation=kwargs.get("implementation") or "xla")

@@ -6,11 +6,12 @@ of `attnjax.parallel.mesh`. A config overrides them with `logical_axis_rules`.
 """
 
 # (logical axis, mesh axes) pairs, first match wins; a mesh axis is used at most once per array,
-# so activations ("batch", "length", "embed") shard the batch over data × fsdp and parameters
+# so activations ("batch", "length", "embed") shard the batch over data × fsdp and the sequence over
+# context (context parallelism: the attention layers run ring attention there), and parameters
 # ("embed", ...) over fsdp. Names not listed are replicated.
 DEFAULT_LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "context"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),

@@ -1,4 +1,5 @@
-"""Sharded training: 8 fake CPU devices (data x fsdp x tensor) against 1 device, and a 2-process
+"""Sharded training: 8 fake CPU devices (data x fsdp x tensor, and context x data with ring
+attention) against 1 device, and a 2-process
 jax.distributed run on localhost. Each run is a fresh python (its own XLA device count), so the
 module is in the slow suite.
 
@@ -55,6 +56,21 @@ def test_eight_fake_devices_data_fsdp_tensor_match_one_device(tmp_path, one_devi
   np.testing.assert_allclose(train, ref_train, **TOL)
   np.testing.assert_allclose(evals, ref_evals, **TOL)
   assert not np.allclose(train[0], train[-1])  # the curve moves: a real comparison
+
+
+def test_context_parallel_training_matches_one_device(tmp_path, one_device):
+  # context 4 x data 2: the attention layer runs ring attention over the context axis (zigzag over
+  # the 16 tokens) and the batch splits over data; the loss curve is the one device's.
+  config = fakes_test.make_config(**CONFIG.train.to_dict())
+  config.mesh = {"context": 4, "data": 2}
+  proc = fakes_test.run_in_subprocess(config, tmp_path, devices=8)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1, 'context': 4}" in proc.stdout
+  train, evals = _losses(tmp_path)
+  ref_train, ref_evals = _losses(one_device)
+  assert len(train) == len(ref_train) == 8
+  np.testing.assert_allclose(train, ref_train, **TOL)
+  np.testing.assert_allclose(evals, ref_evals, **TOL)
 
 
 def _free_port():
