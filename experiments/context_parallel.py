@@ -1,10 +1,11 @@
 r"""Context parallelism on fake CPU devices: compiled memory per device and causal load balance.
 
-  python -m experiments.context_parallel --length=65536 --devices=1,2,4,8
+  python -m experiments.context_parallel --length=65536 --devices=1,2,4,8 [--grad]
 
 For each device count P (a `context` axis of P host devices, forced with XLA_FLAGS before JAX
 starts), compiles `attnjax.parallel.context_parallel_attention` (causal, ring, bf16, B = 1, one
-head of 64) and prints its per-device memory analysis: arguments, output and temporaries. Then the
+head of 64), or with --grad the gradient of a loss of its output (training), and prints its
+per-device memory analysis: arguments, output and temporaries. Then the
 per-device counts of unmasked causal (query block, key block) tiles in the zigzag and contiguous
 layouts (`tile_counts`). Prints markdown tables; docs/benchmarks.md records a run.
 """
@@ -19,6 +20,8 @@ _LENGTH = flags.DEFINE_integer("length", 65536, "Sequence length T.")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Context-axis sizes P.")
 _LAYOUT = flags.DEFINE_enum("layout", "zigzag", ["zigzag", "contiguous"], "Token layout.")
 _BLOCK = flags.DEFINE_integer("block", 512, "Tile size of the load-balance count.")
+_GRAD = flags.DEFINE_bool("grad", False, "Compile the gradient of a loss of the output (training) "
+                          "instead of the forward.")
 
 
 def main(argv):
@@ -44,8 +47,14 @@ def main(argv):
     mesh = jax.sharding.Mesh(devices, MESH_AXES)
     shape = jax.ShapeDtypeStruct((1, T, 1, 64), jnp.bfloat16,
                                  sharding=NamedSharding(mesh, P(None, "context")))
-    fn = jax.jit(lambda q, k, v, mesh=mesh: cp.context_parallel_attention(
-        q, k, v, mesh=mesh, causal=True, layout=_LAYOUT.value))
+    def attend(q, k, v, mesh=mesh):
+      return cp.context_parallel_attention(q, k, v, mesh=mesh, causal=True, layout=_LAYOUT.value)
+
+    if _GRAD.value:
+      fn = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32)),
+                            argnums=(0, 1, 2)))
+    else:
+      fn = jax.jit(attend)
     memory = fn.lower(shape, shape, shape).compile().memory_analysis()
     out.write(f"| {p} | {T} | {memory.argument_size_in_bytes / 1e6:.1f} | "
               f"{memory.output_size_in_bytes / 1e6:.1f} | {memory.temp_size_in_bytes / 1e6:.1f} |\n")

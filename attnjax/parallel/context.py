@@ -6,7 +6,10 @@ around the ring (`ppermute`); at each of the P steps it attends its queries to t
 with the flex core (`return_residuals`: the block's output and log-sum-exp) and folds the partial
 state into its running one with `merge_attention_states`, so the result is exactly softmax attention
 over the whole sequence. The next chunk's transfer is issued before the current block is computed,
-so XLA can overlap communication with compute. Under causal attention a block whose keys all come
+so XLA can overlap communication with compute. The backward is ring attention's own: it keeps only
+the device's q, k, v, output and log-sum-exp from the forward and passes the key/value chunks around
+the ring again, each with its dK, dV accumulating as it travels, so training memory stays O(T/P) per
+device too. Under causal attention a block whose keys all come
 after its queries (about half of them) is skipped on that device (`lax.cond` on the positions);
 other masks skip their empty tiles inside flex.
 
@@ -164,6 +167,80 @@ def _local_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, visible, causal, sc
   return jax.lax.cond(any_visible, compute, empty, None)
 
 
+def _ring(q, k, v, q_pos, seg, *, axis, devices, has_seg, common):
+  """Ring attention on this device's queries (inside the shard_map), with its own backward: the
+  forward keeps only this device's q, k, v, output and log-sum-exp (O(T/P)); the backward passes
+  each key/value chunk around the ring again, with its dK, dV accumulating as it travels, so no
+  device ever holds more than one foreign chunk."""
+  ring = [(i, (i + 1) % devices) for i in range(devices)]
+
+  def block(q, q_pos, q_seg, k_c, v_c, k_pos, k_seg):
+    return _local_attention(q, k_c, v_c, q_pos, k_pos, q_seg if has_seg else None,
+                            k_seg if has_seg else None, **common)
+
+  # Positions and segment ids are arguments, not closures: a custom VJP may not capture tracers.
+  def forward(q, k, v, q_pos, seg):
+    def step(carry, _):
+      chunk, acc_out, acc_lse = carry
+      # Start passing the chunk on before using it, so the transfer can overlap the block. A
+      # loop (not P unrolled steps) keeps one chunk in flight.
+      following = jax.lax.ppermute(chunk, axis, ring)
+      out, lse = block(q, q_pos, seg, *chunk)
+      acc_out, acc_lse = merge_attention_states([acc_out, out], [acc_lse, lse],
+                                                implementation="xla")
+      return (following, acc_out, acc_lse), None
+
+    empty = (jnp.zeros(q.shape[:3] + (v.shape[3],), jnp.float32),
+             jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
+    # P − 1 steps each pass a chunk on while using it; the last chunk to arrive is used alone.
+    (last, acc_out, acc_lse), _ = jax.lax.scan(step, ((k, v, q_pos, seg),) + empty, None,
+                                               length=devices - 1)
+    out, lse = block(q, q_pos, seg, *last)
+    return merge_attention_states([acc_out, out], [acc_lse, lse], implementation="xla")
+
+  @jax.custom_vjp
+  def attention(q, k, v, q_pos, seg):
+    out, _ = forward(q, k, v, q_pos, seg)
+    return out.astype(q.dtype)
+
+  def attention_fwd(q, k, v, q_pos, seg):
+    out, lse = forward(q, k, v, q_pos, seg)
+    return out.astype(q.dtype), (q, k, v, q_pos, seg, out, lse)
+
+  def attention_bwd(residuals, d_out):
+    q, k, v, q_pos, seg, out, lse = residuals
+    d_out = d_out.astype(jnp.float32)
+    delta = jnp.sum(d_out * out, axis=-1)                      # D_i = dO_i · O_i
+    finite = jnp.isfinite(lse)
+    lse_safe = jnp.where(finite, lse, 0.0)
+
+    def block_loss(q, k_c, v_c, k_pos, k_seg):
+      # Σ_i Σ_j P_ij (dO_i · v_j − D_i) with P_ij = exp(s_ij − L_i) of the global L: its gradient
+      # in (q, k_c, v_c) is this block's share of the attention's (dq, dk, dv).
+      o_b, l_b = block(q, q_pos, seg, k_c, v_c, k_pos, k_seg)
+      w = jnp.where(finite & jnp.isfinite(l_b), jnp.exp(l_b - lse_safe), 0.0)
+      return jnp.sum(w * (jnp.sum(d_out * o_b, axis=-1) - delta))
+
+    grads = jax.grad(block_loss, argnums=(0, 1, 2))
+
+    def step(carry, _):
+      (k_c, v_c, k_pos, k_seg), dk_c, dv_c, dq = carry
+      g_q, g_k, g_v = grads(q, k_c, v_c, k_pos, k_seg)
+      # The chunk and its accumulated gradients move on together; after P moves they are home.
+      moved = jax.lax.ppermute(((k_c, v_c, k_pos, k_seg), dk_c + g_k, dv_c + g_v), axis, ring)
+      return moved + (dq + g_q,), None
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+    (_, dk, dv, dq), _ = jax.lax.scan(
+        step, ((k, v, q_pos, seg), zeros(k), zeros(v), zeros(q)), None, length=devices)
+    no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731  integer inputs
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad(q_pos),
+            no_grad(seg))
+
+  attention.defvjp(attention_fwd, attention_bwd)
+  return attention(q, k, v, q_pos, seg)
+
+
 def context_parallel_attention(q: Query, k: Key, v: Value, *, mesh: Mesh, axis: str = "context",
                                causal: bool = False, segment_ids=None,
                                mask_mod: Optional[Callable] = None,
@@ -221,31 +298,7 @@ def context_parallel_attention(q: Query, k: Key, v: Value, *, mesh: Mesh, axis: 
       k_seg = gather(seg) if has_seg else None
       out, _ = _local_attention(q, k_all, v_all, q_pos, k_pos, q_seg, k_seg, **common)
       return out.astype(q.dtype)
-    ring = [(i, (i + 1) % devices) for i in range(devices)]
-
-    def block(chunk):
-      k_c, v_c, k_pos, k_seg = chunk
-      return _local_attention(q, k_c, v_c, q_pos, k_pos, q_seg, k_seg if has_seg else None,
-                              **common)
-
-    def step(carry, _):
-      chunk, acc_out, acc_lse = carry
-      # Start passing the chunk on before using it, so the transfer can overlap the block. A loop
-      # (not P unrolled steps) keeps one chunk in flight: memory stays O(T / P) per device.
-      following = jax.lax.ppermute(chunk, axis, ring)
-      out, lse = block(chunk)
-      acc_out, acc_lse = merge_attention_states([acc_out, out], [acc_lse, lse],
-                                                implementation="xla")
-      return (following, acc_out, acc_lse), None
-
-    empty = (jnp.zeros(q.shape[:3] + (v.shape[3],), jnp.float32),
-             jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
-    # P − 1 steps each pass a chunk on while using it; the last chunk that arrives is used alone.
-    (last, acc_out, acc_lse), _ = jax.lax.scan(step, ((k, v, q_pos, seg),) + empty, None,
-                                               length=devices - 1)
-    out, lse = block(last)
-    acc_out, _ = merge_attention_states([acc_out, out], [acc_lse, lse], implementation="xla")
-    return acc_out.astype(q.dtype)
+    return _ring(q, k, v, q_pos, seg, axis=axis, devices=devices, has_seg=has_seg, common=common)
 
   seg_arg = jnp.asarray(segment_ids) if has_seg else jnp.zeros((B, T), jnp.int32)
   run = jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, P(axis), tokens),
