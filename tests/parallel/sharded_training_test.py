@@ -1,6 +1,6 @@
 """Sharded training: 8 fake CPU devices (data x fsdp x tensor, and context x data with ring
-attention) against 1 device, and a 2-process
-jax.distributed run on localhost. Each run is a fresh python (its own XLA device count), so the
+attention) against 1 device, and 2-process
+jax.distributed runs on localhost (data x fsdp, and data x context). Each run is a fresh python (its own XLA device count), so the
 module is in the slow suite.
 
 The sharded run splits the batch over data x fsdp, the parameters over fsdp (embed) and tensor
@@ -102,6 +102,26 @@ def test_two_process_distributed_run_trains_and_checkpoints(tmp_path, one_device
   ckpt = checkpoint_lib.Checkpointer(tmp_path)
   assert ckpt.all_steps() == [4, 8]
   assert not [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
+  train, evals = _losses(tmp_path)
+  ref_train, ref_evals = _losses(one_device)
+  np.testing.assert_allclose(train, ref_train, **TOL)
+  np.testing.assert_allclose(evals, ref_evals, **TOL)
+
+
+def test_two_process_context_parallel_run_matches_one_device(tmp_path, one_device):
+  # Two processes with 2 CPU devices each: context 2 x data 2, so a context ring and the batch
+  # split both cross the process boundary wherever the mesh puts them.
+  config = fakes_test.make_config(**CONFIG.train.to_dict())
+  config.mesh = {"data": 2, "context": 2}
+  address = f"localhost:{_free_port()}"
+  procs = [fakes_test.run_in_subprocess(
+      config, tmp_path, devices=2, wait=False,
+      env={"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+           "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs, strict=True):
+    assert p.returncode == 0, out
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1, 'context': 2}" in outputs[0]
   train, evals = _losses(tmp_path)
   ref_train, ref_evals = _losses(one_device)
   np.testing.assert_allclose(train, ref_train, **TOL)
