@@ -1,7 +1,6 @@
 """Sharded training: 8 fake CPU devices (data x fsdp x tensor, and context x data with ring
-attention) against 1 device, and 2-process
-jax.distributed runs on localhost (data x fsdp, and data x context). Each run is a fresh python (its own XLA device count), so the
-module is in the slow suite.
+attention) against 1 device, and 2-process jax.distributed runs on localhost (data x fsdp, and data x
+context). Each run is a fresh python (its own XLA device count), so the module is in the slow suite.
 
 The sharded run splits the batch over data x fsdp, the parameters over fsdp (embed) and tensor
 (mlp, heads, vocab); it computes the same sums in another order, so the loss curves agree within
