@@ -63,7 +63,7 @@ def cls_token(module: nn.Module, x: jax.Array, param_dtype) -> jax.Array:
 
 def position_embedding(module: nn.Module, x: jax.Array, param_dtype) -> jax.Array:
   """Adds a learned `[T, D]` position table (normal, std 0.02) to `x [B, T, D]`."""
-  table = module.param("pos_embed", blocks.logical(nn.initializers.normal(0.02), "length", "embed"),
+  table = module.param("pos_embed", blocks.logical(nn.initializers.normal(0.02), "position", "embed"),
                        x.shape[1:], param_dtype)
   return x + table.astype(x.dtype)[None]
 

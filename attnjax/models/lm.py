@@ -75,7 +75,7 @@ class DecoderLM(nn.Module):
   def _positions(self, length: int, decode: bool, num_new=None) -> jax.Array:
     """Learned position embeddings `[1, T, D]` of the current positions (offset by the cache);
     `[B, T, D]` when the index is kept per row (paged caches: it grows by `num_new`)."""
-    table = self.param("pos_embed", blocks.logical(nn.initializers.normal(0.02), "length", "embed"),
+    table = self.param("pos_embed", blocks.logical(nn.initializers.normal(0.02), "position", "embed"),
                        (self.max_len, self.config.width), self.config.param_dtype)
     if length > self.max_len:
       raise ValueError(f"DecoderLM: {length} tokens exceed the {self.max_len} learned positions "

@@ -9,9 +9,9 @@ over the whole sequence. The next chunk's transfer is issued before the current 
 so XLA can overlap communication with compute. The backward is ring attention's own: it keeps only
 the device's q, k, v, output and log-sum-exp from the forward and passes the key/value chunks around
 the ring again, each with its dK, dV accumulating as it travels, so training memory stays O(T/P) per
-device too. Under causal attention a block whose keys all come
-after its queries (about half of them) is skipped on that device (`lax.cond` on the positions);
-other masks skip their empty tiles inside flex.
+device too. Under causal attention a block whose keys all come after its queries (about half of
+them) is skipped on that device (`lax.cond` on the positions); other masks skip their empty tiles
+inside flex.
 
 `strategy="allgather"` gathers all keys and values once and runs one local call: for short rings,
 where one collective beats P − 1 exchanges (its memory is the full K/V per device).

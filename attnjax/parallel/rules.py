@@ -12,6 +12,9 @@ of `attnjax.parallel.mesh`. A config overrides them with `logical_axis_rules`.
 DEFAULT_LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
     ("length", "context"),
+    # Positional-embedding tables (rows: positions) stay whole on every device: parameters are not
+    # split over context, only the activations are.
+    ("position", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
