@@ -81,15 +81,17 @@ def _check(features, relations, op):
 def latte_layer(features: Mapping[str, Features], relations: Mapping[Relation, Adjacency],
                 params: Mapping[str, Params], *, heads: int, activation: bool = True):
   """One LATTE layer (module docstring). `params`: per node type {"w_l", "b_l", "w_r", "b_r",
-  "w_beta", "b_beta"} and under "relations" {"attn_l" [R, heads, C], "attn_r", "sharpen" [R]} in the
-  order of `relations`. Returns `(out {type: [V, heads·C]}, attention {relation: [V_head, V_tail]}
-  (max over heads), beta {type: [V, R_type + 1]})`."""
+  "w_beta", "b_beta"} and under "relations" {"attn_l" [R, heads, C], "attn_r", "sharpen" [R]}, rows
+  in the sorted order of the relation tuples (a dict's order does not survive jit, which sorts
+  keys); each type's relation weights β follow that order, then "self". Returns `(out {type:
+  [V, heads·C]}, attention {relation: [V_head, V_tail]} (max over heads), beta {type:
+  [V, R_type + 1]})`."""
   op = "latte_layer"
   _check(features, relations, op)
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
   h = {t: f32(x) for t, x in features.items()}
   rel = {k: f32(v) for k, v in params["relations"].items()}
-  names = list(relations)
+  names = sorted(relations)
 
   def project(t, side):
     p = params[t]
@@ -152,7 +154,8 @@ def proximity_loss(features, relations, params, *, heads: int, key: jax.Array,
   l = {t: project(t, "l") for t in h}
   r = {t: project(t, "r") for t in h}
   total = 0.0
-  for index, (relation, adj) in enumerate(relations.items()):
+  for index, relation in enumerate(sorted(relations)):
+    adj = relations[relation]
     al = jnp.einsum("ihc,hc->ih", l[relation[0]], rel["attn_l"][index])
     ar = jnp.einsum("jhc,hc->jh", r[relation[-1]], rel["attn_r"][index])
     pred = rel["sharpen"][index] * jax.nn.leaky_relu(jnp.max(al[:, None] + ar[None], -1), _SLOPE)
@@ -171,7 +174,7 @@ def proximity_loss(features, relations, params, *, heads: int, key: jax.Array,
 class LATTE(nn.Module):
   """LATTE (module docstring): per-type input projections (ReLU), `num_layers` layers of orders
   1..num_layers, and the layers' outputs stacked by `pooling` ("concat", "mean", "max" or "last").
-  `relation_types`: the first-order meta-relations, in the order of the relations' dict.
+  `relation_types`: the first-order meta-relations (the keys of `relations` the model reads).
   Call: `(features {type: [V, F]}, relations {relation: [V_head, V_tail]}) → {type: [V, ...]}`."""
   relation_types: Sequence[Relation]
   embedding_dim: int = 16
@@ -194,7 +197,7 @@ class LATTE(nn.Module):
     first = {tuple(k): relations[tuple(k)] for k in self.relation_types}
     current, outputs = first, []
     for layer in range(self.num_layers):
-      params = self._layer_params(layer, list(h), list(current))
+      params = self._layer_params(layer, list(h), sorted(current))
       h, attention, _ = latte_layer(h, current, params, heads=self.heads)
       outputs.append(h)
       if layer + 1 < self.num_layers:

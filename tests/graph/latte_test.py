@@ -4,6 +4,8 @@ with no neighbour under a relation gets nothing from it; the next order's relati
 relations joined with the first-order ones as Ã D B (Adamic-Adar), supported only on two-hop pairs;
 the stacked model and its proximity loss are finite and differentiable."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,7 @@ def _graph(seed=0):
   return features, relations
 
 
+@functools.lru_cache(maxsize=None)  # one init compile for the file
 def _params(seed=1):
   features, relations = _graph()
   model = latte.LATTE(relation_types=tuple(relations), embedding_dim=D, heads=HEADS, num_layers=1)
@@ -49,7 +52,8 @@ def _np_layer(features, relations, p):
   out = {}
   for t, x in features.items():
     slots = []
-    for m, (relation, adj) in enumerate(relations.items()):
+    for m, relation in enumerate(sorted(relations)):   # the layer's relation order
+      adj = relations[relation]
       if relation[0] != t:
         continue
       z = np.zeros((len(x), HEADS, D // HEADS))
@@ -75,7 +79,8 @@ def _np_layer(features, relations, p):
 def test_one_layer_matches_numpy():
   features, relations = _graph(2)
   p = _params()
-  got, attention, beta = latte.latte_layer(features, relations, p, heads=HEADS)
+  got, attention, beta = jax.jit(functools.partial(latte.latte_layer, heads=HEADS))(
+      features, relations, p)
   np64 = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
   want = _np_layer({t: x.astype(np.float64) for t, x in features.items()}, relations, np64)
   for t in SIZES:
@@ -89,7 +94,8 @@ def test_one_layer_matches_numpy():
 
 def test_next_order_relations_are_adamic_adar_joins_on_two_hop_pairs():
   features, relations = _graph(3)
-  _, attention, _ = latte.latte_layer(features, relations, _params(), heads=HEADS)
+  _, attention, _ = jax.jit(functools.partial(latte.latte_layer, heads=HEADS))(
+      features, relations, _params())
   joined = latte.join_relations(attention, relations, threshold=0.3)
   assert set(joined) == {("paper", "author", "paper"), ("author", "paper", "author"),
                          ("author", "paper", "subject"), ("paper", "subject", "paper"),
@@ -108,8 +114,8 @@ def test_next_order_relations_are_adamic_adar_joins_on_two_hop_pairs():
 def test_stacked_model_and_proximity_loss_are_differentiable():
   features, relations = _graph(4)
   model = latte.LATTE(relation_types=tuple(relations), embedding_dim=D, heads=HEADS, num_layers=2)
-  variables = model.init(jax.random.PRNGKey(0), features, relations)
-  out = model.apply(variables, features, relations)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), features, relations)
+  out = jax.jit(model.apply)(variables, features, relations)
   for t, n in SIZES.items():
     assert out[t].shape == (n, 2 * D) and np.all(np.isfinite(out[t]))
   # Second-layer relation weights exist for the two-hop relations.
@@ -120,7 +126,7 @@ def test_stacked_model_and_proximity_loss_are_differentiable():
   def loss(p):
     return latte.proximity_loss(features, relations, p, heads=HEADS, key=jax.random.PRNGKey(1))
 
-  value, grads = jax.value_and_grad(loss)(p)
+  value, grads = jax.jit(jax.value_and_grad(loss))(p)
   assert np.isfinite(float(value)) and float(value) > 0
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert float(jnp.max(jnp.abs(grads["relations"]["attn_l"]))) > 0
