@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import catalog
+from attnjax.core import pooling
 from attnjax.typing import Array, Float, Int
 
 __all__ = ["BidirectionalSharedAttention", "bidirectional_shared_attention",
@@ -64,13 +65,6 @@ def _check(op, name, x, rank_desc, B=None, T=None):
     raise ValueError(f"{op}: `{name}` must be {rank_desc}, got shape {jnp.shape(x)}")
 
 
-def _softmax_where(logits, keep, axis):
-  """Softmax along `axis` over the kept entries; a slice with none kept is zeros, not NaN."""
-  top = jax.lax.stop_gradient(jnp.max(jnp.where(keep, logits, -jnp.inf), axis=axis, keepdims=True))
-  e = jnp.where(keep, jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
-  den = jnp.sum(e, axis=axis, keepdims=True)
-  return e / jnp.where(den > 0, den, 1.0)
-
 
 def bidirectional_shared_attention(keys_a: SeqA, keys_b: SeqB, values_a: ValuesA, values_b: ValuesB,
                                    *, proj_a, bias_a, proj_b, bias_b,
@@ -99,8 +93,8 @@ def bidirectional_shared_attention(keys_a: SeqA, keys_b: SeqB, values_a: ValuesA
   kb = f32(keys_b) @ f32(proj_b) + f32(bias_b)
   scores = jnp.einsum("bia,bja->bij", ka, kb)                               # [B, T_a, T_b]
   keep = _valid(lengths_a, B, Ta)[:, :, None] & _valid(lengths_b, B, Tb)[:, None, :]
-  rows = _softmax_where(scores, keep, axis=2)       # P: each a-token over b
-  cols = _softmax_where(scores, keep, axis=1)       # Q: each b-token over a
+  rows = pooling.masked_softmax(scores, keep, axis=2)       # P: each a-token over b
+  cols = pooling.masked_softmax(scores, keep, axis=1)       # Q: each b-token over a
   w1, w2 = jnp.swapaxes(rows, 1, 2), cols
   a_at_b = jnp.einsum("bji,bid->bjd", w1, f32(values_a)).astype(values_a.dtype)
   b_at_a = jnp.einsum("bij,bjd->bid", w2, f32(values_b)).astype(values_b.dtype)

@@ -37,10 +37,10 @@ from collections.abc import Sequence
 from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from attnjax import modules
+from attnjax.core import pooling
 from attnjax.typing import Array, Bool, Float
 
 __all__ = ["MultiSourceAttention", "multi_source_attention", "STRATEGIES"]
@@ -56,12 +56,6 @@ def _dense(x, p, prefix):
   return x @ jnp.asarray(p[f"{prefix}_kernel"], jnp.float32) + jnp.asarray(p[f"{prefix}_bias"],
                                                                             jnp.float32)
 
-
-def _masked_softmax(e, keep, axis=-1):
-  top = jax.lax.stop_gradient(jnp.max(jnp.where(keep, e, -jnp.inf), axis=axis, keepdims=True))
-  w = jnp.where(keep, jnp.exp(e - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
-  den = jnp.sum(w, axis=axis, keepdims=True)
-  return w / jnp.where(den > 0, den, 1.0)
 
 
 def _energies(query, keys, v):
@@ -113,7 +107,7 @@ def multi_source_attention(x: DecoderStates, *sources, query_kernel, query_bias,
                                                                                 jnp.float32))
       values.append(_dense(src, p, "context"))                                 # [B, S_k, A]
     keep = jnp.concatenate(keeps, axis=1)[:, None, :]
-    alpha = _masked_softmax(jnp.concatenate(logits, axis=2), keep)
+    alpha = pooling.masked_softmax(jnp.concatenate(logits, axis=2), keep, axis=-1)
     out = jnp.einsum("bts,bsa->bta", alpha, jnp.concatenate(values, axis=1))
     return out.astype(x.dtype)
 
@@ -121,14 +115,14 @@ def multi_source_attention(x: DecoderStates, *sources, query_kernel, query_bias,
   for src, keep, p in zip(srcs, keeps, weights, strict=True):
     inner = _energies(_dense(xf, p, "inner_query"), _dense(src, p, "inner_key"),
                       jnp.asarray(p["inner_energy"], jnp.float32))
-    alpha = _masked_softmax(inner, keep[:, None, :])
+    alpha = pooling.masked_softmax(inner, keep[:, None, :], axis=-1)
     ctx = jnp.einsum("bts,bsd->btd", alpha, src)                                # [B, T, D_k]
     e = jnp.einsum("bta,a->bt", jnp.tanh(state + _dense(ctx, p, "logit")), v)
     logits.append(e + jnp.asarray(p["energy_bias"], jnp.float32))
     projected.append(_dense(ctx, p, "context"))
     contexts.append(jnp.any(keep, axis=1))                                     # [B]: any real position
   present = jnp.stack(contexts, axis=1)[:, None, :]                             # [B, 1, K]
-  beta = _masked_softmax(jnp.stack(logits, axis=2), present)                   # [B, T, K]
+  beta = pooling.masked_softmax(jnp.stack(logits, axis=2), present, axis=-1)   # [B, T, K]
   out = jnp.einsum("btk,btka->bta", beta, jnp.stack(projected, axis=2))
   return out.astype(x.dtype)
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import catalog
+from attnjax.core import pooling
 from attnjax.typing import Array, Float
 
 __all__ = ["LATTE", "join_relations", "latte_layer", "proximity_loss"]
@@ -51,12 +52,6 @@ _SLOPE = 0.2
 # The code's default edge threshold for composing relations from attention values.
 DEFAULT_THRESHOLD = 0.25
 
-
-def _masked_softmax(e, keep, axis):
-  top = jax.lax.stop_gradient(jnp.max(jnp.where(keep, e, -jnp.inf), axis=axis, keepdims=True))
-  w = jnp.where(keep, jnp.exp(e - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
-  den = jnp.sum(w, axis=axis, keepdims=True)
-  return w / jnp.where(den > 0, den, 1.0)
 
 
 def _scores(params, relation, index, l, r):
@@ -104,7 +99,8 @@ def latte_layer(features: Mapping[str, Features], relations: Mapping[Relation, A
   attention = {}
   for index, relation in enumerate(names):
     adj = f32(relations[relation])
-    weights = _masked_softmax(_scores(rel, relation, index, l, r), (adj != 0)[..., None], axis=1)
+    weights = pooling.masked_softmax(_scores(rel, relation, index, l, r), (adj != 0)[..., None],
+                                     axis=1)
     per_type[relation[0]].append(jnp.einsum("ijh,jhc->ihc", weights, r[relation[-1]]))
     attention[relation] = jnp.max(weights, axis=-1)
   out, beta = {}, {}

@@ -78,19 +78,25 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_process_distributed_run_trains_and_checkpoints(tmp_path, one_device):
-  # Two processes with 2 CPU devices each: a 4-device mesh (data 2 x fsdp 2); each process loads
-  # only its half of every batch, and process 0 writes the logs.
-  config = fakes_test.make_config(**CONFIG.train.to_dict())
-  config.mesh = {"data": 2, "fsdp": 2}
+def _two_processes(config, workdir):
+  """Trains `config` in two jax.distributed processes of 2 CPU devices each; their outputs."""
   address = f"localhost:{_free_port()}"
   procs = [fakes_test.run_in_subprocess(
-      config, tmp_path, devices=2, wait=False,
+      config, workdir, devices=2, wait=False,
       env={"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
            "JAX_PROCESS_ID": str(i)}) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs, strict=True):
     assert p.returncode == 0, out
+  return outputs
+
+
+def test_two_process_distributed_run_trains_and_checkpoints(tmp_path, one_device):
+  # Two processes with 2 CPU devices each: a 4-device mesh (data 2 x fsdp 2); each process loads
+  # only its half of every batch, and process 0 writes the logs.
+  config = fakes_test.make_config(**CONFIG.train.to_dict())
+  config.mesh = {"data": 2, "fsdp": 2}
+  outputs = _two_processes(config, tmp_path)
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1, 'context': 1}" in outputs[0]
   results = []
   for i in range(2):
@@ -112,14 +118,7 @@ def test_two_process_context_parallel_run_matches_one_device(tmp_path, one_devic
   # split both cross the process boundary wherever the mesh puts them.
   config = fakes_test.make_config(**CONFIG.train.to_dict())
   config.mesh = {"data": 2, "context": 2}
-  address = f"localhost:{_free_port()}"
-  procs = [fakes_test.run_in_subprocess(
-      config, tmp_path, devices=2, wait=False,
-      env={"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
-           "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outputs, strict=True):
-    assert p.returncode == 0, out
+  outputs = _two_processes(config, tmp_path)
   assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1, 'context': 2}" in outputs[0]
   train, evals = _losses(tmp_path)
   ref_train, ref_evals = _losses(one_device)
