@@ -176,6 +176,13 @@ class Mechanism:
       to produce the next token after T tokens (its recurrent state, or the part of the cache it
       reads), given its keyword arguments (defaults applied); None means the whole KV cache,
       `T·K·(H+h)`. Leaderboards plot accuracy against it.
+    flex_mods: for a mechanism that is softmax attention under a score / mask mod (the flex
+      variants), `(causal, num_heads, **kwargs) -> dict` of `flex_attention` keywords (`score_mod`,
+      `mask_mod` in global positions, and `causal` where the mechanism sets it itself) that compute
+      it, given its keyword arguments (only those named in the function's signature; its defaults
+      fill the rest; it returns None for settings that have no such form, e.g. mods that index
+      the batch). Forms that run the flex core themselves use it (`attnjax.parallel.context`
+      shards such a mechanism along T); None: the mechanism has no such form.
   """
   name: str
   fn: Callable[..., Any]
@@ -198,6 +205,7 @@ class Mechanism:
   example: Any = dataclasses.field(default_factory=dict)
   state_size: Optional[Callable[..., int]] = None
   recurrent_when: Optional[Callable[[dict[str, Any]], bool]] = None
+  flex_mods: Optional[Callable[..., dict[str, Any]]] = None
 
   def recurrent_for(self, kwargs: Optional[dict[str, Any]] = None) -> bool:
     """Whether the mechanism decodes with its fixed-size state under the keyword arguments `kwargs`

@@ -15,6 +15,8 @@ rest to `attnjax.core.linear` through this module:
   visible_key_counts          `[B,T,N,1]` number of keys each query sees under the contract
   self_segment_ids            a single `[B,S]` `segment_ids` array, else None
   recurrent_state_floats      the `Mechanism.state_size` of the recurrence
+  sequence_form               a scope in which another form (context-parallel) runs the causal
+                              recurrence over whole sequences
 
 Implementations: causal attention has three forms of the primitive ("xla" chunked, "parallel"
 quadratic, "reference" scan): `CAUSAL_IMPLEMENTATIONS`. Non-causal attention has two: "xla", the
@@ -24,6 +26,10 @@ non-causal.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable, Optional
 
 import jax.numpy as jnp
 
@@ -37,8 +43,29 @@ NONCAUSAL_IMPLEMENTATIONS = ("xla", "reference")
 
 __all__ = ["CAUSAL_IMPLEMENTATIONS", "NONCAUSAL_IMPLEMENTATIONS", "check_recurrent_args",
            "feature_linear_attention", "map_output", "recurrent_linear_attention",
-           "recurrent_state_floats", "self_segment_ids", "sequence_linear_attention",
+           "recurrent_state_floats", "self_segment_ids", "sequence_form",
+           "sequence_linear_attention",
            "visible_key_counts"]
+
+
+# The form that runs the causal recurrence over whole sequences inside `sequence_form` (None: the
+# single-device one). A context variable, so that a layer can choose it without a code path of its
+# own in every mechanism: the mechanism maps its features as always and hands them on here.
+_SEQUENCE_FORM: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar(
+    "linear_sequence_form", default=None)
+
+
+@contextlib.contextmanager
+def sequence_form(form: Optional[Callable]):
+  """Within this scope, `feature_linear_attention`'s causal recurrence over a whole unpadded
+  sequence calls `form(qf, kf, v, log_decay=, normalize=, scale=, segment_ids=, chunk_size=,
+  implementation=)` (the arguments of `gated_linear_attention`), which returns the output or None
+  to leave the call to the single-device form. `form=None` changes nothing."""
+  token = _SEQUENCE_FORM.set(form)
+  try:
+    yield
+  finally:
+    _SEQUENCE_FORM.reset(token)
 
 
 def _is_full_sequence(T, S, q_offset):
@@ -146,6 +173,12 @@ def sequence_linear_attention(op, qf, kf, v, *, causal, segment_ids, q_offset, k
     table = (("xla", linear_form, ()), ("parallel", quadratic, ()), ("reference", quadratic, ()))
     return implementations.dispatch(op, table, implementation)
   if _is_full_sequence(T, S, q_offset) and not isinstance(segment_ids, (tuple, list)):
+    form = _SEQUENCE_FORM.get()
+    out = None if form is None or kv_lengths is not None else form(
+        qf, kf, v, log_decay=log_decay, normalize=normalize, scale=scale, segment_ids=segment_ids,
+        chunk_size=chunk_size, implementation=implementation)
+    if out is not None:
+      return out
     return linear.gated_linear_attention(
         qf, kf, v, log_decay=log_decay, causal=True, normalize=normalize, scale=scale,
         segment_ids=segment_ids, kv_lengths=kv_lengths, chunk_size=chunk_size,

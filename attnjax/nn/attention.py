@@ -66,6 +66,7 @@ from attnjax.core import flex
 from attnjax.core import paged_attention
 from attnjax.nn import layer_parts
 from attnjax.parallel import context as context_parallel
+from attnjax.parallel import recurrence as context_recurrence
 from attnjax.ops.positional import rope
 from attnjax.ops.sparse import tidal_decode
 
@@ -371,15 +372,18 @@ class MultiHeadAttention(nn.Module):
         out, edited = self._edited_step(mech, query, key, value, seen[2])
       else:
         # Under a mesh with a `context` axis > 1 (the trainer's `mesh.context`), a mechanism with a
-        # context-parallel form runs sharded along T (attnjax.parallel.context).
+        # context-parallel form runs sharded along T: flex mechanisms through their `flex_mods`
+        # (ring attention, attnjax.parallel.context), feature-mapped linear attention through the
+        # recurrence's scope (states handed across devices, attnjax.parallel.recurrence).
         out = None
         if not cross and kv_lengths is None and not tokens:
-          out = context_parallel.layer_attention(mech.name, query, key, value, causal=self.causal,
+          out = context_parallel.layer_attention(mech, query, key, value, causal=self.causal,
                                                  segment_ids=segment_ids, kwargs=kwargs)
         if out is None:
-          out = self._attend(mech, query, key, value, causal=self.causal, cross=cross,
-                             segment_ids=segment_ids, kv_lengths=kv_lengths,
-                             kwargs={**kwargs, **tokens})
+          with context_recurrence.layer_scope():
+            out = self._attend(mech, query, key, value, causal=self.causal, cross=cross,
+                               segment_ids=segment_ids, kv_lengths=kv_lengths,
+                               kwargs={**kwargs, **tokens})
 
     y = nn.DenseGeneral(features=out_features, axis=(-2, -1),
                         kernel_init=self.out_kernel_init or self.kernel_init,

@@ -28,11 +28,16 @@ inputs and the output stay in token order, sharded contiguously; inside the mesh
 its two half-chunks into the zigzag layout and back (two `ppermute`s each way), so no device holds
 more than T/P tokens.
 
+The Flax layer (`layer_attention`) runs any mechanism that declares `Mechanism.flex_mods` (softmax
+and the flex variants: sliding window, ALiBi, soft-capping, documents, prefix LM) this way when the
+mesh set by `jax.set_mesh` has `context` > 1; the model and trainer need only the mesh config.
+
 Shapes: `q [B,T,N,H]`, `k [B,T,K,H]`, `v [B,T,K,h]` (self-attention: T = S) → `[B,T,N,h]`.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import jax
@@ -43,8 +48,11 @@ from jax.sharding import PartitionSpec as P
 
 from attnjax.core import checks
 from attnjax.core import flex
+from attnjax.core import masks
+from attnjax.core.block_mask import BlockMask
 from attnjax.core.merge import merge_attention_states
 from attnjax.parallel.mesh import BATCH_AXES
+from attnjax.registry import Mechanism
 from attnjax.typing import Key, Output, Query, Value
 
 __all__ = ["LAYOUTS", "STRATEGIES", "context_parallel_attention", "current_context_size",
@@ -244,7 +252,8 @@ def _ring(q, k, v, q_pos, seg, *, axis, devices, has_seg, common):
 def context_parallel_attention(q: Query, k: Key, v: Value, *, mesh: Mesh, axis: str = "context",
                                causal: bool = False, segment_ids=None,
                                mask_mod: Optional[Callable] = None,
-                               score_mod: Optional[Callable] = None, scale: Optional[float] = None,
+                               score_mod: Optional[Callable] = None,
+                               block_mask: Optional[BlockMask] = None, scale: Optional[float] = None,
                                layout: str = "zigzag", strategy: str = "ring",
                                implementation: Optional[str] = "xla") -> Output:
   """Softmax attention of a sequence sharded along T over the mesh axis `axis` (module docstring).
@@ -255,6 +264,8 @@ def context_parallel_attention(q: Query, k: Key, v: Value, *, mesh: Mesh, axis: 
       (when B divides over them; otherwise every device of a context ring holds the whole batch).
     causal, segment_ids `[B, T]`: as the operator contract. mask_mod, score_mod: in global
       positions (`flex_attention`'s signatures with q_idx, kv_idx the tokens' positions).
+    block_mask: a static `BlockMask` over the whole sequence (`create_block_mask` with T = S);
+      its tiles must align with the devices' chunks (T/P tokens, T/2P in the zigzag layout).
     scale: multiplies q·k (default H ** -0.5). layout: "zigzag" or "contiguous".
     strategy: "ring" (K/V passed around the ring) or "allgather" (gathered once).
     implementation: the flex implementation each device runs ("xla" by default).
@@ -273,6 +284,11 @@ def context_parallel_attention(q: Query, k: Key, v: Value, *, mesh: Mesh, axis: 
   batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
   if B % int(np.prod([mesh.shape[a] for a in batch_axes], dtype=int)):
     batch_axes = ()  # a batch that does not split (e.g. an init batch of 1) is replicated
+  if block_mask is not None:
+    _check_block_mask(op, block_mask, T, devices, layout)
+    mask_mod = masks.combine_masks(mask_mod, block_mask.as_mask_mod())
+    if block_mask.kv_num_blocks.shape[0] > 1:
+      batch_axes = ()  # its tiles are indexed by the global batch row
   if segment_ids is not None:
     checks.check_shape(op, "segment_ids", segment_ids, (B, T), "[B, T]")
   scale = H ** -0.5 if scale is None else scale
@@ -308,29 +324,55 @@ def context_parallel_attention(q: Query, k: Key, v: Value, *, mesh: Mesh, axis: 
   return run(q, k, v, jnp.asarray(pos), seg_arg)
 
 
+def _check_block_mask(op, block_mask, T, devices, layout):
+  """A block mask over the whole sequence, known before tracing, whose tiles fall inside chunks."""
+  if not isinstance(block_mask, BlockMask) or not block_mask.is_static:
+    raise ValueError(f"{op}: `block_mask` must be a static BlockMask (create_block_mask of a mask "
+                     "that reads no traced values); pass a traced mask as `mask_mod`")
+  if tuple(block_mask.seq_lengths) != (T, T):
+    raise ValueError(f"{op}: `block_mask` was built for (T, S) = {tuple(block_mask.seq_lengths)}, "
+                     f"the sequence has T = S = {T}")
+  chunk = T // devices // (2 if layout == "zigzag" and devices > 1 else 1)
+  bq, bk = block_mask.block_size
+  if chunk % bq or chunk % bk:
+    raise ValueError(f"{op}: the block mask's tiles ({bq}, {bk}) do not align with the shards: "
+                     f"each chunk holds {chunk} tokens (T = {T} over {devices} devices, {layout} "
+                     f"layout); build it with block sizes that divide {chunk}")
+
+
 def current_context_size(axis: str = "context") -> int:
   """The size of `axis` in the mesh set by `jax.set_mesh` (the trainer sets it), 1 without one."""
   mesh = jax.sharding.get_abstract_mesh()
   return int(mesh.shape[axis]) if axis in mesh.axis_names else 1
 
 
-# Mechanisms with a context-parallel form, by registry name, and the keywords that form takes.
-_SHARDED_KEYWORDS = {"softmax": frozenset({"scale", "implementation"})}
+# Keywords every form takes besides its mechanism's own (`Mechanism.flex_mods`).
+_FORM_KEYWORDS = frozenset({"scale", "implementation"})
 
 
-def layer_attention(name: str, q: Query, k: Key, v: Value, *, causal: bool, segment_ids,
+def layer_attention(mech: Mechanism, q: Query, k: Key, v: Value, *, causal: bool, segment_ids,
                     kwargs: dict) -> Optional[Output]:
   """What `attnjax.nn.MultiHeadAttention` runs for a self-attention over the whole sequence when the
-  current mesh has `context` > 1: the context-parallel form of mechanism `name` (zigzag ring), or
-  None when the mesh has no context axis, the mechanism has no such form or the call has keywords it
-  does not take; the layer then runs the mechanism itself and XLA partitions it."""
+  current mesh has `context` > 1: mechanism `mech` as context-parallel flex attention (zigzag ring)
+  under its `flex_mods`. None when the mesh has no context axis, the mechanism has no such form, the
+  call has keywords the form does not take or traced ones (learned settings), or T does not divide
+  over the devices; the layer then runs the mechanism itself (feature-mapped linear attention
+  through `recurrence.layer_scope`) and XLA partitions it."""
   devices = current_context_size()
-  if devices <= 1 or name not in _SHARDED_KEYWORDS or set(kwargs) - _SHARDED_KEYWORDS[name]:
+  if devices <= 1 or mech.flex_mods is None:
     return None
   if isinstance(segment_ids, (tuple, list)) or q.shape[1] != k.shape[1] or q.shape[1] % devices:
     return None
+  own = set(inspect.signature(mech.flex_mods).parameters) - {"causal", "num_heads"}
+  given = {key: x for key, x in kwargs.items() if x is not None}
+  if set(given) - own - _FORM_KEYWORDS or any(
+      isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(given)):
+    return None
+  mods = mech.flex_mods(causal, q.shape[2], **{key: x for key, x in given.items() if key in own})
+  if mods is None:
+    return None
   layout = "zigzag" if q.shape[1] % (2 * devices) == 0 else "contiguous"
   return context_parallel_attention(
-      q, k, v, mesh=jax.sharding.get_abstract_mesh(), causal=causal, segment_ids=segment_ids,
-      scale=kwargs.get("scale"), layout=layout,
-      implementation=kwargs.get("implementation") or "xla")
+      q, k, v, mesh=jax.sharding.get_abstract_mesh(), causal=mods.get("causal", causal),
+      segment_ids=segment_ids, mask_mod=mods.get("mask_mod"), score_mod=mods.get("score_mod"),
+      scale=given.get("scale"), layout=layout, implementation=given.get("implementation") or "xla")

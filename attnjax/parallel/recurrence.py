@@ -22,19 +22,22 @@ Shapes: `q [B,T,N,F]`, `k [B,T,K,F]`, `v [B,T,K,h]`, `log_decay` None, `[B,T,N]`
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from attnjax.core import checks
 from attnjax.core import linear
+from attnjax.core import linear_contract
 from attnjax.parallel.mesh import BATCH_AXES
 from attnjax.typing import Key, Output, Query, Value
 
-__all__ = ["context_parallel_linear_attention"]
+__all__ = ["context_parallel_linear_attention", "layer_scope"]
 
 _F32 = jnp.float32
 
@@ -89,6 +92,8 @@ def context_parallel_linear_attention(q: Query, k: Key, v: Value, *, mesh: Mesh,
     raise ValueError(f"{op}: the sequence length T = {T} must divide over context = {devices} "
                      "devices")
   batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  if B % int(np.prod([mesh.shape[a] for a in batch_axes], dtype=int)):
+    batch_axes = ()  # a batch that does not split (e.g. an init batch of 1) is replicated
   tokens = P(batch_axes if batch_axes else None, axis)
   has_decay = log_decay is not None
   seg = (jnp.asarray(segment_ids, jnp.int32) if segment_ids is not None
@@ -122,3 +127,21 @@ def context_parallel_linear_attention(q: Query, k: Key, v: Value, *, mesh: Mesh,
   run = jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 5, out_specs=tokens,
                       check_vma=False)
   return run(q, k, v, ld_arg, seg)
+
+
+def _sharded_form(qf, kf, v, *, devices, **kwargs):
+  if qf.shape[1] % devices:
+    return None     # the single-device form runs and XLA partitions it
+  return context_parallel_linear_attention(qf, kf, v, mesh=jax.sharding.get_abstract_mesh(),
+                                           **kwargs)
+
+
+def layer_scope():
+  """The scope `attnjax.nn.MultiHeadAttention` runs its mechanism in: under a mesh with `context`
+  > 1, every feature-mapped linear attention (`attnjax.core.linear_contract`) runs its causal
+  recurrence over whole sequences as `context_parallel_linear_attention`; elsewhere it changes
+  nothing."""
+  mesh = jax.sharding.get_abstract_mesh()
+  devices = int(mesh.shape["context"]) if "context" in mesh.axis_names else 1
+  form = functools.partial(_sharded_form, devices=devices) if devices > 1 else None
+  return linear_contract.sequence_form(form)

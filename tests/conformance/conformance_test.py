@@ -24,6 +24,7 @@ mechanism per family by default and every mechanism under `make test-slow`.
 """
 
 import functools
+import inspect
 
 import beartype
 import chex
@@ -34,6 +35,8 @@ import numpy as np
 import pytest
 
 import attnjax as aj
+from attnjax.core import flex
+from attnjax.core import masks
 from attnjax.registry import PATTERNS
 from tests import inputs
 from tests import tolerances
@@ -445,6 +448,25 @@ def test_reads_exactly_the_inputs_it_declares(mech):
                    **{spec.name: bumped.astype(np.float32)})
     assert tolerances.rel_rms(out, base) > tolerances.PARAM_CHANGED_REL_RMS, (
         f"learned array {spec.name} does not matter")
+
+
+def test_flex_mods_compute_the_mechanism(mech):
+  """A mechanism that declares `flex_mods` (the form context parallelism runs) equals plain flex
+  attention under those mods, at its base pattern."""
+  if mech.flex_mods is None:
+    pytest.skip("no flex_mods")
+  causal, cross, s = _pattern_args(_some_pattern(mech))
+  if cross:
+    pytest.skip("context-parallel forms are self-attention")
+  q, k, v = _inputs(mech, s=s)
+  own = set(inspect.signature(mech.flex_mods).parameters) - {"causal", "num_heads"}
+  mods = mech.flex_mods(causal, N, **{key: x for key, x in _example(mech).items() if key in own})
+  mods = {"causal": causal, **mods}
+  mask = masks.combine_masks(masks.causal(0) if mods.pop("causal") else None, mods.get("mask_mod"))
+  flex_out = jax.jit(lambda q, k, v: flex.flex_attention(
+      q, k, v, mask_mod=mask, score_mod=mods.get("score_mod"), implementation="xla"))(q, k, v)
+  chex.assert_trees_all_close(flex_out, _forward(mech, q, k, v, causal=causal, cross=cross),
+                              **tolerances.output(jnp.float32))
 
 
 def test_unknown_mechanism_is_a_clear_error():

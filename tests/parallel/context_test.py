@@ -1,10 +1,11 @@
 """Context parallelism (ring attention, arXiv:2310.01889): on 8 fake CPU devices, attention sharded
 along T over the `context` axis equals the single-device flex attention in outputs and gradients
-(causal in both layouts, a sliding window, packed documents, the all-gather strategy, GQA, a batch
-also split over `data`), and so does the gated linear recurrence with its states handed across
-devices (per-head and per-key decay, normalized, packed documents); the zigzag layout balances
-causal tiles across devices and the contiguous one does not; bad meshes stop with a clear error
-before compiling."""
+(causal in both layouts, a sliding window, a per-row static block mask, packed documents, the
+all-gather strategy, GQA, a batch also split over `data`), and so does the gated linear recurrence
+with its states handed across devices (per-head and per-key decay, normalized, packed documents);
+the Flax layer under a context mesh runs the context-parallel forms by itself and equals the layer
+without one; the zigzag layout balances causal tiles across devices and the contiguous one does not;
+bad meshes and misaligned block masks stop with a clear error before compiling."""
 
 import json
 import os
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attnjax.core import masks
+from attnjax.core.block_mask import create_block_mask
 from attnjax.parallel import context as cp
 from attnjax.parallel import mesh as mesh_lib
 from tests import tolerances
@@ -26,6 +29,7 @@ _SCRIPT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from attnjax.core import flex, masks
+from attnjax.core.block_mask import create_block_mask
 from attnjax.parallel import context as cp
 from attnjax.parallel import mesh as mesh_lib
 
@@ -36,10 +40,16 @@ k = jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32)
 v = jnp.asarray(rng.standard_normal((B, T, K, h)), jnp.float32)
 seg = jnp.asarray(np.stack([[0] * 20 + [1] * 28, [0] * 33 + [1] * 15]))
 window = lambda b, n, i, j: jnp.abs(i - j) < 7
+rowwise = lambda b, n, i, j: jnp.abs(i - j) < jnp.where(b == 0, 5, 13)
 cases = {
     "causal_zigzag": ({"context": 4, "data": 2}, dict(causal=True), masks.causal(0)),
     "causal_contiguous_8": ({"context": 8}, dict(causal=True, layout="contiguous"), masks.causal(0)),
     "window": ({"context": 4, "data": 2}, dict(mask_mod=window), window),
+    # A static block mask (6-token tiles = the zigzag chunks of 48 tokens over 4 devices), per
+    # batch row: a wider window on row 1.
+    "block_mask": ({"context": 4, "data": 2}, dict(block_mask=create_block_mask(
+        rowwise, B, None, T, T, block_q=6, block_kv=6), causal=True),
+                   masks.combine_masks(masks.causal(0), rowwise)),
     "documents_allgather": ({"context": 4, "data": 2},
                             dict(causal=True, segment_ids=seg, strategy="allgather"),
                             masks.combine_masks(masks.causal(0), masks.document(seg, seg))),
@@ -77,6 +87,37 @@ for name, kw, (qq, kk) in [
   (_, ga), (_, gb) = loss(ours)(qq, kk, v), loss(ref)(qq, kk, v)
   report[name] = [float(jnp.max(jnp.abs(out_a - out_b)))] + [
       float(jnp.max(jnp.abs(x - y))) for x, y in zip(ga, gb)]
+
+# The layer under a context mesh (config only): each mechanism with a context-parallel form equals
+# the same layer without a mesh, in outputs and input gradients, and its program holds the form's
+# collectives (the ring's collective-permute; the recurrence's all-gather of chunk states).
+import attnjax as aj
+x = jnp.asarray(rng.standard_normal((B, T, 16)), jnp.float32)
+layers = {
+    "layer_softmax": (dict(mechanism="softmax", causal=True), True, "collective_permute"),
+    "layer_sliding_window": (dict(mechanism="sliding_window", causal=True,
+                                  mechanism_kwargs={"window": 9}), False, "collective_permute"),
+    "layer_alibi": (dict(mechanism="alibi"), False, "collective_permute"),
+    "layer_softcap": (dict(mechanism="softcap", causal=True, mechanism_kwargs={"cap": 2.0}),
+                      True, "collective_permute"),
+    "layer_prefix_lm": (dict(mechanism="prefix_lm", causal=True,
+                             mechanism_kwargs={"prefix_length": 13}), False, "collective_permute"),
+    "layer_lightning": (dict(mechanism="lightning_attention_2", causal=True), True, "all_gather"),
+    "layer_regla": (dict(mechanism="refined_gated_linear_attention", causal=True), False,
+                    "all_gather"),
+}
+for name, (kw, packed, collective) in layers.items():
+  layer = aj.nn.MultiHeadAttention(num_heads=4, num_kv_heads=2, **kw)
+  call = dict(segment_ids=seg) if packed else {}
+  params = layer.init(jax.random.key(0), x, **call)
+  f = lambda x: layer.apply(params, x, **call)
+  loss = jax.value_and_grad(lambda x: jnp.sum(jnp.sin(f(x))))
+  with jax.set_mesh(mesh):
+    text = jax.jit(f).lower(x).as_text()
+    out_a, (_, ga) = jax.jit(f)(x), jax.jit(loss)(x)
+  out_b, (_, gb) = jax.jit(f)(x), jax.jit(loss)(x)
+  report[name] = [float(jnp.max(jnp.abs(out_a - out_b))), float(jnp.max(jnp.abs(ga - gb))),
+                  collective in text]
 print(json.dumps(report))
 """
 
@@ -90,20 +131,28 @@ def _report():
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-CASES = ("causal_zigzag", "causal_contiguous_8", "window", "documents_allgather", "linear_documents",
-         "linear_key_decay_normalized")
+CASES = ("causal_zigzag", "causal_contiguous_8", "window", "block_mask", "documents_allgather",
+         "linear_documents", "linear_key_decay_normalized")
+# The Flax layer under a context mesh, one mechanism per form (ring flex mods; linear recurrence).
+LAYER_CASES = ("layer_softmax", "layer_sliding_window", "layer_alibi", "layer_softcap",
+               "layer_prefix_lm", "layer_lightning", "layer_regla")
 
 
 def test_sharded_attention_equals_single_device_outputs_and_gradients():
   # One test for every case: one 8-device subprocess (a module fixture would run once per xdist
   # worker).
   report = _report()
-  assert set(report) == set(CASES)
+  assert set(report) == set(CASES) | set(LAYER_CASES)
   for case in CASES:
     out, dq, dk, dv = report[case]
     assert out < tolerances.output(jnp.float32)["atol"], (case, out)
     for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
       assert g < tolerances.grad(jnp.float32)["atol"], (case, name, g)
+  for case in LAYER_CASES:
+    out, dx, sharded = report[case]
+    assert sharded, f"{case}: the layer did not run the context-parallel form"
+    assert out < tolerances.output(jnp.float32)["atol"], (case, out)
+    assert dx < tolerances.grad(jnp.float32)["atol"], (case, dx)
 
 
 def test_zigzag_balances_causal_tiles_and_contiguous_does_not():
@@ -132,3 +181,12 @@ def test_bad_meshes_stop_before_compiling():
     cp.layout_positions(16, 2, "striped")
   with pytest.raises(ValueError, match="self-attention"):
     cp.context_parallel_attention(q, q[:, :8], q[:, :8], mesh=mesh)
+  # One device on the context axis: each zigzag chunk is T = 16 tokens, which 6-token tiles split.
+  q16 = np.zeros((2, 16, 2, 4), np.float32)
+  context = mesh_lib.make_mesh({"context": 1, "data": -1})
+  misaligned = create_block_mask(masks.causal(0), None, None, 16, 16, block_q=6, block_kv=6)
+  with pytest.raises(ValueError, match=r"tiles \(6, 6\) do not align with the shards"):
+    cp.context_parallel_attention(q16, q16, q16, mesh=context, block_mask=misaligned)
+  wrong_length = create_block_mask(masks.causal(0), None, None, 32, 32, block_q=8, block_kv=8)
+  with pytest.raises(ValueError, match=r"built for \(T, S\) = \(32, 32\)"):
+    cp.context_parallel_attention(q16, q16, q16, mesh=context, block_mask=wrong_length)

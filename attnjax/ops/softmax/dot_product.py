@@ -114,4 +114,5 @@ def softmax_attention(q: Query, k: Key, v: Value, *, causal: bool = False, segme
 
 register(Mechanism(
     name="softmax", fn=softmax_attention, family="softmax-core", seeds=(147,),
-    paper="Attention Is All You Need", arxiv="1706.03762"))
+    paper="Attention Is All You Need", arxiv="1706.03762",
+    flex_mods=lambda causal, num_heads: {}))   # flex attention as it is

@@ -20,6 +20,7 @@ from attnjax.typing import Key, Lengths, Output, Query, Value
 __all__ = ["alibi_attention", "document_masked_attention", "flex_mechanism",
            "prefix_lm_attention", "sliding_window_attention", "softcap_attention"]
 
+_GEMMA2_CAP = 50.0
 _FLEX_PAPER = dict(paper="Flex Attention: A Programming Model for Generating Optimized Attention "
                          "Kernels", arxiv="2412.05496")
 
@@ -47,13 +48,16 @@ def sliding_window_attention(q: Query, k: Key, v: Value, *, window: int, causal:
   `dot_product_attention(window=w)`); `masks.sliding_window(window - 1, window - 1)` gives it in
   distances. A window of at least the sequence length equals full (or causal) attention.
   """
+  return _flex_with("sliding_window", q, k, v, causal=causal, segment_ids=segment_ids,
+                    q_offset=q_offset, kv_lengths=kv_lengths, scale=scale,
+                    implementation=implementation, mask_mod=_window_mask(window, q_offset))
+
+
+def _window_mask(window, q_offset=0):
   if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
     raise ValueError(f"sliding_window: `window` must be an int >= 1 (keys each query sees on each "
                      f"allowed side, its own included), got {window!r}")
-  return _flex_with("sliding_window", q, k, v, causal=causal, segment_ids=segment_ids,
-                    q_offset=q_offset, kv_lengths=kv_lengths, scale=scale,
-                    implementation=implementation,
-                    mask_mod=masks.sliding_window(window - 1, window - 1, offset=q_offset))
+  return masks.sliding_window(window - 1, window - 1, offset=q_offset)
 
 
 def alibi_attention(q: Query, k: Key, v: Value, *, causal: bool = False, segment_ids=None,
@@ -70,7 +74,7 @@ def alibi_attention(q: Query, k: Key, v: Value, *, causal: bool = False, segment
                     score_mod=masks.alibi(slopes, offset=q_offset, symmetric=not causal))
 
 
-def softcap_attention(q: Query, k: Key, v: Value, *, cap: float = 50.0, causal: bool = False,
+def softcap_attention(q: Query, k: Key, v: Value, *, cap: float = _GEMMA2_CAP, causal: bool = False,
                       segment_ids=None, q_offset=0, kv_lengths: Optional[Lengths] = None,
                       scale: Optional[float] = None,
                       implementation: Optional[str] = None) -> Output:
@@ -115,6 +119,33 @@ def prefix_lm_attention(q: Query, k: Key, v: Value, *, prefix_length, causal: bo
                     mask_mod=masks.prefix_lm(prefix_length, offset=q_offset))
 
 
+# Each variant as plain flex attention under its mods (`Mechanism.flex_mods`), positions global.
+def _no_mods(causal, num_heads):
+  return {}
+
+
+def _window_mods(causal, num_heads, window):
+  return dict(mask_mod=_window_mask(window))
+
+
+def _alibi_mods(causal, num_heads, slopes=None):
+  slopes = masks.alibi_slopes(num_heads) if slopes is None else slopes
+  return dict(score_mod=masks.alibi(slopes, symmetric=not causal))
+
+
+def _softcap_mods(causal, num_heads, cap=_GEMMA2_CAP):
+  return dict(score_mod=masks.softcap(cap))
+
+
+def _prefix_lm_mods(causal, num_heads, prefix_length):
+  if not causal:
+    raise ValueError("prefix_lm: the prefix-LM mask is causal after the prefix; call with "
+                     "causal=True")
+  if isinstance(prefix_length, bool) or not isinstance(prefix_length, (int, np.integer)):
+    return None   # a prefix per example indexes the batch, which a sharded form splits
+  return dict(mask_mod=masks.prefix_lm(int(prefix_length)), causal=False)
+
+
 register(Mechanism(name="flex", fn=flex_mechanism, family="kernel", seeds=(195,),
                    **_FLEX_PAPER, example=dict(score_mod=masks.softcap(20.0))))
 register(Mechanism(name="sliding_window", fn=sliding_window_attention, family="local-window",
@@ -123,15 +154,15 @@ register(Mechanism(name="sliding_window", fn=sliding_window_attention, family="l
                    # Decoding reads the last `window` cache slots (all of them when no window is
                    # given: the size is then only bounded by the cache).
                    state_size=lambda T, N, K, H, h, kw: (
-                       min(kw.get("window") or T, T) * K * (H + h))))
+                       min(kw.get("window") or T, T) * K * (H + h)), flex_mods=_window_mods))
 register(Mechanism(name="alibi", fn=alibi_attention, family="positional", seeds=(195,),
                    paper="Train Short, Test Long: Attention with Linear Biases Enables Input "
-                         "Length Extrapolation", arxiv="2108.12409"))
+                         "Length Extrapolation", arxiv="2108.12409", flex_mods=_alibi_mods))
 register(Mechanism(name="softcap", fn=softcap_attention, family="softmax-variant", seeds=(195,),
-                   **_FLEX_PAPER, example=dict(cap=2.0)))
+                   **_FLEX_PAPER, example=dict(cap=2.0), flex_mods=_softcap_mods))
 register(Mechanism(name="document_masked", fn=document_masked_attention, family="softmax-core",
-                   seeds=(195,), **_FLEX_PAPER))
+                   seeds=(195,), **_FLEX_PAPER, flex_mods=_no_mods))
 register(Mechanism(name="prefix_lm", fn=prefix_lm_attention, family="softmax-core", seeds=(195,),
                    **_FLEX_PAPER, patterns=frozenset({"causal_self", "causal_cross"}),
                    # The prefix is in absolute positions, not per packed document.
-                   packed=False, example=dict(prefix_length=5)))
+                   packed=False, example=dict(prefix_length=5), flex_mods=_prefix_lm_mods))
