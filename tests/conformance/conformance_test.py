@@ -6,8 +6,7 @@ runs of one compiled program are bitwise equal; causal rows unaffected by future
 supported pattern works and each unsupported one raises; every implementation agrees with the
 reference in outputs at every pattern and in each gradient (dq, dk, dv and one per learned array,
 compared by name) at the base pattern and its causal/noncausal twin (a mechanism with the reference
-alone reports a skip); prefill followed by step-by-step decode equals
-the full forward (over a KV cache, and with the carried state of recurrent mechanisms); packed
+alone reports a skip); prefill followed by step-by-step decode equals the full forward (over a KV cache, and with the carried state of recurrent mechanisms); packed
 sequences equal separate ones; bf16 close to fp32 on the same input values; each example of a
 batch independent of the others; every input and learned array the mechanism declares changes its
 output, and an input it declares unread does not.
@@ -20,7 +19,8 @@ those sizes (`Mechanism.example_kwargs_for`), which exercise it there (e.g. a wi
 the sequence). Compiled programs are shared between checks of the same mechanism and arguments (the
 suite is compile-bound): the forward-only checks at the base pattern read the output of the gradient
 program the other checks compile, and the eager run (op-by-op, the costliest check) covers one
-mechanism per family by default and every mechanism under `make test-slow`.
+mechanism per family by default and every mechanism under `make test-slow`, and so do the gradient
+comparisons at the twin pattern (a gradient program is the costliest compile after eager).
 """
 
 import functools
@@ -244,18 +244,23 @@ def test_dtype_preserved_gradients_finite_and_bf16_close_to_fp32(mech):
   assert tolerances.rel_rms(outs[jnp.bfloat16], outs[jnp.float32]) < tolerances.BF16_VS_FP32_REL_RMS
 
 
-def _eager_cases():
-  """Every mechanism; eager (op-by-op) dispatch compiles each primitive on its own, the costliest
-  check of the suite (5-10 s a mechanism on 2 cores), so the default suite runs the first mechanism
-  of each family (one per family's code patterns) and `make test-slow` the rest."""
-  first = {}
-  for m in MECHANISMS:
-    first.setdefault(m.family, m.name)
-  return [pytest.param(m.name, marks=() if first[m.family] == m.name else pytest.mark.slow)
-          for m in MECHANISMS]
+# The first mechanism of each family (one per family's code patterns): the costliest checks run for
+# these in the default suite and for the rest under `make test-slow`.
+_FIRST_OF_FAMILY = {}
+for _m in MECHANISMS:
+  _FIRST_OF_FAMILY.setdefault(_m.family, _m.name)
+REPRESENTATIVES = frozenset(_FIRST_OF_FAMILY.values())
 
 
-@pytest.mark.parametrize("name", _eager_cases())
+def _costly_cases(names=NAMES):
+  """`names` as parameters, those outside REPRESENTATIVES marked slow."""
+  return [pytest.param(name, marks=() if name in REPRESENTATIVES else pytest.mark.slow)
+          for name in names]
+
+
+# Eager (op-by-op) dispatch compiles each primitive on its own, the costliest check of the suite
+# (5-10 s a mechanism on 2 cores).
+@pytest.mark.parametrize("name", _costly_cases())
 def test_jit_equals_eager(name):
   mech = aj.get_mechanism(name)
   causal, cross, s = _pattern_args(_some_pattern(mech))
@@ -293,14 +298,22 @@ def test_causal_rows_ignore_future_keys(mech):
   chex.assert_trees_all_close(out2[:, :cut + 1], out[:, :cut + 1], **tolerances.output(jnp.float32))
 
 
-def _gradient_patterns(m):
-  """The patterns at which implementations are compared in their gradients too: the base pattern
-  and the one that differs from it in causality alone (so both mask directions of every backward
-  are checked). At the other patterns the outputs are compared: a gradient program costs about
-  three forward ones to compile, and the cross patterns only change the key length."""
+def _flipped_pattern(m):
+  """The supported pattern that differs from the base one in causality alone, or None."""
   base = _some_pattern(m)
   flipped = base[len("causal_"):] if base.startswith("causal_") else f"causal_{base}"
-  return {base} | ({flipped} & set(m.patterns))
+  return flipped if flipped in m.patterns else None
+
+
+def _gradient_patterns(m):
+  """The patterns at which implementations are compared in their gradients too: the base pattern,
+  and for a family's first mechanism also the one that differs from it in causality alone (so both
+  mask directions of the family's backward are checked; the other mechanisms' flipped pattern is
+  `test_flipped_pattern_gradients_agree`, slow). At the other patterns the outputs are compared: a
+  gradient program costs about three forward ones to compile, and the cross patterns only change
+  the key length."""
+  flipped = _flipped_pattern(m) if m.name in REPRESENTATIVES else None
+  return {_some_pattern(m)} | ({flipped} - {None})
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -329,6 +342,23 @@ def test_supported_patterns_run_and_implementations_agree(mech, pattern):
     if with_grads:
       _assert_close_by_name(grads, ref_grads, tolerances.grad(jnp.float32),
                             f"{impl} against the reference")
+
+
+@pytest.mark.parametrize("name", _costly_cases(sorted(set(NAMES) - REPRESENTATIVES)))
+def test_flipped_pattern_gradients_agree(name):
+  """Every implementation's gradients equal the reference's at the pattern of the other causality
+  (the representatives' are in test_supported_patterns_run_and_implementations_agree)."""
+  mech = aj.get_mechanism(name)
+  pattern, fast = _flipped_pattern(mech), _fast_path(mech)
+  if pattern is None or fast == "reference":
+    pytest.skip("no other causality, or the reference alone")
+  causal, cross, s = _pattern_args(pattern)
+  q, k, v = _inputs(mech, s=s)
+  _, ref_grads = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation="reference")
+  for impl in [impl for impl in mech.implementations if impl != "reference"]:
+    _, grads = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation=impl)
+    _assert_close_by_name(grads, ref_grads, tolerances.grad(jnp.float32),
+                          f"{impl} against the reference at {pattern}")
 
 
 def test_prefill_then_decode_equals_full_forward(mech):

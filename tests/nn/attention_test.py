@@ -27,11 +27,12 @@ def _apply(layer, variables, *args, **kwargs):
 
 def _init_apply(layer, x, kv=None, **given):
   """(variables, output) of a fresh layer on `x` (cross-attending to `kv` when given; with the
-  per-token arrays `given`), in one compilation."""
+  per-token arrays `given`), in one compilation of one pass (`init_with_output`: the output of the
+  initialized variables, without a second trace of the layer to apply them)."""
 
   def run(x, kv, given):
-    variables = layer.init(jax.random.PRNGKey(0), x, kv, **given)
-    return variables, layer.apply(variables, x, kv, **given)
+    out, variables = layer.init_with_output(jax.random.PRNGKey(0), x, kv, **given)
+    return variables, out
 
   return jax.jit(run)(x, kv, given)
 
