@@ -6,10 +6,11 @@ runs of one compiled program are bitwise equal; causal rows unaffected by future
 supported pattern works and each unsupported one raises; every implementation agrees with the
 reference in outputs at every pattern and in each gradient (dq, dk, dv and one per learned array,
 compared by name) at the base pattern and its causal/noncausal twin (a mechanism with the reference
-alone reports a skip); prefill followed by step-by-step decode equals the full forward (over a KV cache, and with the carried state of recurrent mechanisms); packed
-sequences equal separate ones; bf16 close to fp32 on the same input values; each example of a
-batch independent of the others; every input and learned array the mechanism declares changes its
-output, and an input it declares unread does not.
+alone reports a skip); prefill followed by step-by-step decode equals the full forward (over a KV
+cache, and with the carried state of recurrent mechanisms); packed sequences equal separate ones;
+bf16 close to fp32 on the same input values; each example of a batch independent of the others;
+every input and learned array the mechanism declares changes its output, and an input it declares
+unread does not; a mechanism's `flex_mods` compute it as plain flex attention.
 
 Per-token arrays a mechanism takes (`Mechanism.token_inputs`: forget gates, token types, ...) are
 derived from q and k inside each call (`tests.inputs.token_inputs`), so they move with their tokens.
