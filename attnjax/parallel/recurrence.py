@@ -16,6 +16,11 @@ changes. A chunk with a reset inside passes nothing through (A_d = 0) and contri
 document's tokens to U_d; a state crosses from device d − 1 to d only when d's first token continues
 d − 1's last document.
 
+The Flax layer runs its mechanism inside `layer_scope()`: under a mesh with `context` > 1, every
+mechanism on `attnjax.core.linear_contract.feature_linear_attention` (Lightning Attention-2, ReGLA,
+cosine, FAVOR+, ... : feature maps computed per token, then this recurrence) runs its causal
+recurrence over whole sequences here, with no code of its own.
+
 Shapes: `q [B,T,N,F]`, `k [B,T,K,F]`, `v [B,T,K,h]`, `log_decay` None, `[B,T,N]` or `[B,T,N,F]` →
 `[B,T,N,h]`.
 """
