@@ -21,7 +21,8 @@ the sequence). Compiled programs are shared between checks of the same mechanism
 suite is compile-bound): the forward-only checks at the base pattern read the output of the gradient
 program the other checks compile, and the eager run (op-by-op, the costliest check) covers one
 mechanism per family by default and every mechanism under `make test-slow`, and so do the gradient
-comparisons at the twin pattern (a gradient program is the costliest compile after eager).
+comparisons at the twin pattern, the bf16 gradients and decoding at per-row offsets (each one more
+compiled program per mechanism; a gradient program is the costliest compile after eager).
 """
 
 import functools
@@ -230,17 +231,21 @@ def test_dtype_preserved_gradients_finite_and_bf16_close_to_fp32(mech):
   their inputs, and the bf16 output is close to the fp32 one on the same values (the fp32 inputs
   are the bf16 ones, widened: the check measures computing in bf16, not rounding the inputs, which
   a quantizing mechanism's discrete steps would amplify). The fp32 program is the one the
-  implementations check compiles (shared)."""
+  implementations check compiles (shared). bf16 gradients: a family's first mechanism here, the
+  others in `test_bf16_gradients_are_finite` (slow)."""
   causal, cross, s = _pattern_args(_some_pattern(mech))
   outs = {}
   for dtype in (jnp.float32, jnp.bfloat16):
     q, k, v = (x.astype(dtype) for x in _inputs(mech, s=s, dtype=jnp.bfloat16))
-    out, grads = _gradients(mech, q, k, v, causal=causal, cross=cross,
-                            implementation=_fast_path(mech))
+    if dtype == jnp.bfloat16 and mech.name not in REPRESENTATIVES:
+      out = _call(mech, q, k, v, causal=causal, cross=cross, implementation=_fast_path(mech))
+    else:
+      out, grads = _gradients(mech, q, k, v, causal=causal, cross=cross,
+                              implementation=_fast_path(mech))
+      chex.assert_tree_all_finite(grads)
+      for name, x in zip(("dq", "dk", "dv"), (q, k, v), strict=True):
+        chex.assert_equal_shape([grads[name], x])
     assert out.dtype == dtype
-    chex.assert_tree_all_finite(grads)
-    for name, x in zip(("dq", "dk", "dv"), (q, k, v), strict=True):
-      chex.assert_equal_shape([grads[name], x])
     outs[dtype] = _host(out).astype(np.float32)
   assert tolerances.rel_rms(outs[jnp.bfloat16], outs[jnp.float32]) < tolerances.BF16_VS_FP32_REL_RMS
 
@@ -346,6 +351,19 @@ def test_supported_patterns_run_and_implementations_agree(mech, pattern):
 
 
 @pytest.mark.parametrize("name", _costly_cases(sorted(set(NAMES) - REPRESENTATIVES)))
+def test_bf16_gradients_are_finite(name):
+  """bf16 gradients finite and shaped as their inputs (the representatives' are checked in
+  test_dtype_preserved_gradients_finite_and_bf16_close_to_fp32)."""
+  mech = aj.get_mechanism(name)
+  causal, cross, s = _pattern_args(_some_pattern(mech))
+  q, k, v = _inputs(mech, s=s, dtype=jnp.bfloat16)
+  _, grads = _gradients(mech, q, k, v, causal=causal, cross=cross, implementation=_fast_path(mech))
+  chex.assert_tree_all_finite(grads)
+  for name, x in zip(("dq", "dk", "dv"), (q, k, v), strict=True):
+    chex.assert_equal_shape([grads[name], x])
+
+
+@pytest.mark.parametrize("name", _costly_cases(sorted(set(NAMES) - REPRESENTATIVES)))
 def test_flipped_pattern_gradients_agree(name):
   """Every implementation's gradients equal the reference's at the pattern of the other causality
   (the representatives' are in test_supported_patterns_run_and_implementations_agree)."""
@@ -385,7 +403,12 @@ def test_prefill_then_decode_equals_full_forward(mech):
     chex.assert_trees_all_close(out[:, 0], full[:, t], **tolerances.output(jnp.float32))
 
 
-def test_decode_with_per_row_offsets(mech):
+@pytest.mark.parametrize("name", _costly_cases())
+def test_decode_with_per_row_offsets(name):
+  """Each batch row decodes at its own position (a family's first mechanism by default, every
+  mechanism under `make test-slow`; the step program at a scalar offset is checked for all by
+  test_prefill_then_decode_equals_full_forward)."""
+  mech = aj.get_mechanism(name)
   if not mech.decode or "causal_self" not in mech.patterns:
     pytest.skip("no decode")
   q, k, v = _inputs(mech, s=T)

@@ -5,6 +5,7 @@ metrics."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from attnjax import data
 from attnjax.models import perceiver_classifier as pc
@@ -35,6 +36,7 @@ def test_logits_per_sequence():
                              **tolerances.OUTPUT[jnp.float32])
 
 
+@pytest.mark.slow   # the Perceiver block's linear cost is tests/cross/perceiver_test.py's, by default
 def test_cost_is_linear_in_length():
   model = _model()
   lengths = (64, 128, 256)
