@@ -235,6 +235,24 @@ class Mechanism:
       return dict(self.example(**sizes))
 
   @property
+  def flex_mods_keywords(self) -> frozenset[str]:
+    """The mechanism keywords its `flex_mods` reads (empty when it declares none)."""
+    if self.flex_mods is None:
+      return frozenset()
+    return frozenset(inspect.signature(self.flex_mods).parameters) - {"causal", "num_heads"}
+
+  def flex_mods_for(self, causal: bool, num_heads: int,
+                    kwargs: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+    """`flex_mods` for the pattern and the keyword arguments `kwargs`, passing only those it names
+    (`flex_mods_keywords`; its defaults fill the rest). None when the mechanism has no such form,
+    or none at these settings."""
+    if self.flex_mods is None:
+      return None
+    own = self.flex_mods_keywords
+    return self.flex_mods(causal, num_heads, **{key: x for key, x in (kwargs or {}).items()
+                                                 if key in own})
+
+  @property
   def example_kwargs(self) -> dict[str, Any]:
     """`example_kwargs_for` at the default sizes (N, K, H, h) = (4, 2, 8, 6)."""
     return self.example_kwargs_for()

@@ -37,7 +37,6 @@ Shapes: `q [B,T,N,H]`, `k [B,T,K,H]`, `v [B,T,K,h]` (self-attention: T = S) → 
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Optional
 
 import jax
@@ -363,12 +362,11 @@ def layer_attention(mech: Mechanism, q: Query, k: Key, v: Value, *, causal: bool
     return None
   if isinstance(segment_ids, (tuple, list)) or q.shape[1] != k.shape[1] or q.shape[1] % devices:
     return None
-  own = set(inspect.signature(mech.flex_mods).parameters) - {"causal", "num_heads"}
   given = {key: x for key, x in kwargs.items() if x is not None}
-  if set(given) - own - _FORM_KEYWORDS or any(
+  if set(given) - mech.flex_mods_keywords - _FORM_KEYWORDS or any(
       isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(given)):
     return None
-  mods = mech.flex_mods(causal, q.shape[2], **{key: x for key, x in given.items() if key in own})
+  mods = mech.flex_mods_for(causal, q.shape[2], given)
   if mods is None:
     return None
   layout = "zigzag" if q.shape[1] % (2 * devices) == 0 else "contiguous"

@@ -26,7 +26,6 @@ compiled program per mechanism; a gradient program is the costliest compile afte
 """
 
 import functools
-import inspect
 
 import beartype
 import chex
@@ -513,8 +512,7 @@ def test_flex_mods_compute_the_mechanism(mech):
   if cross:
     pytest.skip("context-parallel forms are self-attention")
   q, k, v = _inputs(mech, s=s)
-  own = set(inspect.signature(mech.flex_mods).parameters) - {"causal", "num_heads"}
-  mods = mech.flex_mods(causal, N, **{key: x for key, x in _example(mech).items() if key in own})
+  mods = mech.flex_mods_for(causal, N, _example(mech))
   mods = {"causal": causal, **mods}
   mask = masks.combine_masks(masks.causal(0) if mods.pop("causal") else None, mods.get("mask_mod"))
   flex_out = jax.jit(lambda q, k, v: flex.flex_attention(
