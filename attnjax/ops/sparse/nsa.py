@@ -28,7 +28,8 @@ dim; its block length l is the length of the learned `compress_pos_k` (so the le
 The paper gives each branch its own key/value projections; here the one k, v the layer projects are
 shared by the three branches. The compressed branch is a dense `[T, S/d]` softmax (its probabilities
 are needed for the selection anyway), computed by query chunks that stay in cache, each chunk's
-probabilities projected onto the selection blocks at once (eq. 9 as shifted sums); the selected
+probabilities projected onto the selection blocks at once (eq. 9 as shifted sums); a causal call at
+a static offset runs the chunks in bands that read only the blocks their last query sees; the selected
 branch runs by default as the paper's kernel groups its loads, each selected block's queries
 gathered into dense tiles (`implementation="gathered"`, `attnjax.core.block_gather`: the work is
 T·n blocks), and on `flex_attention` under the selection's `BlockMask` with "xla" / "reference";
@@ -194,20 +195,22 @@ def _select(p_slc, *, S, K, select_block, num_selected, causal, q_offset, kv_len
 # Scores held at once by the compressed branch (one query chunk of every head): small enough to stay
 # in cache, where the dense branch is compute- rather than memory-bound.
 _CHUNK_SCORES = 1 << 19
+# Causal query chunks are run in up to this many bands, each over the compressed blocks its last row
+# can see: about (1 + 1/bands) / 2 of the dense [T, S/d] work (the paper's kernel skips the rest too).
+_CAUSAL_BANDS = 8
 
 
 def _compressed_branch(q, kc, vc, *, visible, scale, weights: np.ndarray, block: int, stride: int,
-                       select_block: int):
+                       select_block: int, causal_offset: Optional[int]):
   """Dense softmax over the compressed tokens, by query chunks whose scores stay in cache (the
   backward recomputes them, as flash attention does): `(o [B, T, N, h] float32, p_slc [B, N, T, nb])`
   with p_slc the probabilities projected onto the selection blocks (eq. 9; no gradient: it only
-  ranks)."""
+  ranks). `causal_offset`: the offset of a causal call when it is static; each band of query chunks
+  then reads only the compressed blocks that end by its last row (None: every chunk reads all)."""
   B, T, N, H = q.shape
   K, nc, h = kc.shape[2], kc.shape[1], vc.shape[-1]
   G, nb = N // K, weights.shape[1]
-  if nc == 0:  # no complete block: nothing to attend to (and no max over an empty axis)
-    return jnp.zeros((B, T, N, h), jnp.float32), jnp.zeros((B, N, T, nb), jnp.float32)
-  rows = max(1, min(T, _CHUNK_SCORES // (B * N * nc)))
+  rows = max(1, min(T, _CHUNK_SCORES // (B * N * max(nc, 1))))
   chunks = -(-T // rows)
   pad = chunks * rows - T
   qc = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -215,21 +218,38 @@ def _compressed_branch(q, kc, vc, *, visible, scale, weights: np.ndarray, block:
   vis = jnp.pad(jnp.broadcast_to(visible, (B, T, nc)), ((0, 0), (0, pad), (0, 0)))
   vis = jnp.moveaxis(vis.reshape(B, chunks, rows, nc), 1, 0)
 
-  @jax.checkpoint
-  def chunk(args):
-    qq, vv = args                                                                # [B, rows, K, G, H]
-    s = jnp.einsum("btkgh,bckh->bkgtc", qq, kc) * scale
-    s = jnp.where(vv[:, None, None], s, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    e = jnp.where(vv[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    den = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / jnp.where(den > 0, den, 1.0)                                         # [B, K, G, rows, nc]
-    o = jnp.einsum("bkgtc,bckh->btkgh", p, vc)
-    return o, _onto_selection_blocks(jax.lax.stop_gradient(p), weights, block=block, stride=stride,
-                                     select_block=select_block)
+  def band(qq, vv, seen: int):
+    """Chunks `qq [c, B, rows, K, G, H]` over the first `seen` compressed blocks."""
+    if seen == 0:  # no complete block visible: nothing to attend to (and no max over an empty axis)
+      return (jnp.zeros(qq.shape[:-1] + (h,), jnp.float32),
+              jnp.zeros((qq.shape[0], B, K, G, rows, nb), jnp.float32))
+    kk, vals, w = kc[:, :seen], vc[:, :seen], weights[:seen]
 
-  # [chunks, B, rows, K, G, h] and [chunks, B, K, G, rows, nb]
-  o, p_slc = jax.lax.map(chunk, (qc, vis))
+    @jax.checkpoint
+    def chunk(args):
+      qq, vv = args                                                              # [B, rows, K, G, H]
+      s = jnp.einsum("btkgh,bckh->bkgtc", qq, kk) * scale
+      s = jnp.where(vv[:, None, None], s, -jnp.inf)
+      m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+      e = jnp.where(vv[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+      den = jnp.sum(e, axis=-1, keepdims=True)
+      p = e / jnp.where(den > 0, den, 1.0)                                       # [B, K, G, rows, c]
+      o = jnp.einsum("bkgtc,bckh->btkgh", p, vals)
+      return o, _onto_selection_blocks(jax.lax.stop_gradient(p), w, block=block, stride=stride,
+                                       select_block=select_block)
+
+    return jax.lax.map(chunk, (qq, vv[..., :seen]))
+
+  bands = 1 if causal_offset is None else min(chunks, _CAUSAL_BANDS)
+  edges = np.linspace(0, chunks, bands + 1).round().astype(int)
+  parts = []
+  for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    # Blocks i that end by the band's last query: i·d + l <= position + 1.
+    seen = nc if causal_offset is None else int(
+        np.clip((causal_offset + hi * rows - block) // stride + 1, 0, nc))
+    parts.append(band(qc[lo:hi], vis[lo:hi], seen))
+  o = jnp.concatenate([part[0] for part in parts])          # [chunks, B, rows, K, G, h]
+  p_slc = jnp.concatenate([part[1] for part in parts])      # [chunks, B, K, G, rows, nb]
   o = jnp.moveaxis(o, 0, 1).reshape(B, chunks * rows, N, h)[:, :T]
   p_slc = jnp.moveaxis(p_slc, 0, 3).reshape(B, N, chunks * rows, nb)[:, :, :T]
   return o, p_slc
@@ -282,8 +302,11 @@ def native_sparse_attention(
     visible = visible & (ends[None, None, :] <= pos[..., None] + 1)
   weights = nsa_selection_weights(kc.shape[1], S, block=block, stride=compress_stride,
                                   select_block=select_block)
-  o_cmp, p_slc = _compressed_branch(q, kc, vc, visible=visible, scale=scale, weights=weights,
-                                    block=block, stride=compress_stride, select_block=select_block)
+  static = not isinstance(q_offset, jax.core.Tracer) and np.ndim(q_offset) == 0
+  o_cmp, p_slc = _compressed_branch(
+      q, kc, vc, visible=visible, scale=scale, weights=weights, block=block,
+      stride=compress_stride, select_block=select_block,
+      causal_offset=int(q_offset) if causal and static else None)
 
   # Selected branch: eq. 9 onto selection blocks (above), eq. 10 summed over each GQA group, top n.
   selected = _select(p_slc, S=S, K=K, select_block=select_block, num_selected=num_selected,
