@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from attnjax.nn.attention import CAPTURE
+from attnjax.nn.maps import CAPTURE
 
 __all__ = ["CAPTURE", "Captured", "capture", "from_state"]
 

@@ -1,7 +1,7 @@
 """Inference-time interventions on attention maps, as `edit_weights` functions.
 
 Each is a pure function of post-softmax maps `w [B, N, T, S]` (rows sum to 1 over visible keys), and
-a factory returning a `WeightsEdit` `fn(w, path) -> w` for `attnjax.nn.attention.edit_weights` (or
+a factory returning a `WeightsEdit` `fn(w, path) -> w` for `attnjax.nn.maps.edit_weights` (or
 the `edit=` of `attnjax.pretrained` encoders), which applies it in the layers named by their module
 paths ("layer_2/attention") and leaves the others alone.
 
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import catalog
-from attnjax.nn.attention import WeightsEdit
+from attnjax.nn.maps import WeightsEdit
 
 __all__ = ["attention_calibration", "calibration_edit", "first_token_pattern", "inject_patterns",
            "local_pattern", "matching_token_pattern", "previous_token_pattern", "rescale_columns",

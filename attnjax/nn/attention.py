@@ -51,55 +51,26 @@ Embedding", arXiv:2104.09864.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from attnjax import registry
-from attnjax.core import contract
-from attnjax.core import flex
-from attnjax.core import paged_attention
+from attnjax.nn import cache_steps
 from attnjax.nn import layer_parts
+from attnjax.nn import maps
+# Also importable from here, where they were first defined.
+from attnjax.nn.maps import CAPTURE, WeightsEdit, edit_weights  # noqa: F401
 from attnjax.parallel import context as context_parallel
 from attnjax.parallel import recurrence as context_recurrence
 from attnjax.ops.positional import rope
-from attnjax.ops.sparse import tidal_decode
 
 Initializer = Callable[..., Any]
-# The collection the layer sows the softmax weights and logits `[B, N, T, S]` of its queries and keys
-# into (float32; masked pairs: weight 0, logit -inf) when the collection is mutable, so any model's
-# one forward captures every layer: `model.apply(variables, x, mutable=[CAPTURE])`
-# (attnjax.analysis.capture). Decode steps over a cache capture over the cache.
-CAPTURE = "attention_maps"
 # TidalDecode's key positions `(indices, valid)`, each `[B, N, T, k]`.
 Selection = tuple[jax.Array, jax.Array]
-# `fn(weights [B, N, T, S] float32, path) -> weights`: an edit of the post-softmax maps (`edit_weights`).
-WeightsEdit = Callable[[jax.Array, str], jax.Array]
-_EDIT: contextvars.ContextVar[Optional[WeightsEdit]] = contextvars.ContextVar("attention_edit",
-                                                                              default=None)
-
-
-@contextlib.contextmanager
-def edit_weights(fn: WeightsEdit) -> Iterator[None]:
-  """Inference-time interventions on attention maps: inside the `with`, every softmax
-  `MultiHeadAttention` of a full (non-decode) forward computes its weights
-  w = softmax(q·k·scale + masks) `[B, N, T, S]` densely and outputs `fn(w, path) · V`, where `path`
-  is the layer's module path ("layers_2/attention"); `fn` may return `w` unchanged for layers it
-  leaves alone. The captured maps ("attention_maps") are the edited ones.
-
-  The edit is read when the model is traced: call `apply`, or a `jax.jit` made for it, inside the
-  `with` (a function jitted earlier keeps what it traced). Nested uses replace the outer edit.
-  """
-  token = _EDIT.set(fn)
-  try:
-    yield
-  finally:
-    _EDIT.reset(token)
 
 
 class MultiHeadAttention(nn.Module):
@@ -324,26 +295,26 @@ class MultiHeadAttention(nn.Module):
         raise ValueError("MultiHeadAttention: with a paged or StreamingLLM KV cache, "
                          "`segment_ids`, `kv_lengths` and `positions` are not supported: each "
                          "row's length gives them")
-      out = self._row_cache_step(row_cache, query, key, value, num_new, rotate)
+      out = cache_steps.row_cache_step(self, row_cache, query, key, value, num_new, rotate)
     elif shared:
-      out = self._shared_weights_step(shared_weights, value, decode, initialized)
+      out = cache_steps.shared_weights_step(self, shared_weights, value, decode, initialized)
     elif decode and initialized:
       if segment_ids is not None or kv_lengths is not None or positions is not None:
         raise ValueError("MultiHeadAttention: with decode=True over a cache, `segment_ids`, "
                          "`kv_lengths` and `positions` are not supported: the cache index gives "
                          "the positions and the visible length")
       if recurrent:
-        out = self._recurrent_step(mech, query, key, value, {**kwargs, **tokens}, rotate)
+        out = cache_steps.recurrent_step(self, mech, query, key, value, {**kwargs, **tokens}, rotate)
       else:
-        out, chosen, seen = self._decode_step(mech, query, key, value, kwargs, tokens, rotate,
-                                              selection, select_top_k)
+        out, chosen, seen = cache_steps.decode_step(self, mech, query, key, value, kwargs, tokens,
+                                                    rotate, selection, select_top_k)
     else:
       if decode and recurrent:
         # First call (init): the state before any token, zeros shaped as this input's final state.
         shapes = jax.eval_shape(
-            lambda q, k, v: self._attend(mech, q, k, v, causal=True, cross=False, segment_ids=None,
-                                         kv_lengths=None,
-                                         kwargs={**kwargs, **tokens, "return_final_state": True})[1],
+            lambda q, k, v: cache_steps.attend(
+                mech, q, k, v, causal=True, cross=False, segment_ids=None, kv_lengths=None,
+                kwargs={**kwargs, **tokens, "return_final_state": True})[1],
             query, key, value)
         self.variable("cache", "state", lambda: jax.tree.map(
             lambda s: jnp.zeros(s.shape, s.dtype), shapes))
@@ -368,8 +339,8 @@ class MultiHeadAttention(nn.Module):
         query = rotate(query, q_pos, seq_len)
         key = rotate(key, kv_pos, seq_len)
       seen = (query, key, dict(causal=self.causal, segment_ids=segment_ids, kv_lengths=kv_lengths))
-      if _EDIT.get() is not None and not decode:
-        out, edited = self._edited_step(mech, query, key, value, seen[2])
+      if maps.active_edit() is not None and not decode:
+        out, edited = maps.edited_step(self, mech, query, key, value, seen[2])
       else:
         # Under a mesh with a `context` axis > 1 (the trainer's `mesh.context`), a mechanism with a
         # context-parallel form runs sharded along T: flex mechanisms through their `flex_mods`
@@ -381,7 +352,7 @@ class MultiHeadAttention(nn.Module):
                                                  segment_ids=segment_ids, kwargs=kwargs)
         if out is None:
           with context_recurrence.layer_scope():
-            out = self._attend(mech, query, key, value, causal=self.causal, cross=cross,
+            out = cache_steps.attend(mech, query, key, value, causal=self.causal, cross=cross,
                                segment_ids=segment_ids, kv_lengths=kv_lengths,
                                kwargs={**kwargs, **tokens})
 
@@ -391,35 +362,17 @@ class MultiHeadAttention(nn.Module):
                         dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                         name="out")(out)
     # Not at init, where every collection is mutable: the maps would join the variables.
-    capture = (seen is not None and self.is_mutable_collection(CAPTURE)
+    capture = (seen is not None and self.is_mutable_collection(maps.CAPTURE)
                and not self.is_initializing())
     if return_weights or capture:
       q_seen, k_seen, mask_kw = seen
-      weights, logits = edited or self._weights(q_seen, k_seen, mask_kw)
+      weights, logits = edited or maps.attention_weights(q_seen, k_seen, mask_kw, self.scale)
       if capture:
-        self.sow(CAPTURE, "weights", weights)
-        self.sow(CAPTURE, "logits", logits)
+        self.sow(maps.CAPTURE, "weights", weights)
+        self.sow(maps.CAPTURE, "logits", logits)
       if return_weights:
         return y, weights
     return y if select_top_k is None else (y, chosen)
-
-  def _weights(self, query, key, mask_kw):
-    """Dense softmax weights and logits `[B, N, T, S]` (float32) under the layer's masks."""
-    B, T = query.shape[:2]
-    mask = contract.contract_mask(B=B, T=T, S=key.shape[1], op="MultiHeadAttention", **mask_kw)
-    return flex.attention_weights(query, key, mask_mod=mask, scale=self.scale)
-
-  def _edited_step(self, mech, query, key, value, mask_kw):
-    """`(fn(w) · V, (fn(w), logits))` for the active `edit_weights` fn."""
-    if mech.name != "softmax" or self.mechanism_kwargs:
-      raise ValueError(f"MultiHeadAttention: `edit_weights` edits softmax attention maps; this "
-                       f"layer runs {mech.name!r} with {dict(self.mechanism_kwargs or {})}")
-    weights, logits = self._weights(query, key, mask_kw)
-    new = _EDIT.get()(weights, "/".join(self.scope.path))
-    if new.shape != weights.shape:
-      raise ValueError(f"edit_weights: the edit must return weights of shape {weights.shape} "
-                       f"[B, N, T, S] (layer {'/'.join(self.scope.path)}), got {new.shape}")
-    return self._weights_times_values(new, value), (new.astype(jnp.float32), logits)
 
   def _mechanism_array(self, spec: registry.ParamSpec, shape: tuple[int, ...]) -> jax.Array:
     if spec.trainable:
@@ -427,150 +380,6 @@ class MultiHeadAttention(nn.Module):
     # Drawn once from the 'params' stream at init, like a parameter, but never trained.
     return self.variable(registry.BUFFERS, spec.name,
                          lambda: spec.init(self.make_rng("params"), shape, self.param_dtype)).value
-
-  def _decode_step(self, mech, query, key, value, kwargs, tokens, rotate, selection, select_top_k):
-    """Writes the new keys/values (and side-"kv" per-token arrays) at `cache_index` and attends
-    over the whole cache (over the `selection` only, on a TidalDecode sparse layer's single-token
-    step); returns the output, for `select_top_k` the step's selection (else None), and the
-    queries, keys and mask keywords of the step (for `return_weights`)."""
-    cached_key = self.variable("cache", "cached_key")
-    # A mechanism that does not read v (Slim attention: values from keys) caches keys only.
-    keys_only = "v" not in mech.reads
-    cached_value = None if keys_only else self.variable("cache", "cached_value")
-    cache_index = self.variable("cache", "cache_index")
-    B, T = query.shape[:2]
-    s_max = cached_key.value.shape[1]
-    if cached_key.value.shape[0] != B or cached_key.value.shape[2:] != key.shape[2:]:
-      raise ValueError(f"MultiHeadAttention: decode input gives keys {key.shape}, incompatible "
-                       f"with the cache {cached_key.value.shape} [B, S_max, K, H]")
-    if T > s_max:
-      raise ValueError(f"MultiHeadAttention: {T} new tokens do not fit in a cache of length "
-                       f"{s_max}")
-    index = cache_index.value
-    layer_parts.check_cache_room(index, T, s_max)
-    if rotate is not None:
-      pos = index + jnp.arange(T, dtype=jnp.int32)
-      query = rotate(query, pos, index + T)
-      key = rotate(key, pos, index + T)
-    # dynamic_update_slice would clamp a write past S_max onto earlier slots: _check_cache_room
-    # stops that above.
-    zero = jnp.zeros((), index.dtype)
-    cached_key.value = jax.lax.dynamic_update_slice(
-        cached_key.value, key.astype(cached_key.value.dtype), (zero, index, zero, zero))
-    if keys_only:
-      values = jnp.zeros(cached_key.value.shape[:3] + value.shape[3:], value.dtype)
-    else:
-      cached_value.value = jax.lax.dynamic_update_slice(
-          cached_value.value, value.astype(cached_value.value.dtype), (zero, index, zero, zero))
-      values = cached_value.value
-    tokens = dict(tokens)
-    for spec in mech.token_inputs:
-      if spec.side == "kv":
-        cached = self.variable("cache", f"cached_{spec.name}")
-        new = tokens[spec.name].astype(cached.value.dtype)
-        cached.value = jax.lax.dynamic_update_slice(
-            cached.value, new, (zero, index) + (zero,) * (new.ndim - 2))
-        tokens[spec.name] = cached.value
-    cache_index.value = index + T
-    kv_lengths = jnp.full((B,), index + T)
-    # TidalDecode acts on single-token steps only; a prefill (T > 1) is full attention.
-    chosen = None
-    if select_top_k is not None and T == 1:
-      chosen = tidal_decode.tidal_select(query, cached_key.value, select_top_k, q_offset=index,
-                                         kv_lengths=kv_lengths, scale=self.scale)
-    if selection is not None and T == 1:
-      indices, valid = selection
-      out = tidal_decode.tidal_sparse_attention(query, cached_key.value, values,
-                                                indices, valid, scale=self.scale)
-    else:
-      out = self._attend(mech, query, cached_key.value, values, causal=self.causal,
-                         cross=False, segment_ids=None, kv_lengths=kv_lengths,
-                         kwargs={**kwargs, **tokens, "q_offset": index})
-    return out, chosen, (query, cached_key.value, dict(causal=self.causal, q_offset=index,
-                                                       kv_lengths=kv_lengths))
-
-  def _shared_weights_step(self, weights, value, decode, initialized):
-    """`o = weights · V` with this layer's values (over its value-only cache when decoding)."""
-    if decode and initialized:
-      cached_value = self.variable("cache", "cached_value")
-      cache_index = self.variable("cache", "cache_index")
-      index, T = cache_index.value, value.shape[1]
-      layer_parts.check_cache_room(index, T, cached_value.value.shape[1])
-      zero = jnp.zeros((), index.dtype)
-      cached_value.value = jax.lax.dynamic_update_slice(
-          cached_value.value, value.astype(cached_value.value.dtype), (zero, index, zero, zero))
-      cache_index.value = index + T
-      value = cached_value.value
-    elif decode:
-      # First call (init): a value-only cache as long as this input.
-      self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-      self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-    S, K = value.shape[1], value.shape[2]
-    if (weights.ndim != 4 or weights.shape[0] != value.shape[0] or weights.shape[3] != S
-        or weights.shape[1] % K):
-      raise ValueError(f"MultiHeadAttention: `shared_weights` must have shape [B, N, T, S] = "
-                       f"[{value.shape[0]}, N, T, {S}] (N a multiple of {K}), got {weights.shape}")
-    return self._weights_times_values(weights, value)
-
-  @staticmethod
-  def _weights_times_values(weights, value):
-    """`o[b, t, n] = Σ_s weights[b, n, t, s] v[b, s, n // (N/K)]` `[B, T, N, h]`."""
-    B, N, T, S = weights.shape
-    K = value.shape[2]
-    w = weights.reshape(B, K, N // K, T, S).astype(jnp.float32)
-    out = jnp.einsum("bkgts,bskh->btkgh", w, value.astype(jnp.float32))
-    return out.reshape(B, T, N, -1).astype(value.dtype)
-
-  def _row_cache_step(self, name, query, key, value, num_new, rotate):
-    """Appends each row's first `num_new` tokens at its own length and attends: over the row's pages
-    (`attnjax.core.paged_attention`, causal by absolute position) for 'paged_kv', over the sinks
-    and the window (`SinkWindowCache.extend`, attend then evict) for 'sink_kv'."""
-    var = self.variable("cache", name)
-    cache = var.value
-    B, T = query.shape[:2]
-    if num_new is None:
-      num_new = jnp.full((B,), T, jnp.int32)
-    start = cache.lengths
-    if rotate is not None:
-      pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-      query = rotate(query, pos, start + num_new)
-      key = rotate(key, pos, start + num_new)
-    if name == "sink_kv":
-      out, var.value = cache.extend(query, key, value, num_new=num_new, scale=self.scale)
-      return out
-    cache = cache.append(key, value, num_new)
-    var.value = cache
-    return paged_attention.paged_attention(query, cache.k_pages, cache.v_pages, cache.page_table,
-                                           cache.lengths, q_offset=start, causal=True,
-                                           scale=self.scale)
-
-  def _recurrent_step(self, mech, query, key, value, kwargs, rotate):
-    """Advances the mechanism's recurrent state over the new tokens (`Mechanism.recurrent`)."""
-    state = self.variable("cache", "state")
-    cache_index = self.variable("cache", "cache_index")
-    index = cache_index.value
-    if rotate is not None:
-      T = query.shape[1]
-      pos = index + jnp.arange(T, dtype=jnp.int32)
-      query = rotate(query, pos, index + T)
-      key = rotate(key, pos, index + T)
-    out, state.value = self._attend(
-        mech, query, key, value, causal=True, cross=False, segment_ids=None, kv_lengths=None,
-        kwargs={**kwargs, "q_offset": index, "initial_state": state.value,
-                "return_final_state": True})
-    cache_index.value = index + query.shape[1]
-    return out
-
-  def _attend(self, mech, query, key, value, *, causal, cross, segment_ids, kv_lengths, kwargs):
-    if not mech.gqa and key.shape[2] != query.shape[2]:
-      # The mechanism wants one K/V head per query head: repeat (query head n reads n // G).
-      groups = query.shape[2] // key.shape[2]
-      key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)
-    if segment_ids is not None:
-      kwargs = {**kwargs, "segment_ids": segment_ids}
-    if kv_lengths is not None:
-      kwargs = {**kwargs, "kv_lengths": kv_lengths}
-    return mech(query, key, value, causal=causal, cross=cross, **kwargs)
 
   def _default_positions(self, positions, segment_ids, length):
     if positions is not None:

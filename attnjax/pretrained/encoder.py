@@ -18,7 +18,7 @@ import numpy as np
 from attnjax import registry
 from attnjax.analysis.capture import CAPTURE, from_state
 from attnjax.models.bert import BertEncoder
-from attnjax.nn.attention import WeightsEdit, edit_weights
+from attnjax.nn.maps import WeightsEdit, edit_weights
 
 __all__ = ["MODELS", "PretrainedEncoder", "available", "bert_params_from_hf", "load", "model_dir"]
 
@@ -125,7 +125,7 @@ class PretrainedEncoder:
   def hidden_states(self, texts: Sequence[str], pad_multiple: int = 1,
                     edit: Optional[WeightsEdit] = None):
     """`(last hidden states [n, T, D], lengths [n])` (float32 numpy); `edit`: an intervention on
-    every layer's attention maps (`attnjax.nn.attention.edit_weights`)."""
+    every layer's attention maps (`attnjax.nn.maps.edit_weights`)."""
     ids, lengths = self.tokenize(texts, pad_multiple)
     hidden = self._run(self._forward, self._apply, edit, ids, lengths)
     return np.asarray(hidden), lengths

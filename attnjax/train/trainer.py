@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 from attnjax import registry
-from attnjax.nn.attention import CAPTURE
+from attnjax.nn.maps import CAPTURE
 from attnjax.parallel import mesh as mesh_lib
 from attnjax.parallel import rules as rules_lib
 from attnjax.train import checkpoint as checkpoint_lib

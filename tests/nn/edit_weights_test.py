@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from attnjax.nn import MultiHeadAttention
-from attnjax.nn.attention import CAPTURE, edit_weights
+from attnjax.nn.maps import CAPTURE, edit_weights
 from tests import tolerances
 
 B, T, D, N, K = 2, 7, 16, 4, 2

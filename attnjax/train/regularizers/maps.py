@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from attnjax import catalog
-from attnjax.nn.attention import CAPTURE
+from attnjax.nn.maps import CAPTURE
 from attnjax.typing import Array, Float
 
 __all__ = ["HeadRows", "Maps", "Scalar", "serves", "sown_maps", "visible"]
