@@ -10,8 +10,6 @@ need the task (its kind, vocabulary, image size) stay in `build_model`.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import re
 from typing import Any, Mapping, Optional, Sequence
 
 import flax
@@ -19,9 +17,10 @@ import ml_collections
 import numpy as np
 
 from attnjax import catalog
-from attnjax import registry
 from attnjax.models import arch_fields
+from attnjax.models import layer_schedule
 from attnjax.models.arch_fields import choice, positive_int
+from attnjax.models.layer_schedule import layer_mechanisms, layer_rope
 from attnjax.nn.blocks import MLP_KINDS, NORM_KINDS, TransformerConfig
 from attnjax.ops.positional import fope as fope_lib
 from attnjax.ops.positional import rope
@@ -32,11 +31,6 @@ ARCHS = ("decoder_lm", "encoder_classifier", "vit", "cnn", "pervasive")
 DTYPES = arch_fields.DTYPES
 POSITION_EMBEDDINGS = ("learned", "none")
 POOLINGS = ("mean", "cls")
-
-# Arguments that the layer passes to every mechanism: not settable through mechanism_kwargs.
-_RESERVED = frozenset({"causal", "cross", "segment_ids", "q_offset", "kv_lengths", "scale",
-                       "implementation"})
-_SCHEDULE = re.compile(r"^\s*every\s+(\d+)\s*:\s*([A-Za-z0-9_]+)\s*$")
 
 # RNoPE (Yang et al., "Rope to Nope and Back Again: A New Hybrid Attention Strategy",
 # arXiv:2501.18795, catalog row 174) is this model option: `layer_rope="every 4: nope"` with
@@ -244,11 +238,11 @@ class ModelConfig:
     for name in dict.fromkeys(mechanism_names(self)):
       if name not in names:
         where = "model.mechanism" if name == self.mechanism else "model.layer_mechanisms"
-        _mechanism(where, name)
+        layer_schedule.mechanism_record(where, name)
     per_layer = []
     for i, name in enumerate(names):
       where = "model.mechanism" if name == self.mechanism else f"model.layer_mechanisms[{i}]"
-      mech = _mechanism(where, name)
+      mech = layer_schedule.mechanism_record(where, name)
       try:
         mech.check_pattern(causal=self.causal, cross=False)
       except ValueError as e:
@@ -260,7 +254,7 @@ class ModelConfig:
         kwargs, kw_where = self.mechanism_kwargs or {}, "model.mechanism_kwargs"
       else:
         kwargs, kw_where = other_kwargs.get(name, {}), f"model.layer_mechanism_kwargs[{name!r}]"
-      _check_kwargs(kw_where, mech, kwargs)
+      layer_schedule.check_mechanism_kwargs(kw_where, mech, kwargs)
       per_layer.append(flax.core.FrozenDict(kwargs))
     return names, tuple(per_layer)
 
@@ -356,59 +350,6 @@ def _tidal_decode(values: dict[str, Any], names: Sequence[str]) -> dict[str, Any
   return settings
 
 
-def layer_rope(schedule: Any, depth: int) -> Optional[tuple[bool, ...]]:
-  """Per layer, whether it applies RoPE, from `layer_rope` (None, a list of bools, or "every K:
-  nope" / "every K: rope"); None when every layer does."""
-  if schedule is None or schedule == "":
-    return None
-  if isinstance(schedule, str):
-    match = _SCHEDULE.match(schedule)
-    if not match or int(match.group(1)) < 1 or match.group(2) not in ("rope", "nope"):
-      raise ValueError(f"model.layer_rope: a schedule string must read 'every K: nope' or 'every K: "
-                       f"rope' with K >= 1, got {schedule!r}")
-    every, marked = int(match.group(1)), match.group(2) == "rope"
-    return tuple(marked if i % every == every - 1 else not marked for i in range(depth))
-  if isinstance(schedule, (list, tuple)):
-    if len(schedule) != depth or not all(isinstance(x, (bool, np.bool_)) for x in schedule):
-      raise ValueError(f"model.layer_rope must give one bool per layer (depth {depth}), got "
-                       f"{schedule!r}")
-    return tuple(bool(x) for x in schedule)
-  raise ValueError(f"model.layer_rope must be None, a list of bools or 'every K: nope', got "
-                   f"{schedule!r}")
-
-
-def _mechanism(where: str, name: str) -> registry.Mechanism:
-  try:
-    return registry.get(name)
-  except ValueError as e:
-    raise ValueError(f"{where}: {e}") from None
-
-
-def _schedule(schedule: str) -> tuple[int, str]:
-  """(K, name) of a schedule string "every K: name"."""
-  match = _SCHEDULE.match(schedule)
-  if not match or int(match.group(1)) < 1:
-    raise ValueError(f"model.layer_mechanisms: a schedule string must read 'every K: name' with "
-                     f"K >= 1, got {schedule!r}")
-  return int(match.group(1)), match.group(2)
-
-
-def layer_mechanisms(mechanism: str, schedule: Any, depth: int) -> tuple[str, ...]:
-  """One mechanism name per layer from `layer_mechanisms` (None, a list, or "every K: name")."""
-  if schedule is None or schedule == "":
-    return (mechanism,) * depth
-  if isinstance(schedule, str):
-    every, name = _schedule(schedule)
-    return tuple(name if i % every == every - 1 else mechanism for i in range(depth))
-  if isinstance(schedule, (list, tuple)):
-    if len(schedule) != depth or not all(isinstance(n, str) for n in schedule):
-      raise ValueError(f"model.layer_mechanisms must name one mechanism per layer (depth {depth}), "
-                       f"got {schedule!r}")
-    return tuple(schedule)
-  raise ValueError(f"model.layer_mechanisms must be None, a list of names or 'every K: name', "
-                   f"got {schedule!r}")
-
-
 def mechanism_names(config: Any) -> list[str]:
   """Every mechanism name a model config (a mapping or a `ModelConfig`) gives: `mechanism`, then
   those of `layer_mechanisms` (the list as written, or the name of a schedule "every K: name")."""
@@ -419,38 +360,10 @@ def mechanism_names(config: Any) -> list[str]:
     schedule = _plain(config.get("layer_mechanisms", None))
   names = [mechanism]
   if isinstance(schedule, str) and schedule:
-    names.append(_schedule(schedule)[1])
+    names.append(layer_schedule.parse_schedule(schedule)[1])
   elif isinstance(schedule, (list, tuple)):
     names.extend(schedule)
   return names
-
-
-def _check_kwargs(where: str, mech: registry.Mechanism, kwargs: Mapping[str, Any]):
-  """Keyword arguments the mechanism's function accepts, and every required one present."""
-  if not isinstance(kwargs, Mapping):
-    raise ValueError(f"{where} must be a dict of keyword arguments, got {kwargs!r}")
-  given = [t.name for t in mech.token_inputs if t.kind == "given"]
-  if given:
-    raise ValueError(f"{where}: mechanism {mech.name!r} needs per-token data {given} that the "
-                     "models built from config do not supply; call attnjax.nn.MultiHeadAttention "
-                     "with it instead")
-  layer_set = {p.name for p in mech.params} | {t.name for t in mech.token_inputs}
-  reserved = sorted(set(kwargs) & (_RESERVED | layer_set))
-  if reserved:
-    raise ValueError(f"{where}: {reserved} are set by the layer, not by config, for mechanism "
-                     f"{mech.name!r}")
-  params = inspect.signature(mech.fn).parameters
-  if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-      accepted = sorted(set(params) - _RESERVED - {"q", "k", "v"} - layer_set)
-      raise ValueError(f"{where}: mechanism {mech.name!r} takes no arguments {unknown}; it accepts "
-                       f"{accepted}")
-  missing = sorted(n for n, p in params.items()
-                   if p.kind == p.KEYWORD_ONLY and p.default is p.empty and n not in kwargs
-                   and n not in mech.defaults and n not in layer_set)
-  if missing:
-    raise ValueError(f"{where}: mechanism {mech.name!r} needs the arguments {missing}")
 
 
 def check_config(config: Any) -> ModelConfig:
