@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import modules
+from attnjax.core.layer_norm import layer_norm
 from attnjax.typing import Array, Bool, Float
 
 __all__ = ["MixEncoderLayer", "candidate_contexts", "match_scores", "mixencoder_light_cross_attention"]
@@ -76,12 +77,6 @@ def match_scores(candidates: Candidates) -> Scores:
   """`[B, n]`: each pair's score, the aggregation state (last slot) dotted with the mean context."""
   a = candidates[:, :, -1].astype(jnp.float32)
   return jnp.sum(a * jnp.mean(candidates[:, :, :-1].astype(jnp.float32), axis=2), axis=-1)
-
-
-def _layer_norm(y, scale, bias):
-  mu = jnp.mean(y, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(y - mu), axis=-1, keepdims=True)
-  return (y - mu) * jax.lax.rsqrt(var + _LN_EPS) * scale + bias
 
 
 def mixencoder_light_cross_attention(
@@ -139,9 +134,10 @@ def mixencoder_light_cross_attention(
 
   def ffn(y):
     inner = jax.nn.gelu(lin(y, ffn_in_w, ffn_in_b), approximate=False)
-    return _layer_norm(lin(inner, ffn_out_w, ffn_out_b) + y, f32(norm2_scale), f32(norm2_bias))
+    return layer_norm(lin(inner, ffn_out_w, ffn_out_b) + y, f32(norm2_scale), f32(norm2_bias),
+                      eps=_LN_EPS)
 
-  ln1 = lambda y: _layer_norm(y, f32(norm1_scale), f32(norm1_bias))  # noqa: E731
+  ln1 = lambda y: layer_norm(y, f32(norm1_scale), f32(norm1_bias), eps=_LN_EPS)  # noqa: E731
   ctx_out = ffn(ln1(lin(c_new, out_w, out_b) + ctx))
   a_proj = lin(a_new, out_w, out_b)
   gate = jax.nn.sigmoid(lin(jnp.concatenate([hint, a_proj, state], axis=-1), gate_w, gate_b))

@@ -1,5 +1,5 @@
 """Pieces the token-attention modules share: the transposed (channel) attention of XCiT / Restormer
-that DAE-Former, TransDAE and RealViformer use and a per-pixel layer norm."""
+that DAE-Former, TransDAE and RealViformer use (their layer norm: `attnjax.core.layer_norm`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["layer_norm", "transposed_attention"]
+__all__ = ["transposed_attention"]
 
 
 def transposed_attention(q, k, v, temperature):
@@ -28,11 +28,3 @@ def transposed_attention(q, k, v, temperature):
   scores = jnp.einsum("bpgi,bpgj->bgij", normalize(q), normalize(k))
   attn = jax.nn.softmax(scores * temperature[None, :, None, None], axis=-1)
   return jnp.einsum("bgij,bpgj->bpgi", attn, v), attn
-
-
-def layer_norm(x, scale, bias, eps: float = 1e-5):
-  """LayerNorm over the last (channel) axis, PyTorch's eps, in float32."""
-  mean = x.mean(axis=-1, keepdims=True)
-  var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
-  return (x - mean) / jnp.sqrt(var + eps) * scale + bias
-

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from attnjax import modules
 from attnjax.core import conv2d
+from attnjax.core import layer_norm
 from attnjax.core.initializers import torch_uniform
 from attnjax.typing import Array, Float
 from attnjax.vision.tokens import common
@@ -104,10 +105,10 @@ def transdae_dual_attention(x: FeatureMap, *, ln1_scale: Vector, ln1_bias: Vecto
   w = {name: jnp.asarray(a, jnp.float32) for name, a in given.items()}
   tokens = jnp.asarray(x, jnp.float32).reshape(B, H * W, C)
   spatial, rho_q, rho_k = efficient_attention(
-      common.layer_norm(tokens, w["ln1_scale"], w["ln1_bias"]), w["ea_wq"], w["ea_bq"], w["ea_wk"],
+      layer_norm.layer_norm(tokens, w["ln1_scale"], w["ln1_bias"]), w["ea_wq"], w["ea_bq"], w["ea_wk"],
       w["ea_wv"], w["ea_bv"], heads=spatial_heads)
   x1 = tokens + spatial @ w["ea_wo"] + w["ea_bo"]
-  qkv = (common.layer_norm(x1, w["ln2_scale"], w["ln2_bias"]) @ w["ca_w_qkv"]).reshape(
+  qkv = (layer_norm.layer_norm(x1, w["ln2_scale"], w["ln2_bias"]) @ w["ca_w_qkv"]).reshape(
       B, H * W, 3, channel_heads, C // channel_heads)
   mixed, attn = common.transposed_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
                                             w["ca_temperature"])
